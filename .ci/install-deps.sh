@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything the tests, benchmarks and demo need on a fresh Debian 12 machine.
+# Idempotent: a second run only checks. Run as root.
+set -euo pipefail
+
+need_apt=()
+for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl; do
+  command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
+done
+qemu_ok=false
+if command -v qemu-system-x86_64 >/dev/null 2>&1 &&
+  qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'; then
+  qemu_ok=true
+fi
+
+if [ ${#need_apt[@]} -gt 0 ] || [ "$qemu_ok" = false ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  # QEMU 10 comes from bookworm-backports (same mirror as the existing entries).
+  if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    uri=${uri:-http://deb.debian.org/debian}
+    cat >/etc/apt/sources.list.d/backports.sources <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends \
+    fuse3 xdelta3 xz-utils zstd nginx-light debootstrap e2fsprogs cpio busybox-static curl \
+    iproute2 >/dev/null
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 qemu-utils >/dev/null
+fi
+qemu-system-x86_64 --version | head -1

@@ -1,0 +1,123 @@
+//! A base VM's launch config and its record in the registry.
+//!
+//! The launch config is the only source of QEMU arguments when a VM is resumed from this base;
+//! nothing in an overlay can add to it.
+
+use crate::chunk::Digest;
+use serde::{Deserialize, Serialize};
+
+/// A device of the VM, as QEMU is asked to create it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Device {
+    /// The disk image on virtio-blk.
+    VirtioBlk {
+        /// Pass guest TRIM to the image (`discard=unmap`).
+        discard: bool,
+    },
+    /// virtio-net with QEMU user networking.
+    VirtioNet,
+    /// virtio-balloon.
+    VirtioBalloon {
+        /// Free page reporting (the guest hands free pages back).
+        free_page_reporting: bool,
+    },
+}
+
+/// How to launch a VM from this base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchConfig {
+    /// QEMU machine type.
+    pub machine: String,
+    /// QEMU CPU model.
+    pub cpu: String,
+    /// Guest RAM in MiB; equals the memory image size.
+    pub memory_mb: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Devices, in order.
+    pub devices: Vec<Device>,
+    /// Kernel image: a path when given to `add-base`, the file name inside the base afterwards.
+    pub kernel: Option<String>,
+    /// Initial ramdisk, like `kernel`.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub append: Option<String>,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        LaunchConfig {
+            machine: "q35".into(),
+            cpu: "qemu64".into(),
+            memory_mb: 0,
+            vcpus: 1,
+            devices: vec![Device::VirtioBlk { discard: true }, Device::VirtioNet],
+            kernel: None,
+            initrd: None,
+            append: None,
+        }
+    }
+}
+
+/// One base VM as the registry records it (`base.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRecord {
+    /// Base id (hex SHA-256 over the chunk index, device state, kernel, initrd and config).
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// Disk image size in bytes.
+    pub disk_size: u64,
+    /// Memory image size in bytes.
+    pub memory_size: u64,
+    /// Device state size in bytes.
+    pub device_state_size: u64,
+    /// Launch config (kernel/initrd as file names inside the base folder).
+    pub config: LaunchConfig,
+    /// Where the disk image lives: absolute when added with `--link`, else inside the folder.
+    pub disk_path: String,
+    /// Where the memory image lives, like `disk_path`.
+    pub memory_path: String,
+    /// Seconds since the Unix epoch when it was added.
+    pub created: u64,
+}
+
+/// The parts a base id is computed from.
+pub struct IdParts<'a> {
+    /// `ChunkIndex::content_digest`.
+    pub content: Digest,
+    /// SHA-256 of the device state.
+    pub device_state: Digest,
+    /// SHA-256 of the kernel file, if any.
+    pub kernel: Option<Digest>,
+    /// SHA-256 of the initrd file, if any.
+    pub initrd: Option<Digest>,
+    /// The normalised launch config.
+    pub config: &'a LaunchConfig,
+}
+
+impl IdParts<'_> {
+    /// The base id: a content hash, so the same base registered twice gets the same id.
+    pub fn id(&self) -> Digest {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"cloudlet-base-v1\0");
+        h.update(self.content);
+        h.update(self.device_state);
+        for f in [self.kernel, self.initrd] {
+            match f {
+                Some(d) => {
+                    h.update([1]);
+                    h.update(d);
+                }
+                None => h.update([0]),
+            }
+        }
+        // serde_json writes struct fields in declaration order: a stable encoding.
+        h.update(serde_json::to_vec(self.config).unwrap_or_default());
+        h.finalize().into()
+    }
+}

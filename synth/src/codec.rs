@@ -1,0 +1,250 @@
+//! Segment codecs: xz (smallest; the original's choice) and zstd (fast).
+//!
+//! Every segment is compressed on its own so that a reader can decode any one of them. Decoding
+//! is bounded: the caller states the exact decoded size recorded in the metadata, and a segment
+//! that decodes to more or less is an error, whatever its own headers claim.
+
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+
+/// Compression codec of an overlay's segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// LZMA2 in an xz container (liblzma).
+    Xz,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Codec {
+    /// Default compression level of the codec.
+    pub fn default_level(self) -> u32 {
+        match self {
+            Codec::Xz => 9,
+            Codec::Zstd => 19,
+        }
+    }
+
+    /// Highest level the codec accepts.
+    pub fn max_level(self) -> u32 {
+        match self {
+            Codec::Xz => 9,
+            Codec::Zstd => 22,
+        }
+    }
+
+    /// Name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Xz => "xz",
+            Codec::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "xz" => Ok(Codec::Xz),
+            "zstd" => Ok(Codec::Zstd),
+            other => Err(format!("unknown codec {other:?} (expected xz or zstd)")),
+        }
+    }
+}
+
+/// Codec errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The encoder failed.
+    #[error("Compression with {codec} failed")]
+    Compress {
+        /// The codec.
+        codec: &'static str,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The compressed bytes are malformed.
+    #[error("Decompression with {codec} failed")]
+    Decompress {
+        /// The codec.
+        codec: &'static str,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The decoded size differs from the one recorded.
+    #[error("Segment decodes to {actual} bytes or more, expected {expected}")]
+    Size {
+        /// Size recorded in the metadata.
+        expected: u64,
+        /// Size found (capped at expected + 1).
+        actual: u64,
+    },
+    /// Level out of range.
+    #[error("Compression level {level} is out of range for {codec} (max {max})")]
+    Level {
+        /// The codec.
+        codec: &'static str,
+        /// The level asked for.
+        level: u32,
+        /// The highest level.
+        max: u32,
+    },
+}
+
+/// Memory the xz decoder may use; our encoder needs far less (dictionary ≤ segment size).
+const XZ_DECODE_MEMLIMIT: u64 = 256 << 20;
+
+/// Compresses one segment. `dict_hint` is the raw segment size, used to size the xz dictionary
+/// so that small segments do not pay for a 64 MiB dictionary.
+pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecError> {
+    if level > codec.max_level() {
+        return Err(CodecError::Level {
+            codec: codec.name(),
+            level,
+            max: codec.max_level(),
+        });
+    }
+    match codec {
+        Codec::Xz => {
+            use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+            let err = |e: liblzma::stream::Error| CodecError::Compress {
+                codec: "xz",
+                source: std::io::Error::other(e),
+            };
+            let mut opts = LzmaOptions::new_preset(level).map_err(err)?;
+            let dict = u32::try_from(data.len().next_power_of_two())
+                .unwrap_or(u32::MAX)
+                .clamp(4096, 64 << 20);
+            opts.dict_size(dict);
+            let mut filters = Filters::new();
+            filters.lzma2(&opts);
+            let stream = Stream::new_stream_encoder(&filters, Check::None).map_err(err)?;
+            let mut out = Vec::with_capacity(data.len() / 2);
+            let mut enc = liblzma::read::XzEncoder::new_stream(data, stream);
+            enc.read_to_end(&mut out)
+                .map_err(|source| CodecError::Compress {
+                    codec: "xz",
+                    source,
+                })?;
+            Ok(out)
+        }
+        Codec::Zstd => {
+            let level = i32::try_from(level).unwrap_or(19);
+            zstd::bulk::compress(data, level).map_err(|source| CodecError::Compress {
+                codec: "zstd",
+                source,
+            })
+        }
+    }
+}
+
+/// Decompresses one segment that must decode to exactly `expected` bytes.
+pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
+    let cap = usize::try_from(expected).map_err(|_| CodecError::Size {
+        expected,
+        actual: 0,
+    })?;
+    let out = match codec {
+        Codec::Xz => {
+            use liblzma::stream::Stream;
+            let stream = Stream::new_stream_decoder(XZ_DECODE_MEMLIMIT, 0).map_err(|e| {
+                CodecError::Decompress {
+                    codec: "xz",
+                    source: std::io::Error::other(e),
+                }
+            })?;
+            let mut out = Vec::with_capacity(cap);
+            let dec = liblzma::read::XzDecoder::new_stream(data, stream);
+            dec.take(expected.saturating_add(1))
+                .read_to_end(&mut out)
+                .map_err(|source| CodecError::Decompress {
+                    codec: "xz",
+                    source,
+                })?;
+            out
+        }
+        Codec::Zstd => {
+            // One byte of slack so that an oversized frame is reported as a size error.
+            let mut dec =
+                zstd::bulk::Decompressor::new().map_err(|source| CodecError::Decompress {
+                    codec: "zstd",
+                    source,
+                })?;
+            let mut out = Vec::with_capacity(cap.saturating_add(1));
+            dec.decompress_to_buffer(data, &mut out)
+                .map_err(|source| CodecError::Decompress {
+                    codec: "zstd",
+                    source,
+                })?;
+            out
+        }
+    };
+    if out.len() as u64 != expected {
+        return Err(CodecError::Size {
+            expected,
+            actual: out.len() as u64,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..100_000u32)
+            .map(|i| (i % 251).to_le_bytes()[0] ^ (i / 1000).to_le_bytes()[0])
+            .collect()
+    }
+
+    #[test]
+    fn xz_round_trips() {
+        let d = sample();
+        let c = compress(Codec::Xz, 6, &d).unwrap();
+        assert!(c.len() < d.len());
+        assert_eq!(decompress(Codec::Xz, &c, d.len() as u64).unwrap(), d);
+    }
+
+    #[test]
+    fn zstd_round_trips() {
+        let d = sample();
+        let c = compress(Codec::Zstd, 3, &d).unwrap();
+        assert_eq!(decompress(Codec::Zstd, &c, d.len() as u64).unwrap(), d);
+    }
+
+    #[test]
+    fn decompress_wrong_expected_size_is_refused() {
+        let d = sample();
+        for codec in [Codec::Xz, Codec::Zstd] {
+            let c = compress(codec, 1, &d).unwrap();
+            assert!(matches!(
+                decompress(codec, &c, d.len() as u64 - 1),
+                Err(CodecError::Size { .. }) | Err(CodecError::Decompress { .. })
+            ));
+            assert!(matches!(
+                decompress(codec, &c, d.len() as u64 + 1),
+                Err(CodecError::Size { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn decompress_garbage_is_refused() {
+        for codec in [Codec::Xz, Codec::Zstd] {
+            assert!(decompress(codec, b"not a compressed stream at all", 10).is_err());
+        }
+    }
+
+    #[test]
+    fn compress_is_deterministic() {
+        let d = sample();
+        assert_eq!(
+            compress(Codec::Xz, 9, &d).unwrap(),
+            compress(Codec::Xz, 9, &d).unwrap()
+        );
+    }
+}

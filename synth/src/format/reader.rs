@@ -1,0 +1,487 @@
+//! Reads and validates an overlay from any [`ByteSource`].
+
+use super::{
+    bincode_config, ChunkSource, ImageMap, Metadata, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_LEN,
+    MAX_IMAGE_SIZE, MAX_METADATA_LEN, MAX_SEGMENT_RAW_LEN, VERSION,
+};
+use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
+use crate::codec::{self, CodecError};
+use crate::source::{ByteSource, SourceError};
+use std::sync::Arc;
+
+/// [`MAX_METADATA_LEN`] as bincode's limit parameter.
+const METADATA_LIMIT: usize = 1 << 30;
+const _: () = assert!(METADATA_LIMIT as u64 == MAX_METADATA_LEN);
+
+/// Why an overlay was refused. Every variant names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Reading from the source failed.
+    #[error("Reading the overlay failed")]
+    Source(#[from] SourceError),
+    /// The file is shorter than its header says.
+    #[error("Overlay is truncated: {needed} bytes needed, {size} present")]
+    Truncated {
+        /// Bytes the header requires.
+        needed: u64,
+        /// Bytes present.
+        size: u64,
+    },
+    /// The file is longer than its header says.
+    #[error("Overlay has {extra} trailing bytes after the length its header records")]
+    TrailingBytes {
+        /// Bytes past the recorded end.
+        extra: u64,
+    },
+    /// Not an overlay.
+    #[error("Not a cloudlet overlay (bad magic)")]
+    BadMagic,
+    /// A version this code cannot read.
+    #[error("Unsupported overlay format version {0} (this build reads version 1)")]
+    UnsupportedVersion(u32),
+    /// Reserved flags set.
+    #[error("Unknown overlay header flags {0:#x}")]
+    BadFlags(u32),
+    /// Metadata length out of bounds.
+    #[error("Overlay metadata length {0} exceeds the limit")]
+    MetadataTooLarge(u64),
+    /// Metadata digest mismatch.
+    #[error("Overlay metadata is corrupt (SHA-256 mismatch)")]
+    MetadataDigest,
+    /// Metadata does not decode.
+    #[error("Overlay metadata does not decode: {0}")]
+    DecodeMetadata(String),
+    /// Bytes left over after the metadata.
+    #[error("Overlay metadata has {0} undecoded trailing bytes")]
+    MetadataTrailing(usize),
+    /// Unsupported chunk size.
+    #[error("Unsupported chunk size {0} (expected 4096)")]
+    ChunkSize(u32),
+    /// Device state too large.
+    #[error("Device state of {0} bytes exceeds the limit")]
+    DeviceStateTooLarge(u64),
+    /// Image too large.
+    #[error("The {image} image size {size} exceeds the limit")]
+    ImageTooLarge {
+        /// Image.
+        image: ImageKind,
+        /// Size recorded.
+        size: u64,
+    },
+    /// Chunk entries not sorted or repeated.
+    #[error("The {image} chunk map is not sorted at chunk {chunk}")]
+    UnsortedChunks {
+        /// Image.
+        image: ImageKind,
+        /// First chunk out of order.
+        chunk: u64,
+    },
+    /// Chunk number past the image end.
+    #[error("The {image} chunk {chunk} lies outside the image ({count} chunks)")]
+    ChunkOutOfRange {
+        /// Image.
+        image: ImageKind,
+        /// Chunk number.
+        chunk: u64,
+        /// Chunks in the image.
+        count: u64,
+    },
+    /// Segment table entry inconsistent with the file.
+    #[error("Segment {segment} is invalid: {reason}")]
+    BadSegment {
+        /// Segment index.
+        segment: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Payload reference that does not match the segment table.
+    #[error("The {image} chunk {chunk} points at a payload its segment does not hold")]
+    BadPayload {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+    },
+    /// Self reference that does not resolve to a payload chunk.
+    #[error("The {image} chunk {chunk} refers to {target_image} chunk {target}, which is not a payload chunk of this overlay")]
+    BadSelfRef {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+        /// Image referred to.
+        target_image: ImageKind,
+        /// Chunk referred to.
+        target: u64,
+    },
+    /// Overlay made for another base.
+    #[error("Overlay was made for base {expected}, not {actual}")]
+    WrongBase {
+        /// Base id recorded in the overlay.
+        expected: String,
+        /// Base id offered.
+        actual: String,
+    },
+    /// Reference past the end of a base image.
+    #[error(
+        "The {image} chunk {chunk} refers to base {target_image} chunk {target}, past its end"
+    )]
+    BaseRefOutOfRange {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+        /// Base image referred to.
+        target_image: ImageKind,
+        /// Chunk referred to.
+        target: u64,
+    },
+    /// A segment's bytes do not match their digest.
+    #[error("Segment {segment} is corrupt (SHA-256 mismatch)")]
+    SegmentDigest {
+        /// Segment index.
+        segment: usize,
+    },
+    /// A segment does not decompress.
+    #[error("Segment {segment} does not decompress")]
+    DecompressSegment {
+        /// Segment index.
+        segment: usize,
+        /// What failed.
+        #[source]
+        source: CodecError,
+    },
+    /// A reconstructed chunk does not match its digest.
+    #[error("The {image} chunk {chunk} does not match its SHA-256")]
+    ChunkDigest {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+    },
+}
+
+/// A validated overlay: its metadata plus the source its segments are read from.
+#[derive(Clone)]
+pub struct Overlay {
+    meta: Arc<Metadata>,
+    source: Arc<dyn ByteSource>,
+    data_start: u64,
+    metadata_len: u64,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("base_id", &hex(&self.meta.base_id))
+            .field("segments", &self.meta.segments.len())
+            .finish()
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+impl Overlay {
+    /// Reads the header and metadata from `source` and validates them.
+    pub fn open(source: Arc<dyn ByteSource>) -> Result<Self, FormatError> {
+        let size = source.size();
+        if size < HEADER_LEN {
+            return Err(FormatError::Truncated {
+                needed: HEADER_LEN,
+                size,
+            });
+        }
+        let header = source.read_range(0, HEADER_LEN)?;
+        if header[0..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = le_u32(&header[8..12]);
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let flags = le_u32(&header[12..16]);
+        if flags != 0 {
+            return Err(FormatError::BadFlags(flags));
+        }
+        let metadata_len = le_u64(&header[16..24]);
+        let file_len = le_u64(&header[24..32]);
+        if metadata_len > MAX_METADATA_LEN {
+            return Err(FormatError::MetadataTooLarge(metadata_len));
+        }
+        let data_start = HEADER_LEN + metadata_len;
+        if file_len < data_start {
+            return Err(FormatError::Truncated {
+                needed: data_start,
+                size: file_len,
+            });
+        }
+        if size < file_len {
+            return Err(FormatError::Truncated {
+                needed: file_len,
+                size,
+            });
+        }
+        if size > file_len {
+            return Err(FormatError::TrailingBytes {
+                extra: size - file_len,
+            });
+        }
+        let bytes = source.read_range(HEADER_LEN, metadata_len)?;
+        if sha256(&bytes) != header[32..64] {
+            return Err(FormatError::MetadataDigest);
+        }
+        let (meta, used): (Metadata, usize) = bincode::serde::decode_from_slice(
+            &bytes,
+            bincode_config().with_limit::<METADATA_LIMIT>(),
+        )
+        .map_err(|e| FormatError::DecodeMetadata(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(FormatError::MetadataTrailing(bytes.len() - used));
+        }
+        validate(&meta, file_len - data_start)?;
+        Ok(Overlay {
+            meta: Arc::new(meta),
+            source,
+            data_start,
+            metadata_len,
+        })
+    }
+
+    /// The validated metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// Shared handle to the metadata.
+    pub fn metadata_arc(&self) -> Arc<Metadata> {
+        Arc::clone(&self.meta)
+    }
+
+    /// Length of the metadata block in bytes.
+    pub fn metadata_len(&self) -> u64 {
+        self.metadata_len
+    }
+
+    /// File offset where the segment area starts.
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// Total size of the overlay file.
+    pub fn file_len(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// Checks that this overlay applies to a base with id `base_id` whose images hold
+    /// `disk_chunks` and `memory_chunks` chunks.
+    pub fn check_base(
+        &self,
+        base_id: &Digest,
+        disk_chunks: u64,
+        memory_chunks: u64,
+    ) -> Result<(), FormatError> {
+        if &self.meta.base_id != base_id {
+            return Err(FormatError::WrongBase {
+                expected: hex(&self.meta.base_id),
+                actual: hex(base_id),
+            });
+        }
+        for image in ImageKind::ALL {
+            for e in &self.meta.image(image).chunks {
+                let (target_image, target, count) = match e.source {
+                    ChunkSource::BaseDisk(t) => (ImageKind::Disk, t, disk_chunks),
+                    ChunkSource::BaseMemory(t) => (ImageKind::Memory, t, memory_chunks),
+                    _ => continue,
+                };
+                if target >= count {
+                    return Err(FormatError::BaseRefOutOfRange {
+                        image,
+                        chunk: e.chunk,
+                        target_image,
+                        target,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches, verifies and decodes segment `segment`.
+    pub fn read_segment(&self, segment: usize) -> Result<Vec<u8>, FormatError> {
+        let compressed = self.read_segment_compressed(segment)?;
+        self.decode_segment(segment, &compressed)
+    }
+
+    /// Fetches segment `segment` and verifies its digest, without decoding it.
+    pub fn read_segment_compressed(&self, segment: usize) -> Result<Vec<u8>, FormatError> {
+        let entry = self
+            .meta
+            .segments
+            .get(segment)
+            .ok_or_else(|| FormatError::BadSegment {
+                segment,
+                reason: "no such segment".into(),
+            })?;
+        let bytes = self
+            .source
+            .read_range(self.data_start + entry.offset, entry.length)?;
+        if sha256(&bytes) != entry.digest {
+            return Err(FormatError::SegmentDigest { segment });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes the verified compressed bytes of segment `segment`.
+    pub fn decode_segment(
+        &self,
+        segment: usize,
+        compressed: &[u8],
+    ) -> Result<Vec<u8>, FormatError> {
+        let entry = self
+            .meta
+            .segments
+            .get(segment)
+            .ok_or_else(|| FormatError::BadSegment {
+                segment,
+                reason: "no such segment".into(),
+            })?;
+        codec::decompress(self.meta.codec, compressed, entry.raw_length)
+            .map_err(|source| FormatError::DecompressSegment { segment, source })
+    }
+}
+
+/// Validates metadata against the size of the segment area. Exposed for fuzzing.
+pub fn validate(meta: &Metadata, data_len: u64) -> Result<(), FormatError> {
+    if meta.chunk_size as usize != CHUNK_SIZE {
+        return Err(FormatError::ChunkSize(meta.chunk_size));
+    }
+    if meta.device_state.len() as u64 > MAX_DEVICE_STATE_LEN {
+        return Err(FormatError::DeviceStateTooLarge(
+            meta.device_state.len() as u64
+        ));
+    }
+    let mut expected_offset = 0u64;
+    for (i, s) in meta.segments.iter().enumerate() {
+        let bad = |reason: &str| FormatError::BadSegment {
+            segment: i,
+            reason: reason.into(),
+        };
+        if s.offset != expected_offset {
+            return Err(bad("not contiguous with the previous segment"));
+        }
+        if s.length == 0 {
+            return Err(bad("empty"));
+        }
+        expected_offset = s
+            .offset
+            .checked_add(s.length)
+            .filter(|&end| end <= data_len)
+            .ok_or_else(|| bad("extends past the end of the file"))?;
+        if s.raw_length > MAX_SEGMENT_RAW_LEN {
+            return Err(bad("decoded size exceeds the limit"));
+        }
+        if (s.chunks.len() as u64).checked_mul(CHUNK_SIZE_U64) != Some(s.raw_length) {
+            return Err(bad("decoded size does not match its chunk list"));
+        }
+    }
+    if expected_offset != data_len {
+        return Err(FormatError::BadSegment {
+            segment: meta.segments.len(),
+            reason: format!(
+                "{} bytes of the file belong to no segment",
+                data_len - expected_offset
+            ),
+        });
+    }
+    for image in ImageKind::ALL {
+        validate_image(meta, image)?;
+    }
+    // Every chunk listed in a segment must be a payload entry pointing back at that place.
+    for (si, s) in meta.segments.iter().enumerate() {
+        for (pos, &(image, chunk)) in s.chunks.iter().enumerate() {
+            let ok = matches!(
+                meta.image(image).find(chunk).map(|e| e.source),
+                Some(ChunkSource::Payload { segment, offset, .. })
+                    if segment as usize == si && offset as usize == pos * CHUNK_SIZE
+            );
+            if !ok {
+                return Err(FormatError::BadSegment {
+                    segment: si,
+                    reason: format!("lists {image} chunk {chunk}, which is not stored there"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_image(meta: &Metadata, image: ImageKind) -> Result<(), FormatError> {
+    let map: &ImageMap = meta.image(image);
+    if map.size > MAX_IMAGE_SIZE {
+        return Err(FormatError::ImageTooLarge {
+            image,
+            size: map.size,
+        });
+    }
+    let count = chunk_count(map.size);
+    let mut prev: Option<u64> = None;
+    for e in &map.chunks {
+        if prev.is_some_and(|p| p >= e.chunk) {
+            return Err(FormatError::UnsortedChunks {
+                image,
+                chunk: e.chunk,
+            });
+        }
+        prev = Some(e.chunk);
+        if e.chunk >= count {
+            return Err(FormatError::ChunkOutOfRange {
+                image,
+                chunk: e.chunk,
+                count,
+            });
+        }
+        match e.source {
+            ChunkSource::Payload {
+                segment, offset, ..
+            } => {
+                let ok = meta.segments.get(segment as usize).is_some_and(|s| {
+                    (offset as usize).is_multiple_of(CHUNK_SIZE)
+                        && s.chunks.get(offset as usize / CHUNK_SIZE) == Some(&(image, e.chunk))
+                });
+                if !ok {
+                    return Err(FormatError::BadPayload {
+                        image,
+                        chunk: e.chunk,
+                    });
+                }
+            }
+            ChunkSource::SelfRef {
+                image: target_image,
+                chunk: target,
+            } => {
+                let ok = matches!(
+                    meta.image(target_image).find(target).map(|t| t.source),
+                    Some(ChunkSource::Payload { .. })
+                );
+                if !ok {
+                    return Err(FormatError::BadSelfRef {
+                        image,
+                        chunk: e.chunk,
+                        target_image,
+                        target,
+                    });
+                }
+            }
+            ChunkSource::Zero | ChunkSource::BaseDisk(_) | ChunkSource::BaseMemory(_) => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,639 @@
+//! The base registry under `$CLOUDLET_HOME` (default `~/.cloudlet`).
+//!
+//! ```text
+//! $CLOUDLET_HOME/bases/<id>/base.json     BaseRecord
+//!                           index.bin     ChunkIndex
+//!                           disk.img      (absent when added with --link)
+//!                           memory.img    (absent when added with --link)
+//!                           device-state
+//!                           kernel, initrd (optional)
+//! ```
+//!
+//! A base is assembled in a staging folder and renamed into place only once complete, so a
+//! failed add or import leaves nothing behind. Packages (`export`/`import`) are one file:
+//! magic `b"CLDBASE1"`, a u64 manifest length, a JSON manifest listing entries by *kind* (never
+//! by path), then the entries' bytes in manifest order. Import verifies every entry's size and
+//! SHA-256, rebuilds the index and checks that the recomputed id equals the manifest's.
+
+use crate::base::{BaseRecord, IdParts, LaunchConfig};
+use crate::chunk::{hex, sha256, Digest};
+use crate::index::{ChunkIndex, IndexError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+const PACKAGE_MAGIC: &[u8; 8] = b"CLDBASE1";
+const MAX_MANIFEST_LEN: u64 = 1 << 20;
+const MAX_ENTRY_SIZE: u64 = 16 << 40;
+
+/// Registry errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A file operation failed.
+    #[error("{action} {path} failed")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// File.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building or loading the index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// No base matches.
+    #[error("No base matches {0:?} (see `cloudlet list-base`)")]
+    NotFound(String),
+    /// Several bases match.
+    #[error("{0:?} matches several bases; give more of the id")]
+    Ambiguous(String),
+    /// A launch config is unusable.
+    #[error("Invalid launch config: {0}")]
+    Config(String),
+    /// A package is malformed or does not verify.
+    #[error("Base package {path} is invalid: {reason}")]
+    BadPackage {
+        /// Package file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A stored record is unreadable.
+    #[error("Base record {path} is unreadable: {reason}")]
+    BadRecord {
+        /// Record file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> RegistryError + 'a {
+    move |source| RegistryError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The registry folder.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    home: PathBuf,
+}
+
+/// A registered base, ready to be used.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// Its record.
+    pub record: BaseRecord,
+    /// Its folder.
+    pub dir: PathBuf,
+}
+
+impl Base {
+    /// Parsed base id.
+    pub fn id(&self) -> Digest {
+        crate::chunk::parse_hex_digest(&self.record.id).unwrap_or([0; 32])
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// Path of the disk image.
+    pub fn disk_path(&self) -> PathBuf {
+        self.resolve(&self.record.disk_path)
+    }
+
+    /// Path of the memory image.
+    pub fn memory_path(&self) -> PathBuf {
+        self.resolve(&self.record.memory_path)
+    }
+
+    /// Path of the device state.
+    pub fn device_state_path(&self) -> PathBuf {
+        self.dir.join("device-state")
+    }
+
+    /// Path of the kernel, if the base has one.
+    pub fn kernel_path(&self) -> Option<PathBuf> {
+        self.record.config.kernel.as_ref().map(|k| self.dir.join(k))
+    }
+
+    /// Path of the initrd, if the base has one.
+    pub fn initrd_path(&self) -> Option<PathBuf> {
+        self.record.config.initrd.as_ref().map(|k| self.dir.join(k))
+    }
+
+    /// Loads the chunk index.
+    pub fn index(&self) -> Result<ChunkIndex, RegistryError> {
+        Ok(ChunkIndex::load(&self.dir.join("index.bin"))?)
+    }
+}
+
+/// What `add-base` is given.
+#[derive(Debug, Clone, Default)]
+pub struct AddBase {
+    /// Disk image.
+    pub disk: PathBuf,
+    /// Memory image.
+    pub memory: PathBuf,
+    /// Device state, if any.
+    pub device_state: Option<PathBuf>,
+    /// Launch config; kernel/initrd in it are paths to copy in.
+    pub config: Option<LaunchConfig>,
+    /// Name; defaults to the disk file's stem.
+    pub name: Option<String>,
+    /// Leave the disk and memory images in place instead of copying them.
+    pub link: bool,
+    /// Hashing threads.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum EntryKind {
+    Disk,
+    Memory,
+    DeviceState,
+    Kernel,
+    Initrd,
+}
+
+impl EntryKind {
+    /// The only file name an entry of this kind is ever written to.
+    fn file_name(self) -> &'static str {
+        match self {
+            EntryKind::Disk => "disk.img",
+            EntryKind::Memory => "memory.img",
+            EntryKind::DeviceState => "device-state",
+            EntryKind::Kernel => "kernel",
+            EntryKind::Initrd => "initrd",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageEntry {
+    kind: EntryKind,
+    size: u64,
+    sha256: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    id: String,
+    name: String,
+    config: LaunchConfig,
+    entries: Vec<PackageEntry>,
+}
+
+/// Copies `src` to `dst`, hashing as it goes; returns (size, SHA-256).
+fn copy_hashing(src: &Path, dst: &Path) -> Result<(u64, Digest), RegistryError> {
+    let mut input = File::open(src).map_err(io("Opening", src))?;
+    let mut out = File::create(dst).map_err(io("Creating", dst))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(io("Reading", src))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(io("Writing", dst))?;
+        total += n as u64;
+    }
+    out.sync_all().map_err(io("Syncing", dst))?;
+    Ok((total, h.finalize().into()))
+}
+
+fn hash_file(path: &Path) -> Result<Digest, RegistryError> {
+    let mut f = BufReader::with_capacity(1 << 20, File::open(path).map_err(io("Opening", path))?);
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(io("Reading", path))?;
+    Ok(h.finalize().into())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// The registry at `$CLOUDLET_HOME`, or `~/.cloudlet`.
+    pub fn default_home() -> PathBuf {
+        if let Some(h) = std::env::var_os("CLOUDLET_HOME") {
+            return PathBuf::from(h);
+        }
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/"))
+            .join(".cloudlet")
+    }
+
+    /// Opens (creating if needed) the registry at `home`.
+    pub fn open(home: &Path) -> Result<Self, RegistryError> {
+        let bases = home.join("bases");
+        std::fs::create_dir_all(&bases).map_err(io("Creating", &bases))?;
+        Ok(Registry {
+            home: home.to_path_buf(),
+        })
+    }
+
+    /// The registry's folder.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    fn bases_dir(&self) -> PathBuf {
+        self.home.join("bases")
+    }
+
+    fn staging(&self) -> Result<PathBuf, RegistryError> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self
+            .bases_dir()
+            .join(format!(".staging-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io("Creating", &dir))?;
+        Ok(dir)
+    }
+
+    /// Registers a base from image files; returns the stored base. Registering the same
+    /// content again returns the existing base.
+    pub fn add(&self, req: &AddBase, progress: &AtomicU64) -> Result<Base, RegistryError> {
+        let staging = self.staging()?;
+        let result = self.add_in(&staging, req, progress);
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    fn add_in(
+        &self,
+        staging: &Path,
+        req: &AddBase,
+        progress: &AtomicU64,
+    ) -> Result<Base, RegistryError> {
+        let mut config = req.config.clone().unwrap_or_default();
+        let (disk_path, memory_path) = if req.link {
+            let abs = |p: &Path| std::fs::canonicalize(p).map_err(io("Resolving", p));
+            (abs(&req.disk)?, abs(&req.memory)?)
+        } else {
+            let d = staging.join(EntryKind::Disk.file_name());
+            let m = staging.join(EntryKind::Memory.file_name());
+            // std::fs::copy uses copy_file_range, which shares extents where the filesystem can.
+            std::fs::copy(&req.disk, &d).map_err(io("Copying", &req.disk))?;
+            std::fs::copy(&req.memory, &m).map_err(io("Copying", &req.memory))?;
+            (d, m)
+        };
+        let ds_path = staging.join(EntryKind::DeviceState.file_name());
+        match &req.device_state {
+            Some(p) => {
+                std::fs::copy(p, &ds_path).map_err(io("Copying", p))?;
+            }
+            None => std::fs::write(&ds_path, b"").map_err(io("Writing", &ds_path))?,
+        }
+        let mut kernel = None;
+        let mut initrd = None;
+        for (slot, digest, kind) in [
+            (&mut config.kernel, &mut kernel, EntryKind::Kernel),
+            (&mut config.initrd, &mut initrd, EntryKind::Initrd),
+        ] {
+            if let Some(src) = slot.take() {
+                let dst = staging.join(kind.file_name());
+                *digest = Some(copy_hashing(Path::new(&src), &dst)?.1);
+                *slot = Some(kind.file_name().to_string());
+            }
+        }
+        let memory_size = std::fs::metadata(&memory_path)
+            .map_err(io("Reading", &memory_path))?
+            .len();
+        if config.memory_mb == 0 {
+            config.memory_mb = memory_size >> 20;
+        }
+        let index = ChunkIndex::build(&disk_path, &memory_path, req.threads, progress)?;
+        index.save(&staging.join("index.bin"))?;
+        let ds_digest = hash_file(&ds_path)?;
+        let id = IdParts {
+            content: index.content_digest(),
+            device_state: ds_digest,
+            kernel,
+            initrd,
+            config: &config,
+        }
+        .id();
+        let rel_or_abs = |p: &Path, kind: EntryKind| {
+            if req.link {
+                p.display().to_string()
+            } else {
+                kind.file_name().to_string()
+            }
+        };
+        let record = BaseRecord {
+            id: hex(&id),
+            name: req.name.clone().unwrap_or_else(|| {
+                req.disk
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            disk_size: std::fs::metadata(&disk_path)
+                .map_err(io("Reading", &disk_path))?
+                .len(),
+            memory_size,
+            device_state_size: std::fs::metadata(&ds_path)
+                .map_err(io("Reading", &ds_path))?
+                .len(),
+            config,
+            disk_path: rel_or_abs(&disk_path, EntryKind::Disk),
+            memory_path: rel_or_abs(&memory_path, EntryKind::Memory),
+            created: now(),
+        };
+        self.commit(staging, record)
+    }
+
+    fn commit(&self, staging: &Path, record: BaseRecord) -> Result<Base, RegistryError> {
+        let dir = self.bases_dir().join(&record.id);
+        if dir.join("base.json").exists() {
+            log::info!("base {} is already registered", record.id);
+            return self.get(&record.id);
+        }
+        let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        let rec_path = staging.join("base.json");
+        std::fs::write(&rec_path, json).map_err(io("Writing", &rec_path))?;
+        std::fs::rename(staging, &dir).map_err(io("Renaming into", &dir))?;
+        log::info!("registered base {} ({})", record.id, record.name);
+        Ok(Base { record, dir })
+    }
+
+    /// All registered bases, sorted by name then id.
+    pub fn list(&self) -> Result<Vec<Base>, RegistryError> {
+        let dir = self.bases_dir();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("Listing", &dir))? {
+            let entry = entry.map_err(io("Listing", &dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || crate::chunk::parse_hex_digest(&name).is_none() {
+                continue;
+            }
+            out.push(self.load(&entry.path())?);
+        }
+        out.sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
+        Ok(out)
+    }
+
+    fn load(&self, dir: &Path) -> Result<Base, RegistryError> {
+        let p = dir.join("base.json");
+        let bytes = std::fs::read(&p).map_err(io("Reading", &p))?;
+        let record: BaseRecord =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadRecord {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Base {
+            record,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Finds a base by full id, unique id prefix (at least 4 hex digits) or exact name.
+    pub fn get(&self, key: &str) -> Result<Base, RegistryError> {
+        let all = self.list()?;
+        let by_id: Vec<&Base> = all
+            .iter()
+            .filter(|b| key.len() >= 4 && b.record.id.starts_with(&key.to_ascii_lowercase()))
+            .collect();
+        let matches: Vec<&Base> = if by_id.is_empty() {
+            all.iter().filter(|b| b.record.name == key).collect()
+        } else {
+            by_id
+        };
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(RegistryError::NotFound(key.into())),
+            _ => Err(RegistryError::Ambiguous(key.into())),
+        }
+    }
+
+    /// Removes a base.
+    pub fn remove(&self, key: &str) -> Result<Base, RegistryError> {
+        let base = self.get(key)?;
+        std::fs::remove_dir_all(&base.dir).map_err(io("Removing", &base.dir))?;
+        Ok(base)
+    }
+
+    /// Writes a base as one portable package file.
+    pub fn export(&self, key: &str, out: &Path) -> Result<u64, RegistryError> {
+        let base = self.get(key)?;
+        let mut files: Vec<(EntryKind, PathBuf)> = vec![
+            (EntryKind::Disk, base.disk_path()),
+            (EntryKind::Memory, base.memory_path()),
+            (EntryKind::DeviceState, base.device_state_path()),
+        ];
+        files.extend(base.kernel_path().map(|p| (EntryKind::Kernel, p)));
+        files.extend(base.initrd_path().map(|p| (EntryKind::Initrd, p)));
+        let mut entries = Vec::new();
+        for (kind, p) in &files {
+            let size = std::fs::metadata(p).map_err(io("Reading", p))?.len();
+            entries.push(PackageEntry {
+                kind: *kind,
+                size,
+                sha256: hex(&hash_file(p)?),
+            });
+        }
+        let manifest = Manifest {
+            id: base.record.id.clone(),
+            name: base.record.name.clone(),
+            config: base.record.config.clone(),
+            entries,
+        };
+        let mjson = serde_json::to_vec(&manifest).unwrap_or_default();
+        let tmp = out.with_extension("partial");
+        let mut f = std::io::BufWriter::with_capacity(
+            1 << 20,
+            File::create(&tmp).map_err(io("Creating", &tmp))?,
+        );
+        let werr = |e| RegistryError::Io {
+            action: "Writing",
+            path: tmp.clone(),
+            source: e,
+        };
+        f.write_all(PACKAGE_MAGIC).map_err(werr)?;
+        f.write_all(&(mjson.len() as u64).to_le_bytes())
+            .map_err(werr)?;
+        f.write_all(&mjson).map_err(werr)?;
+        for (_, p) in &files {
+            let mut input = File::open(p).map_err(io("Opening", p))?;
+            std::io::copy(&mut input, &mut f).map_err(werr)?;
+        }
+        let f = f.into_inner().map_err(|e| werr(e.into_error()))?;
+        f.sync_all().map_err(werr)?;
+        let len = f.metadata().map_err(werr)?.len();
+        std::fs::rename(&tmp, out).map_err(io("Renaming", out))?;
+        Ok(len)
+    }
+
+    /// Imports a package written by [`export`](Self::export), verifying everything.
+    pub fn import(&self, package: &Path, progress: &AtomicU64) -> Result<Base, RegistryError> {
+        let staging = self.staging()?;
+        let result = self.import_in(&staging, package, progress);
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    fn import_in(
+        &self,
+        staging: &Path,
+        package: &Path,
+        progress: &AtomicU64,
+    ) -> Result<Base, RegistryError> {
+        let bad = |reason: String| RegistryError::BadPackage {
+            path: package.into(),
+            reason,
+        };
+        let file = File::open(package).map_err(io("Opening", package))?;
+        let total = file.metadata().map_err(io("Reading", package))?.len();
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head)
+            .map_err(|_| bad("shorter than its header".into()))?;
+        if &head[..8] != PACKAGE_MAGIC {
+            return Err(bad("not a cloudlet base package (bad magic)".into()));
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&head[8..]);
+        let mlen = u64::from_le_bytes(n);
+        if mlen > MAX_MANIFEST_LEN || mlen > total.saturating_sub(16) {
+            return Err(bad(format!("manifest length {mlen} is out of bounds")));
+        }
+        let mut mjson = vec![0u8; usize::try_from(mlen).map_err(|_| bad("manifest".into()))?];
+        r.read_exact(&mut mjson)
+            .map_err(|_| bad("manifest truncated".into()))?;
+        let manifest: Manifest = serde_json::from_slice(&mjson)
+            .map_err(|e| bad(format!("manifest does not parse: {e}")))?;
+        let mut seen = Vec::new();
+        let mut sum = 16 + mlen;
+        for e in &manifest.entries {
+            if seen.contains(&e.kind) {
+                return Err(bad(format!("entry {:?} appears twice", e.kind)));
+            }
+            seen.push(e.kind);
+            if e.size > MAX_ENTRY_SIZE {
+                return Err(bad(format!("entry {:?} is too large", e.kind)));
+            }
+            sum = sum
+                .checked_add(e.size)
+                .ok_or_else(|| bad("sizes overflow".into()))?;
+        }
+        for required in [EntryKind::Disk, EntryKind::Memory, EntryKind::DeviceState] {
+            if !seen.contains(&required) {
+                return Err(bad(format!("entry {required:?} is missing")));
+            }
+        }
+        if sum != total {
+            return Err(bad(format!(
+                "entries add up to {sum} bytes but the file has {total}"
+            )));
+        }
+        let mut config = manifest.config.clone();
+        for (slot, kind) in [
+            (&mut config.kernel, EntryKind::Kernel),
+            (&mut config.initrd, EntryKind::Initrd),
+        ] {
+            if slot.is_some() != seen.contains(&kind) {
+                return Err(bad(format!("config and entries disagree about {kind:?}")));
+            }
+            // Never trust a name from the package: the file name is fixed by its kind.
+            if slot.is_some() {
+                *slot = Some(kind.file_name().to_string());
+            }
+        }
+        let mut digests = std::collections::HashMap::new();
+        for e in &manifest.entries {
+            let dst = staging.join(e.kind.file_name());
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(&dst).map_err(io("Creating", &dst))?,
+            );
+            let mut h = Sha256::new();
+            let mut left = e.size;
+            let mut buf = vec![0u8; 1 << 20];
+            while left > 0 {
+                let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+                r.read_exact(&mut buf[..n])
+                    .map_err(|_| bad(format!("{:?} truncated", e.kind)))?;
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io("Writing", &dst))?;
+                left -= n as u64;
+            }
+            out.flush().map_err(io("Writing", &dst))?;
+            let d: Digest = h.finalize().into();
+            if hex(&d) != e.sha256 {
+                return Err(bad(format!("{:?} does not match its SHA-256", e.kind)));
+            }
+            digests.insert(e.kind, d);
+        }
+        let disk = staging.join(EntryKind::Disk.file_name());
+        let memory = staging.join(EntryKind::Memory.file_name());
+        let index = ChunkIndex::build(&disk, &memory, 2, progress)?;
+        index.save(&staging.join("index.bin"))?;
+        let id = IdParts {
+            content: index.content_digest(),
+            device_state: digests
+                .get(&EntryKind::DeviceState)
+                .copied()
+                .unwrap_or_else(|| sha256(b"")),
+            kernel: digests.get(&EntryKind::Kernel).copied(),
+            initrd: digests.get(&EntryKind::Initrd).copied(),
+            config: &config,
+        }
+        .id();
+        if hex(&id) != manifest.id {
+            return Err(bad(format!(
+                "content hashes to base id {}, but the manifest claims {}",
+                hex(&id),
+                manifest.id
+            )));
+        }
+        let size = |k: EntryKind| {
+            manifest
+                .entries
+                .iter()
+                .find(|e| e.kind == k)
+                .map_or(0, |e| e.size)
+        };
+        let record = BaseRecord {
+            id: manifest.id.clone(),
+            name: manifest.name.clone(),
+            disk_size: size(EntryKind::Disk),
+            memory_size: size(EntryKind::Memory),
+            device_state_size: size(EntryKind::DeviceState),
+            config,
+            disk_path: EntryKind::Disk.file_name().into(),
+            memory_path: EntryKind::Memory.file_name().into(),
+            created: now(),
+        };
+        self.commit(staging, record)
+    }
+}

@@ -1,0 +1,126 @@
+//! Byte sources: where overlay bytes come from.
+//!
+//! An overlay is read by byte range: the header and metadata first, then whole segments. A
+//! [`ByteSource`] is that seam: a local file here, an HTTP server with Range requests or a
+//! network peer in `cloudletfs` and the server. Implementations are `&self` and `Send + Sync`
+//! because cloudletfs reads from several threads at once.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Errors of a byte source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The underlying read failed.
+    #[error("Read of {len} bytes at offset {offset} failed")]
+    Io {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source ended before the range did.
+    #[error("Range {offset}+{len} lies past the end of the source ({size} bytes)")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Size of the source.
+        size: u64,
+    },
+    /// A remote source failed (HTTP status, connection, timeout).
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// A random-access, read-only byte source.
+pub trait ByteSource: Send + Sync {
+    /// Total size in bytes.
+    fn size(&self) -> u64;
+    /// Reads exactly `len` bytes at `offset`.
+    fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError>;
+}
+
+/// A local file.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    size: u64,
+}
+
+impl FileSource {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileSource { file, size })
+    }
+}
+
+/// Checks that `offset..offset+len` lies inside `size` and that `len` fits in memory.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<usize, SourceError> {
+    let out_of_range = SourceError::OutOfRange { offset, len, size };
+    match offset.checked_add(len) {
+        Some(end) if end <= size => usize::try_from(len).map_err(|_| out_of_range),
+        _ => Err(out_of_range),
+    }
+}
+
+impl ByteSource for FileSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        let n = check_range(offset, len, self.size)?;
+        let mut buf = vec![0u8; n];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|source| SourceError::Io {
+                offset,
+                len,
+                source,
+            })?;
+        Ok(buf)
+    }
+}
+
+impl ByteSource for Vec<u8> {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        let n = check_range(offset, len, self.size())?;
+        let start = usize::try_from(offset).map_err(|_| SourceError::OutOfRange {
+            offset,
+            len,
+            size: self.size(),
+        })?;
+        Ok(self[start..start + n].to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vec_source_range_past_end_is_refused() {
+        let v = vec![1u8; 10];
+        assert!(matches!(
+            v.read_range(8, 3),
+            Err(SourceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            v.read_range(u64::MAX, 2),
+            Err(SourceError::OutOfRange { .. })
+        ));
+        assert_eq!(v.read_range(8, 2).unwrap(), vec![1, 1]);
+    }
+}

@@ -1,0 +1,256 @@
+//! Shared helpers of cloudlet's end-to-end tests: seeded image generators and a registry in a
+//! temporary folder. Fixtures are generated from a seed at test time, never committed.
+
+// Fixture sizes are small; truncating casts cannot happen here.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+use std::path::{Path, PathBuf};
+use synth::chunk::CHUNK_SIZE;
+use synth::registry::{AddBase, Base, Registry};
+
+/// A small deterministic generator (SplitMix64), so fixtures depend only on their seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Fills one chunk with data of a random kind: zeros, text-like (compressible) or random.
+pub fn fill_chunk(rng: &mut Rng, chunk: &mut [u8]) {
+    match rng.below(4) {
+        0 => chunk.fill(0),
+        1 => rng.fill(chunk),
+        _ => {
+            const WORDS: [&[u8]; 8] = [
+                b"cloudlet ",
+                b"overlay ",
+                b"chunk ",
+                b"kernel ",
+                b"\n",
+                b"0x1f ",
+                b"page ",
+                b"vm ",
+            ];
+            let mut i = 0;
+            while i < chunk.len() {
+                let w = WORDS[rng.below(8) as usize];
+                let n = w.len().min(chunk.len() - i);
+                chunk[i..i + n].copy_from_slice(&w[..n]);
+                i += n;
+            }
+        }
+    }
+}
+
+/// A random image of `size` bytes.
+pub fn random_image(rng: &mut Rng, size: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    for c in v.chunks_mut(CHUNK_SIZE) {
+        fill_chunk(rng, c);
+    }
+    v
+}
+
+/// Which modifications [`mutate`] applies, as counts of chunks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mutations {
+    /// Chunks replaced by new data.
+    pub new: usize,
+    /// Chunks zeroed.
+    pub zero: usize,
+    /// Chunks copied from anywhere in the base disk or memory.
+    pub from_base: usize,
+    /// Chunks copied from another chunk of the custom images (disk or memory).
+    pub repeated: usize,
+}
+
+/// Applies `m` at random places of `disk` and `memory` (the custom images, starting as copies
+/// of the base images `base_disk` and `base_memory`).
+pub fn mutate(
+    rng: &mut Rng,
+    base_disk: &[u8],
+    base_memory: &[u8],
+    disk: &mut [u8],
+    memory: &mut [u8],
+    m: Mutations,
+) {
+    fn pick<'a>(rng: &mut Rng, a: &'a mut [u8], b: &'a mut [u8]) -> &'a mut [u8] {
+        let (na, nb) = (a.len() / CHUNK_SIZE, b.len() / CHUNK_SIZE);
+        if nb == 0 || (na > 0 && rng.below(2) == 0) {
+            let i = rng.below(na as u64) as usize * CHUNK_SIZE;
+            &mut a[i..i + CHUNK_SIZE]
+        } else {
+            let i = rng.below(nb as u64) as usize * CHUNK_SIZE;
+            &mut b[i..i + CHUNK_SIZE]
+        }
+    }
+    for _ in 0..m.new {
+        let mut c = vec![0u8; CHUNK_SIZE];
+        fill_chunk(rng, &mut c);
+        c[0] = c[0].wrapping_add(1) | 1;
+        pick(rng, disk, memory).copy_from_slice(&c);
+    }
+    for _ in 0..m.zero {
+        pick(rng, disk, memory).fill(0);
+    }
+    for _ in 0..m.from_base {
+        let src = if rng.below(2) == 0 && base_disk.len() >= CHUNK_SIZE {
+            let i = rng.below((base_disk.len() / CHUNK_SIZE) as u64) as usize * CHUNK_SIZE;
+            base_disk[i..i + CHUNK_SIZE].to_vec()
+        } else if base_memory.len() >= CHUNK_SIZE {
+            let i = rng.below((base_memory.len() / CHUNK_SIZE) as u64) as usize * CHUNK_SIZE;
+            base_memory[i..i + CHUNK_SIZE].to_vec()
+        } else {
+            continue;
+        };
+        pick(rng, disk, memory).copy_from_slice(&src);
+    }
+    for _ in 0..m.repeated {
+        let src = pick(rng, disk, memory).to_vec();
+        pick(rng, disk, memory).copy_from_slice(&src);
+    }
+}
+
+/// A temporary registry with one base.
+pub struct Fixture {
+    /// Temporary folder holding everything.
+    pub dir: tempfile::TempDir,
+    /// The registry.
+    pub registry: Registry,
+    /// The registered base.
+    pub base: Base,
+    /// Base disk bytes.
+    pub base_disk: Vec<u8>,
+    /// Base memory bytes.
+    pub base_memory: Vec<u8>,
+}
+
+impl Fixture {
+    /// Writes the base images and registers them.
+    pub fn new(base_disk: Vec<u8>, base_memory: Vec<u8>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::open(&dir.path().join("home")).expect("registry");
+        let disk = dir.path().join("base-disk.img");
+        let memory = dir.path().join("base-memory.img");
+        std::fs::write(&disk, &base_disk).expect("write disk");
+        std::fs::write(&memory, &base_memory).expect("write memory");
+        let req = AddBase {
+            disk,
+            memory,
+            threads: 2,
+            ..Default::default()
+        };
+        let base = registry.add(&req, &Default::default()).expect("add base");
+        Fixture {
+            dir,
+            registry,
+            base,
+            base_disk,
+            base_memory,
+        }
+    }
+
+    /// A seeded base of the given sizes.
+    pub fn seeded(seed: u64, disk_size: usize, memory_size: usize) -> Self {
+        let mut rng = Rng::new(seed);
+        let d = random_image(&mut rng, disk_size);
+        let m = random_image(&mut rng, memory_size);
+        Self::new(d, m)
+    }
+
+    /// Path inside the fixture folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes custom images and returns their paths.
+    pub fn write_custom(&self, disk: &[u8], memory: &[u8]) -> synth::create::CustomImages {
+        let d = self.path("custom-disk.img");
+        let m = self.path("custom-memory.img");
+        std::fs::write(&d, disk).expect("write custom disk");
+        std::fs::write(&m, memory).expect("write custom memory");
+        synth::create::CustomImages {
+            disk: d,
+            memory: m,
+            device_state: None,
+        }
+    }
+
+    /// Creates an overlay of `custom` with `opts` at `out`.
+    pub fn diff(
+        &self,
+        custom: &synth::create::CustomImages,
+        out: &Path,
+        opts: &synth::create::CreateOptions,
+    ) -> synth::create::CreateStats {
+        let index = self.base.index().expect("index");
+        synth::create::create_overlay(&self.base, &index, custom, out, opts, &Default::default())
+            .expect("create overlay")
+    }
+}
+
+/// Opens an overlay file with full validation.
+pub fn open_overlay(path: &Path) -> Result<synth::format::Overlay, synth::format::FormatError> {
+    let src = synth::source::FileSource::open(path).map_err(|e| {
+        synth::format::FormatError::Source(synth::source::SourceError::Io {
+            offset: 0,
+            len: 0,
+            source: e,
+        })
+    })?;
+    synth::format::Overlay::open(std::sync::Arc::new(src))
+}
+
+/// Path of a workspace binary (`cloudlet`, `cloudletfs`), built by `cargo test --workspace`
+/// next to this test binary's `deps/` folder.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (or `cargo test --workspace`)",
+        p.display()
+    );
+    p
+}
+
+/// Runs the `cloudlet` binary with `CLOUDLET_HOME=home`; returns (exit code, stdout, stderr).
+pub fn cloudlet(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", home)
+        .args(args)
+        .output()
+        .expect("run cloudlet");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,235 @@
+//! The real `cloudlet` binary, command by command.
+
+use cloudlet_e2e::{cloudlet, mutate, random_image, Mutations, Rng};
+use std::path::Path;
+
+struct Cli {
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new() -> Self {
+        Cli {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn home(&self) -> std::path::PathBuf {
+        self.dir.path().join("home")
+    }
+    fn p(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = cloudlet(&self.home(), args);
+        assert_eq!(code, 0, "cloudlet {args:?} failed: {err}");
+        out
+    }
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let (code, _, err) = cloudlet(&self.home(), args);
+        assert_ne!(code, 0, "cloudlet {args:?} should fail");
+        (code, err)
+    }
+    /// Writes base and custom images; registers the base; returns its id.
+    fn setup(&self) -> String {
+        let mut rng = Rng::new(77);
+        let bd = random_image(&mut rng, 200 << 10);
+        let bm = random_image(&mut rng, 100 << 10);
+        let (mut cd, mut cm) = (bd.clone(), bm.clone());
+        let muts = Mutations {
+            new: 10,
+            zero: 3,
+            from_base: 5,
+            repeated: 4,
+        };
+        mutate(&mut rng, &bd, &bm, &mut cd, &mut cm, muts);
+        for (n, d) in [("bd", &bd), ("bm", &bm), ("cd", &cd), ("cm", &cm)] {
+            std::fs::write(self.p(n), d).unwrap();
+        }
+        std::fs::write(self.p("ds"), b"device state bytes").unwrap();
+        let out = self.ok(&[
+            "add-base",
+            "--disk",
+            &self.p("bd"),
+            "--memory",
+            &self.p("bm"),
+            "--name",
+            "tiny",
+        ]);
+        out.trim().to_string()
+    }
+}
+
+fn read(p: &str) -> Vec<u8> {
+    std::fs::read(Path::new(p)).unwrap()
+}
+
+#[test]
+fn cli_help_every_command_succeeds() {
+    let cli = Cli::new();
+    for cmd in [
+        "add-base",
+        "list-base",
+        "del-base",
+        "export-base",
+        "import-base",
+        "diff",
+        "info-overlay",
+        "verify",
+        "reconstruct",
+    ] {
+        let out = cli.ok(&[cmd, "--help"]);
+        assert!(out.contains("Usage"), "{cmd}: {out}");
+    }
+}
+
+#[test]
+fn cli_diff_reconstruct_round_trip_is_byte_identical() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    assert_eq!(id.len(), 64);
+    cli.ok(&[
+        "diff",
+        &id,
+        "--disk",
+        &cli.p("cd"),
+        "--memory",
+        &cli.p("cm"),
+        "--device-state",
+        &cli.p("ds"),
+        "-o",
+        &cli.p("ov"),
+        "--segment-kib",
+        "8",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["info-overlay", &cli.p("ov"), "--json"])).unwrap();
+    assert_eq!(info["base_id"], id.as_str());
+    assert_eq!(info["codec"], "xz");
+    assert!(info["segments"].as_u64().unwrap() >= 2);
+    cli.ok(&["verify", &cli.p("ov"), "--base", "tiny"]);
+    cli.ok(&["reconstruct", &id[..8], &cli.p("ov"), "-o", &cli.p("out")]);
+    assert!(read(&cli.p("out/disk.img")) == read(&cli.p("cd")));
+    assert!(read(&cli.p("out/memory.img")) == read(&cli.p("cm")));
+    assert_eq!(read(&cli.p("out/device-state")), b"device state bytes");
+}
+
+#[test]
+fn cli_list_export_import_delete_base() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    let list: serde_json::Value = serde_json::from_str(&cli.ok(&["list-base", "--json"])).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["name"], "tiny");
+    cli.ok(&["export-base", &id, "-o", &cli.p("pkg")]);
+    cli.ok(&["del-base", &id]);
+    let list: serde_json::Value = serde_json::from_str(&cli.ok(&["list-base", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    let imported = cli.ok(&["import-base", &cli.p("pkg")]);
+    assert_eq!(imported.trim(), id);
+}
+
+#[test]
+fn cli_import_tampered_package_is_refused_and_leaves_nothing() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    cli.ok(&["export-base", &id, "-o", &cli.p("pkg")]);
+    cli.ok(&["del-base", &id]);
+    let mut pkg = read(&cli.p("pkg"));
+    let n = pkg.len();
+    pkg[n - 5] ^= 1;
+    std::fs::write(cli.p("bad"), &pkg).unwrap();
+    let (code, err) = cli.fails(&["import-base", &cli.p("bad")]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("SHA-256"), "{err}");
+    let bases: Vec<_> = std::fs::read_dir(cli.home().join("bases"))
+        .unwrap()
+        .collect();
+    assert!(bases.is_empty(), "import left files behind");
+}
+
+#[test]
+fn cli_import_package_with_path_in_names_cannot_escape() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    cli.ok(&["export-base", &id, "-o", &cli.p("pkg")]);
+    cli.ok(&["del-base", &id]);
+    // Swap the manifest's kind for a path: the manifest only accepts kinds.
+    let pkg = read(&cli.p("pkg"));
+    let text = String::from_utf8_lossy(&pkg[16..]).into_owned();
+    assert!(text.contains("\"kind\":\"device-state\""));
+    let tampered = String::from_utf8_lossy(&pkg).replacen(
+        "\"kind\":\"device-state\"",
+        "\"kind\":\"../../x\"",
+        1,
+    );
+    std::fs::write(cli.p("bad"), tampered.as_bytes()).unwrap();
+    let (code, err) = cli.fails(&["import-base", &cli.p("bad")]);
+    assert_eq!(code, 3, "{err}");
+    assert!(!cli.dir.path().join("x").exists());
+}
+
+#[test]
+fn cli_reconstruct_with_wrong_base_is_refused() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    cli.ok(&[
+        "diff",
+        &id,
+        "--disk",
+        &cli.p("cd"),
+        "--memory",
+        &cli.p("cm"),
+        "-o",
+        &cli.p("ov"),
+    ]);
+    let mut rng = Rng::new(5);
+    std::fs::write(cli.p("od"), random_image(&mut rng, 8192)).unwrap();
+    let other = cli.ok(&[
+        "add-base",
+        "--disk",
+        &cli.p("od"),
+        "--memory",
+        &cli.p("od"),
+        "--link",
+    ]);
+    let (code, err) = cli.fails(&[
+        "reconstruct",
+        other.trim(),
+        &cli.p("ov"),
+        "-o",
+        &cli.p("out"),
+    ]);
+    assert_eq!(code, 3);
+    assert!(err.contains("was made for base"), "{err}");
+}
+
+#[test]
+fn cli_corrupt_overlay_is_refused_with_exit_3() {
+    let cli = Cli::new();
+    let id = cli.setup();
+    cli.ok(&[
+        "diff",
+        &id,
+        "--disk",
+        &cli.p("cd"),
+        "--memory",
+        &cli.p("cm"),
+        "-o",
+        &cli.p("ov"),
+    ]);
+    let mut ov = read(&cli.p("ov"));
+    let n = ov.len();
+    ov[n - 3] ^= 0x55;
+    std::fs::write(cli.p("ov"), ov).unwrap();
+    let (code, err) = cli.fails(&["verify", &cli.p("ov")]);
+    assert_eq!(code, 3);
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn cli_missing_base_gives_clear_error() {
+    let cli = Cli::new();
+    let (code, err) = cli.fails(&["del-base", "nosuchbase"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("No base matches"), "{err}");
+}

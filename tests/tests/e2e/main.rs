@@ -1,0 +1,12 @@
+//! cloudlet's end-to-end tests: one test binary built from topic modules.
+
+// Test sizes are small; truncating casts cannot happen here.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
+mod cli;
+mod format_errors;
+mod roundtrip;

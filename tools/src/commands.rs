@@ -1,0 +1,561 @@
+//! The `cloudlet` subcommands and their output.
+
+use crate::progress;
+use anyhow::{bail, Context as _, Result};
+use clap::Subcommand;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use synth::base::LaunchConfig;
+use synth::chunk::{hex, ImageKind};
+use synth::codec::Codec;
+use synth::create::{CreateOptions, CustomImages};
+use synth::format::{ClassCounts, FormatError, Overlay};
+use synth::registry::{AddBase, Registry, RegistryError};
+use synth::source::FileSource;
+
+/// Settings shared by every command.
+pub struct Context {
+    /// Registry folder.
+    pub home: PathBuf,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Context {
+    fn registry(&self) -> Result<Registry> {
+        Registry::open(&self.home)
+            .with_context(|| format!("opening registry {}", self.home.display()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register a base VM: disk image, memory image, device state and launch config.
+    #[command(name = "add-base")]
+    AddBase {
+        /// Raw disk image.
+        #[arg(long)]
+        disk: PathBuf,
+        /// Flat memory image (guest RAM).
+        #[arg(long)]
+        memory: PathBuf,
+        /// Device state (QEMU migration stream without RAM).
+        #[arg(long)]
+        device_state: Option<PathBuf>,
+        /// Launch config (JSON; see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Name (default: the disk file's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Leave the disk and memory images where they are instead of copying them.
+        #[arg(long)]
+        link: bool,
+        /// Print the base record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List registered base VMs.
+    #[command(name = "list-base")]
+    ListBase {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a base VM.
+    #[command(name = "del-base")]
+    DelBase {
+        /// Base id (or unique prefix, or name).
+        id: String,
+    },
+    /// Write a base VM as one portable package file.
+    #[command(name = "export-base")]
+    ExportBase {
+        /// Base id (or unique prefix, or name).
+        id: String,
+        /// Package file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Import a package written by export-base, verifying every hash.
+    #[command(name = "import-base")]
+    ImportBase {
+        /// Package file.
+        package: PathBuf,
+        /// Print the base record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a VM overlay: the chunks of a custom VM that differ from its base.
+    Diff {
+        /// Base id (or unique prefix, or name).
+        base: String,
+        /// Custom disk image.
+        #[arg(long)]
+        disk: PathBuf,
+        /// Custom memory image.
+        #[arg(long)]
+        memory: PathBuf,
+        /// Custom device state.
+        #[arg(long)]
+        device_state: Option<PathBuf>,
+        /// Overlay file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Only examine these disk chunks (one chunk number per line, e.g. a cloudletfs trace).
+        #[arg(long, value_name = "FILE")]
+        disk_chunks: Option<PathBuf>,
+        /// Only examine these memory chunks (one chunk number per line).
+        #[arg(long, value_name = "FILE")]
+        memory_chunks: Option<PathBuf>,
+        /// Store these chunks first ("disk N" / "memory N" per line): the working set.
+        #[arg(long, value_name = "FILE")]
+        order: Option<PathBuf>,
+        /// Segment codec.
+        #[arg(long, default_value = "xz")]
+        codec: Codec,
+        /// Compression level (default: 9 for xz, 19 for zstd).
+        #[arg(long)]
+        level: Option<u32>,
+        /// Decoded segment size in KiB.
+        #[arg(long, default_value_t = (synth::create::DEFAULT_SEGMENT_SIZE >> 10) as u64)]
+        segment_kib: u64,
+        /// Print statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe an overlay: sizes, chunk classes, segments, codec.
+    #[command(name = "info-overlay")]
+    InfoOverlay {
+        /// Overlay file.
+        overlay: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an overlay completely: structure, every segment, and (with --base) every chunk.
+    Verify {
+        /// Overlay file.
+        overlay: PathBuf,
+        /// Also rebuild every chunk against this base and check its SHA-256.
+        #[arg(long)]
+        base: Option<String>,
+    },
+    /// Rebuild the custom VM's disk.img, memory.img and device-state from base + overlay.
+    Reconstruct {
+        /// Base id (or unique prefix, or name).
+        base: String,
+        /// Overlay file.
+        overlay: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Print statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Maps an error to the process exit code.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    let invalid = e.chain().any(|c| {
+        c.downcast_ref::<FormatError>().is_some()
+            || matches!(
+                c.downcast_ref::<RegistryError>(),
+                Some(RegistryError::BadPackage { .. })
+            )
+            || matches!(
+                c.downcast_ref::<synth::resolve::ResolveError>(),
+                Some(synth::resolve::ResolveError::Format(_))
+            )
+            || matches!(
+                c.downcast_ref::<synth::reconstruct::ReconstructError>(),
+                Some(synth::reconstruct::ReconstructError::Resolve(
+                    synth::resolve::ResolveError::Format(_)
+                ))
+            )
+    });
+    if invalid {
+        crate::EXIT_INVALID
+    } else {
+        1
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn file_size(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .len())
+}
+
+/// Opens and validates an overlay file.
+pub fn open_overlay(p: &Path) -> Result<Overlay> {
+    let src = FileSource::open(p).with_context(|| format!("opening overlay {}", p.display()))?;
+    Overlay::open(Arc::new(src)).with_context(|| format!("overlay {} refused", p.display()))
+}
+
+/// Reads a chunk list: one chunk number per line; blank lines and `#` comments ignored.
+fn read_chunk_list(p: &Path) -> Result<Vec<u64>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        out.push(line.parse().with_context(|| {
+            format!("{}:{}: {line:?} is not a chunk number", p.display(), i + 1)
+        })?);
+    }
+    Ok(out)
+}
+
+/// Reads an order list: `disk N` or `memory N` per line.
+fn read_order(p: &Path) -> Result<Vec<(ImageKind, u64)>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || {
+            anyhow::anyhow!(
+                "{}:{}: expected \"disk N\" or \"memory N\"",
+                p.display(),
+                i + 1
+            )
+        };
+        let (kind, n) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
+        let image = match kind {
+            "disk" => ImageKind::Disk,
+            "memory" => ImageKind::Memory,
+            _ => return Err(bad()),
+        };
+        out.push((image, n.trim().parse().map_err(|_| bad())?));
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct BaseRow<'a> {
+    id: &'a str,
+    name: &'a str,
+    disk_size: u64,
+    memory_size: u64,
+    path: String,
+}
+
+#[derive(Serialize)]
+struct ImageInfo {
+    size: u64,
+    changed_chunks: u64,
+    classes: ClassCounts,
+}
+
+#[derive(Serialize)]
+struct OverlayInfo {
+    file_size: u64,
+    metadata_size: u64,
+    base_id: String,
+    codec: &'static str,
+    chunk_size: u32,
+    device_state_size: u64,
+    disk: ImageInfo,
+    memory: ImageInfo,
+    segments: usize,
+    segment_bytes: u64,
+    segment_raw_bytes: u64,
+}
+
+fn overlay_info(path: &Path, ov: &Overlay) -> OverlayInfo {
+    let m = ov.metadata();
+    let image = |k: ImageKind| {
+        let map = m.image(k);
+        ImageInfo {
+            size: map.size,
+            changed_chunks: map.chunks.len() as u64,
+            classes: ClassCounts::of(map),
+        }
+    };
+    let _ = path;
+    OverlayInfo {
+        file_size: ov.file_len(),
+        metadata_size: ov.metadata_len(),
+        base_id: hex(&m.base_id),
+        codec: m.codec.name(),
+        chunk_size: m.chunk_size,
+        device_state_size: m.device_state.len() as u64,
+        disk: image(ImageKind::Disk),
+        memory: image(ImageKind::Memory),
+        segments: m.segments.len(),
+        segment_bytes: m.segments.iter().map(|s| s.length).sum(),
+        segment_raw_bytes: m.segments.iter().map(|s| s.raw_length).sum(),
+    }
+}
+
+/// Runs one command.
+pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::AddBase {
+            disk,
+            memory,
+            device_state,
+            config,
+            name,
+            link,
+            json,
+        } => {
+            let config = match config {
+                Some(p) => {
+                    let text =
+                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    Some(
+                        serde_json::from_slice::<LaunchConfig>(&text)
+                            .with_context(|| format!("launch config {} is invalid", p.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let reg = ctx.registry()?;
+            let total = file_size(&disk)? + file_size(&memory)?;
+            let req = AddBase {
+                disk,
+                memory,
+                device_state,
+                config,
+                name,
+                link,
+                threads: ctx.threads,
+            };
+            let base = progress::run("indexing", total, |p| reg.add(&req, p))?;
+            if json {
+                print_json(&base.record)?;
+            } else {
+                println!("{}", base.record.id);
+            }
+        }
+        Command::ListBase { json } => {
+            let reg = ctx.registry()?;
+            let bases = reg.list()?;
+            let rows: Vec<BaseRow> = bases
+                .iter()
+                .map(|b| BaseRow {
+                    id: &b.record.id,
+                    name: &b.record.name,
+                    disk_size: b.record.disk_size,
+                    memory_size: b.record.memory_size,
+                    path: b.dir.display().to_string(),
+                })
+                .collect();
+            if json {
+                print_json(&rows)?;
+            } else if rows.is_empty() {
+                eprintln!("no base VMs in {}", reg.home().display());
+            } else {
+                println!(
+                    "{:<16} {:<20} {:>12} {:>12}",
+                    "ID", "NAME", "DISK", "MEMORY"
+                );
+                for r in rows {
+                    println!(
+                        "{:<16} {:<20} {:>12} {:>12}",
+                        &r.id[..16],
+                        r.name,
+                        r.disk_size,
+                        r.memory_size
+                    );
+                }
+            }
+        }
+        Command::DelBase { id } => {
+            let base = ctx.registry()?.remove(&id)?;
+            println!("deleted {} ({})", base.record.id, base.record.name);
+        }
+        Command::ExportBase { id, output } => {
+            let len = ctx.registry()?.export(&id, &output)?;
+            println!("wrote {} ({len} bytes)", output.display());
+        }
+        Command::ImportBase { package, json } => {
+            let reg = ctx.registry()?;
+            let total = file_size(&package)?;
+            let base = progress::run("verifying", total, |p| reg.import(&package, p))?;
+            if json {
+                print_json(&base.record)?;
+            } else {
+                println!("{}", base.record.id);
+            }
+        }
+        Command::Diff {
+            base,
+            disk,
+            memory,
+            device_state,
+            output,
+            disk_chunks,
+            memory_chunks,
+            order,
+            codec,
+            level,
+            segment_kib,
+            json,
+        } => {
+            let reg = ctx.registry()?;
+            let base = reg.get(&base)?;
+            let index = base.index()?;
+            let opts = CreateOptions {
+                codec,
+                level: level.unwrap_or(codec.default_level()),
+                segment_size: usize::try_from(segment_kib.saturating_mul(1024))
+                    .context("segment size too large")?,
+                threads: ctx.threads,
+                disk_chunks: disk_chunks.as_deref().map(read_chunk_list).transpose()?,
+                memory_chunks: memory_chunks.as_deref().map(read_chunk_list).transpose()?,
+                order: order
+                    .as_deref()
+                    .map(read_order)
+                    .transpose()?
+                    .unwrap_or_default(),
+            };
+            let total = match (&opts.disk_chunks, &opts.memory_chunks) {
+                (Some(d), Some(m)) => (d.len() + m.len()) as u64 * 4096,
+                _ => file_size(&disk)? + file_size(&memory)?,
+            };
+            let custom = CustomImages {
+                disk,
+                memory,
+                device_state,
+            };
+            let start = std::time::Instant::now();
+            let stats = progress::run("diffing", total, |p| {
+                synth::create::create_overlay(&base, &index, &custom, &output, &opts, p)
+            })?;
+            let secs = start.elapsed().as_secs_f64();
+            if json {
+                #[derive(Serialize)]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    stats: &'a synth::create::CreateStats,
+                    seconds: f64,
+                }
+                print_json(&Out {
+                    stats: &stats,
+                    seconds: secs,
+                })?;
+            } else {
+                println!(
+                    "wrote {} ({} bytes, {} segments); examined {} chunks in {secs:.2}s",
+                    output.display(),
+                    stats.overlay_bytes,
+                    stats.segments,
+                    stats.examined_chunks
+                );
+            }
+        }
+        Command::InfoOverlay { overlay, json } => {
+            let ov = open_overlay(&overlay)?;
+            let info = overlay_info(&overlay, &ov);
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("overlay      {}", overlay.display());
+                println!(
+                    "file size    {} bytes (metadata {})",
+                    info.file_size, info.metadata_size
+                );
+                println!("base         {}", info.base_id);
+                println!("codec        {}", info.codec);
+                println!(
+                    "segments     {} ({} bytes compressed, {} decoded)",
+                    info.segments, info.segment_bytes, info.segment_raw_bytes
+                );
+                println!("device state {} bytes", info.device_state_size);
+                for (name, i) in [("disk", &info.disk), ("memory", &info.memory)] {
+                    let c = &i.classes;
+                    println!(
+                        "{name:<6} size {} changed {}: zero {} base-disk {} base-memory {} self {} xor {} raw {}",
+                        i.size, i.changed_chunks, c.zero, c.base_disk, c.base_memory, c.self_ref, c.xor, c.raw
+                    );
+                }
+            }
+        }
+        Command::Verify { overlay, base } => {
+            let ov = open_overlay(&overlay)?;
+            let n = ov.metadata().segments.len();
+            for i in 0..n {
+                ov.read_segment(i)
+                    .with_context(|| format!("overlay {} refused", overlay.display()))?;
+            }
+            if let Some(key) = base {
+                let base = ctx.registry()?.get(&key)?;
+                let dir = tempfile_dir(&ctx.home)?;
+                let total = ov.metadata().disk.size + ov.metadata().memory.size;
+                let r = progress::run("verifying", total, |p| {
+                    synth::reconstruct::reconstruct(&base, &ov, &dir, ctx.threads, p)
+                });
+                let _ = std::fs::remove_dir_all(&dir);
+                let stats = r.with_context(|| format!("overlay {} refused", overlay.display()))?;
+                println!(
+                    "ok: {n} segments, {} chunks verified against base {}",
+                    stats.verified_chunks, base.record.id
+                );
+            } else {
+                println!("ok: structure and {n} segments verified");
+            }
+        }
+        Command::Reconstruct {
+            base,
+            overlay,
+            output,
+            json,
+        } => {
+            let base = ctx.registry()?.get(&base)?;
+            let ov = open_overlay(&overlay)?;
+            let total = ov.metadata().disk.size + ov.metadata().memory.size;
+            let start = std::time::Instant::now();
+            let stats = progress::run("rebuilding", total, |p| {
+                synth::reconstruct::reconstruct(&base, &ov, &output, ctx.threads, p)
+            })
+            .with_context(|| format!("reconstructing from {}", overlay.display()))?;
+            let secs = start.elapsed().as_secs_f64();
+            if json {
+                #[derive(Serialize)]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    stats: &'a synth::reconstruct::ReconstructStats,
+                    seconds: f64,
+                }
+                print_json(&Out {
+                    stats: &stats,
+                    seconds: secs,
+                })?;
+            } else {
+                println!(
+                    "wrote {}/{{disk.img,memory.img,device-state}}: {} bytes, {} chunks verified, {secs:.2}s",
+                    output.display(),
+                    stats.bytes,
+                    stats.verified_chunks
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fresh scratch folder inside the registry (same filesystem, cleaned by the caller).
+fn tempfile_dir(home: &Path) -> Result<PathBuf> {
+    let dir = home
+        .join("tmp")
+        .join(format!("verify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.is_dir() {
+        bail!("{} is not a folder", dir.display());
+    }
+    Ok(dir)
+}

@@ -1,0 +1,52 @@
+//! `cloudlet`: manage base VMs, create overlays and synthesize VMs.
+//!
+//! This binary is the only place with `anyhow`: it parses arguments, calls the libraries
+//! (`synth`, `cloudletfs`), prints results (text or `--json`) and maps failures to exit codes.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code: input was refused as invalid, corrupt or not matching (an overlay, a package).
+pub const EXIT_INVALID: u8 = 3;
+
+/// VM synthesis for cloudlets: base VMs, VM overlays, reconstruction.
+#[derive(Debug, Parser)]
+#[command(name = "cloudlet", version, about, long_about = None)]
+struct Cli {
+    /// Registry folder (default: $CLOUDLET_HOME, else ~/.cloudlet).
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let ctx = commands::Context {
+        home: cli
+            .home
+            .unwrap_or_else(synth::registry::Registry::default_home),
+        threads: cli
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+    };
+    match commands::run(&ctx, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(commands::exit_code(&e))
+        }
+    }
+}
+
+// Keep `Subcommand` in scope for the derive in `commands`.
+#[allow(unused_imports)]
+use Subcommand as _;
