@@ -124,9 +124,18 @@ impl ChunkIndex {
         threads: usize,
         progress: &AtomicU64,
     ) -> Result<Self, IndexError> {
+        let start = std::time::Instant::now();
         let disk = hash_chunks(disk, threads, progress)?;
         let memory = hash_chunks(memory, threads, progress)?;
-        Ok(Self::from_digests(disk, memory))
+        let hashed = start.elapsed();
+        let index = Self::from_digests(disk, memory);
+        log::info!(
+            "indexed {} chunks: hashing {:.2}s, lookup table {:.2}s",
+            index.disk.len() + index.memory.len(),
+            hashed.as_secs_f64(),
+            (start.elapsed() - hashed).as_secs_f64()
+        );
+        Ok(index)
     }
 
     /// Builds the lookup table over already computed digests.

@@ -141,6 +141,9 @@ pub enum Command {
         /// Also rebuild every chunk against this base and check its SHA-256.
         #[arg(long)]
         base: Option<String>,
+        /// Print the report (with segment decode timings) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild the custom VM's disk.img, memory.img and device-state from base + overlay.
     Reconstruct {
@@ -300,6 +303,49 @@ fn overlay_info(path: &Path, ov: &Overlay) -> OverlayInfo {
     }
 }
 
+/// What `verify` found, with segment decode timings (one thread).
+#[derive(Serialize)]
+struct VerifyReport {
+    segments: usize,
+    verified_chunks: Option<u64>,
+    decode_ms_p50: f64,
+    decode_ms_p99: f64,
+    decode_ms_total: f64,
+    decode_mb_per_s: f64,
+}
+
+impl VerifyReport {
+    fn new(
+        segments: usize,
+        verified_chunks: Option<u64>,
+        mut decode_ms: Vec<f64>,
+        meta: &synth::format::Metadata,
+    ) -> Self {
+        decode_ms.sort_by(f64::total_cmp);
+        // Nearest-rank percentile: index ceil(p * n) - 1, in integer arithmetic.
+        let pct = |per_mille: usize| {
+            let i = (decode_ms.len() * per_mille)
+                .div_ceil(1000)
+                .saturating_sub(1);
+            decode_ms.get(i).copied().unwrap_or(0.0)
+        };
+        let total: f64 = decode_ms.iter().sum();
+        let raw: u64 = meta.segments.iter().map(|s| s.raw_length).sum();
+        VerifyReport {
+            segments,
+            verified_chunks,
+            decode_ms_p50: pct(500),
+            decode_ms_p99: pct(990),
+            decode_ms_total: total,
+            decode_mb_per_s: if total > 0.0 {
+                raw as f64 / 1e3 / total
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
 /// Runs one command.
 pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
     match cmd {
@@ -408,7 +454,9 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
         } => {
             let reg = ctx.registry()?;
             let base = reg.get(&base)?;
+            let load_start = std::time::Instant::now();
             let index = base.index()?;
+            let index_load_seconds = load_start.elapsed().as_secs_f64();
             let opts = CreateOptions {
                 codec,
                 level: level.unwrap_or(codec.default_level()),
@@ -485,28 +533,48 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 }
             }
         }
-        Command::Verify { overlay, base } => {
+        Command::Verify {
+            overlay,
+            base,
+            json,
+        } => {
             let ov = open_overlay(&overlay)?;
+            let refused = || format!("overlay {} refused", overlay.display());
             let n = ov.metadata().segments.len();
+            let mut decode_ms = Vec::with_capacity(n);
             for i in 0..n {
-                ov.read_segment(i)
-                    .with_context(|| format!("overlay {} refused", overlay.display()))?;
+                let compressed = ov.read_segment_compressed(i).with_context(refused)?;
+                let start = std::time::Instant::now();
+                ov.decode_segment(i, &compressed).with_context(refused)?;
+                decode_ms.push(start.elapsed().as_secs_f64() * 1e3);
             }
-            if let Some(key) = base {
-                let base = ctx.registry()?.get(&key)?;
-                let dir = tempfile_dir(&ctx.home)?;
-                let total = ov.metadata().disk.size + ov.metadata().memory.size;
-                let r = progress::run("verifying", total, |p| {
-                    synth::reconstruct::reconstruct(&base, &ov, &dir, ctx.threads, p)
-                });
-                let _ = std::fs::remove_dir_all(&dir);
-                let stats = r.with_context(|| format!("overlay {} refused", overlay.display()))?;
-                println!(
-                    "ok: {n} segments, {} chunks verified against base {}",
-                    stats.verified_chunks, base.record.id
-                );
+            let verified_chunks = match base {
+                Some(key) => {
+                    let base = ctx.registry()?.get(&key)?;
+                    let dir = tempfile_dir(&ctx.home)?;
+                    let total = ov.metadata().disk.size + ov.metadata().memory.size;
+                    let r = progress::run("verifying", total, |p| {
+                        synth::reconstruct::reconstruct(&base, &ov, &dir, ctx.threads, p)
+                    });
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Some(r.with_context(refused)?.verified_chunks)
+                }
+                None => None,
+            };
+            let report = VerifyReport::new(n, verified_chunks, decode_ms, ov.metadata());
+            if json {
+                print_json(&report)?;
             } else {
-                println!("ok: structure and {n} segments verified");
+                match verified_chunks {
+                    Some(c) => {
+                        println!("ok: {n} segments decoded, {c} chunks verified against the base")
+                    }
+                    None => println!("ok: structure and {n} segments verified"),
+                }
+                println!(
+                    "segment decode: p50 {:.2} ms, p99 {:.2} ms, {:.0} MB/s decoded",
+                    report.decode_ms_p50, report.decode_ms_p99, report.decode_mb_per_s
+                );
             }
         }
         Command::Reconstruct {

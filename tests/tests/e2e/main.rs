@@ -9,4 +9,5 @@
 
 mod cli;
 mod format_errors;
+mod golden;
 mod roundtrip;
