@@ -17,6 +17,23 @@ pub enum Codec {
 }
 
 impl Codec {
+    /// Number recorded in the overlay header for metadata compressed with this codec.
+    pub fn header_id(self) -> u32 {
+        match self {
+            Codec::Xz => 1,
+            Codec::Zstd => 2,
+        }
+    }
+
+    /// The codec with header number `id`, if any.
+    pub fn from_header_id(id: u32) -> Option<Self> {
+        match id {
+            1 => Some(Codec::Xz),
+            2 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+
     /// Default compression level of the codec.
     pub fn default_level(self) -> u32 {
         match self {
@@ -97,8 +114,40 @@ pub enum CodecError {
 /// Memory the xz decoder may use; our encoder needs far less (dictionary ≤ segment size).
 const XZ_DECODE_MEMLIMIT: u64 = 256 << 20;
 
-/// Compresses one segment. `dict_hint` is the raw segment size, used to size the xz dictionary
-/// so that small segments do not pay for a 64 MiB dictionary.
+/// Level from which xz also tries the x86 branch filter (BCJ) on every segment and keeps the
+/// smaller result: guest memory and disks hold much x86 code, where BCJ saves a few percent.
+/// The filter chain is recorded in the xz stream, so readers need nothing to know about it.
+pub const XZ_TRY_X86_FROM_LEVEL: u32 = 9;
+
+fn xz_compress(level: u32, data: &[u8], x86: bool) -> Result<Vec<u8>, CodecError> {
+    use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+    let err = |e: liblzma::stream::Error| CodecError::Compress {
+        codec: "xz",
+        source: std::io::Error::other(e),
+    };
+    let mut opts = LzmaOptions::new_preset(level).map_err(err)?;
+    // A dictionary larger than the input buys nothing and costs memory on both sides.
+    let dict = u32::try_from(data.len().next_power_of_two())
+        .unwrap_or(u32::MAX)
+        .clamp(4096, 64 << 20);
+    opts.dict_size(dict);
+    let mut filters = Filters::new();
+    if x86 {
+        filters.x86();
+    }
+    filters.lzma2(&opts);
+    let stream = Stream::new_stream_encoder(&filters, Check::None).map_err(err)?;
+    let mut out = Vec::with_capacity(data.len() / 2);
+    let mut enc = liblzma::read::XzEncoder::new_stream(data, stream);
+    enc.read_to_end(&mut out)
+        .map_err(|source| CodecError::Compress {
+            codec: "xz",
+            source,
+        })?;
+    Ok(out)
+}
+
+/// Compresses one segment (or the metadata) as one independently decodable stream.
 pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecError> {
     if level > codec.max_level() {
         return Err(CodecError::Level {
@@ -109,27 +158,12 @@ pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecE
     }
     match codec {
         Codec::Xz => {
-            use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
-            let err = |e: liblzma::stream::Error| CodecError::Compress {
-                codec: "xz",
-                source: std::io::Error::other(e),
-            };
-            let mut opts = LzmaOptions::new_preset(level).map_err(err)?;
-            let dict = u32::try_from(data.len().next_power_of_two())
-                .unwrap_or(u32::MAX)
-                .clamp(4096, 64 << 20);
-            opts.dict_size(dict);
-            let mut filters = Filters::new();
-            filters.lzma2(&opts);
-            let stream = Stream::new_stream_encoder(&filters, Check::None).map_err(err)?;
-            let mut out = Vec::with_capacity(data.len() / 2);
-            let mut enc = liblzma::read::XzEncoder::new_stream(data, stream);
-            enc.read_to_end(&mut out)
-                .map_err(|source| CodecError::Compress {
-                    codec: "xz",
-                    source,
-                })?;
-            Ok(out)
+            let plain = xz_compress(level, data, false)?;
+            if level < XZ_TRY_X86_FROM_LEVEL {
+                return Ok(plain);
+            }
+            let x86 = xz_compress(level, data, true)?;
+            Ok(if x86.len() < plain.len() { x86 } else { plain })
         }
         Codec::Zstd => {
             let level = i32::try_from(level).unwrap_or(19);
@@ -143,8 +177,20 @@ pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecE
 
 /// Decompresses one segment that must decode to exactly `expected` bytes.
 pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
-    let cap = usize::try_from(expected).map_err(|_| CodecError::Size {
-        expected,
+    let out = decompress_at_most(codec, data, expected)?;
+    if out.len() as u64 != expected {
+        return Err(CodecError::Size {
+            expected,
+            actual: out.len() as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// Decompresses a stream that may decode to at most `max` bytes; more is an error.
+pub fn decompress_at_most(codec: Codec, data: &[u8], max: u64) -> Result<Vec<u8>, CodecError> {
+    let cap = usize::try_from(max).map_err(|_| CodecError::Size {
+        expected: max,
         actual: 0,
     })?;
     let out = match codec {
@@ -156,9 +202,9 @@ pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, C
                     source: std::io::Error::other(e),
                 }
             })?;
-            let mut out = Vec::with_capacity(cap);
+            let mut out = Vec::with_capacity(cap.min(64 << 20));
             let dec = liblzma::read::XzDecoder::new_stream(data, stream);
-            dec.take(expected.saturating_add(1))
+            dec.take(max.saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|source| CodecError::Decompress {
                     codec: "xz",
@@ -167,24 +213,22 @@ pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, C
             out
         }
         Codec::Zstd => {
-            // One byte of slack so that an oversized frame is reported as a size error.
-            let mut dec =
-                zstd::bulk::Decompressor::new().map_err(|source| CodecError::Decompress {
-                    codec: "zstd",
-                    source,
-                })?;
-            let mut out = Vec::with_capacity(cap.saturating_add(1));
-            dec.decompress_to_buffer(data, &mut out)
-                .map_err(|source| CodecError::Decompress {
-                    codec: "zstd",
-                    source,
-                })?;
+            let err = |source| CodecError::Decompress {
+                codec: "zstd",
+                source,
+            };
+            let mut out = Vec::with_capacity(cap.min(64 << 20));
+            let dec = zstd::stream::read::Decoder::with_buffer(data).map_err(err)?;
+            // Reading one byte past the limit makes an oversized frame a size error.
+            dec.take(max.saturating_add(1))
+                .read_to_end(&mut out)
+                .map_err(err)?;
             out
         }
     };
-    if out.len() as u64 != expected {
+    if out.len() as u64 > max {
         return Err(CodecError::Size {
-            expected,
+            expected: max,
             actual: out.len() as u64,
         });
     }

@@ -10,11 +10,11 @@
 //! |-------------------|----------------|---------------------------------------------------------|
 //! | 0                 | 8              | magic `b"CLDOVL\r\n"`                                   |
 //! | 8                 | 4              | format version (`1`)                                    |
-//! | 12                | 4              | flags (must be 0)                                       |
-//! | 16                | 8              | `metadata_len`                                          |
+//! | 12                | 4              | metadata codec: 0 none, 1 xz, 2 zstd                    |
+//! | 16                | 8              | `metadata_len`: stored (compressed) metadata length     |
 //! | 24                | 8              | `file_len`: total length of the overlay file            |
-//! | 32                | 32             | SHA-256 of the metadata bytes                           |
-//! | 64                | `metadata_len` | [`Metadata`], bincode 2 (standard config)               |
+//! | 32                | 32             | SHA-256 of the stored metadata bytes                    |
+//! | 64                | `metadata_len` | [`Metadata`], bincode 2 (standard config), compressed   |
 //! | 64+`metadata_len` | …              | segment area: segments back to back, in table order     |
 //!
 //! [`Metadata`] holds the base id, image sizes, chunk size, codec, the device-state blob, one
@@ -24,8 +24,11 @@
 //! offset); a [`ChunkSource::Payload`] names its segment and its offset inside the decoded
 //! segment.
 //!
+//! Metadata is compressed with the overlay's codec (default level) as one stream: what it holds
+//! besides digests (chunk numbers, sources, segment lists) compresses well.
+//!
 //! Readers ([`Overlay::open`]) validate everything before any chunk is served: magic, version,
-//! flags, lengths, the metadata digest, chunk numbers inside their image, payload positions
+//! metadata codec, lengths, the metadata digest, chunk numbers inside their image, payload positions
 //! inside their segment, segment ranges inside the file, self references that point at a
 //! payload chunk (so references resolve in one step and cannot form cycles), and the base id.
 //! Segment digests are checked on every segment read, chunk digests on every chunk served.

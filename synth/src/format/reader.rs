@@ -5,7 +5,7 @@ use super::{
     MAX_IMAGE_SIZE, MAX_METADATA_LEN, MAX_SEGMENT_RAW_LEN, VERSION,
 };
 use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
-use crate::codec::{self, CodecError};
+use crate::codec::{self, Codec, CodecError};
 use crate::source::{ByteSource, SourceError};
 use std::sync::Arc;
 
@@ -39,9 +39,9 @@ pub enum FormatError {
     /// A version this code cannot read.
     #[error("Unsupported overlay format version {0} (this build reads version 1)")]
     UnsupportedVersion(u32),
-    /// Reserved flags set.
-    #[error("Unknown overlay header flags {0:#x}")]
-    BadFlags(u32),
+    /// Unknown metadata codec.
+    #[error("Unknown overlay metadata codec {0}")]
+    BadMetadataCodec(u32),
     /// Metadata length out of bounds.
     #[error("Overlay metadata length {0} exceeds the limit")]
     MetadataTooLarge(u64),
@@ -207,10 +207,10 @@ impl Overlay {
         if version != VERSION {
             return Err(FormatError::UnsupportedVersion(version));
         }
-        let flags = le_u32(&header[12..16]);
-        if flags != 0 {
-            return Err(FormatError::BadFlags(flags));
-        }
+        let meta_codec = match le_u32(&header[12..16]) {
+            0 => None,
+            id => Some(Codec::from_header_id(id).ok_or(FormatError::BadMetadataCodec(id))?),
+        };
         let metadata_len = le_u64(&header[16..24]);
         let file_len = le_u64(&header[24..32]);
         if metadata_len > MAX_METADATA_LEN {
@@ -238,6 +238,11 @@ impl Overlay {
         if sha256(&bytes) != header[32..64] {
             return Err(FormatError::MetadataDigest);
         }
+        let bytes = match meta_codec {
+            None => bytes,
+            Some(codec) => codec::decompress_at_most(codec, &bytes, MAX_METADATA_LEN)
+                .map_err(|e| FormatError::DecodeMetadata(format!("{e:#}")))?,
+        };
         let (meta, used): (Metadata, usize) = bincode::serde::decode_from_slice(
             &bytes,
             bincode_config().with_limit::<METADATA_LIMIT>(),

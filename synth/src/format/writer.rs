@@ -131,14 +131,17 @@ impl Drop for OverlayWriter {
 /// Encodes the header and metadata of an overlay whose segment area is `segments_len` bytes:
 /// the bytes that precede the segments in the file.
 pub fn encode_head(meta: &Metadata, segments_len: u64) -> Result<Vec<u8>, WriteError> {
-    let bytes = bincode::serde::encode_to_vec(meta, bincode_config())
+    let raw = bincode::serde::encode_to_vec(meta, bincode_config())
         .map_err(|e| WriteError::Encode(e.to_string()))?;
+    let codec = meta.codec;
+    let bytes = crate::codec::compress(codec, codec.default_level(), &raw)
+        .map_err(|e| WriteError::Encode(format!("{e:#}")))?;
     let meta_len = bytes.len() as u64;
     let file_len = HEADER_LEN + meta_len + segments_len;
     let mut head = Vec::with_capacity(bytes.len() + 64);
     head.extend_from_slice(&MAGIC);
     head.extend_from_slice(&VERSION.to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
+    head.extend_from_slice(&codec.header_id().to_le_bytes());
     head.extend_from_slice(&meta_len.to_le_bytes());
     head.extend_from_slice(&file_len.to_le_bytes());
     head.extend_from_slice(&sha256(&bytes));

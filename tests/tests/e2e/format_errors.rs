@@ -82,12 +82,12 @@ fn open_unknown_version_is_refused() {
 }
 
 #[test]
-fn open_unknown_flags_is_refused() {
+fn open_unknown_metadata_codec_is_refused() {
     let (fx, mut bytes) = valid();
-    bytes[12] = 1;
+    bytes[12] = 7;
     assert!(matches!(
         open_bytes(&fx, &bytes),
-        Err(FormatError::BadFlags(1))
+        Err(FormatError::BadMetadataCodec(7))
     ));
 }
 
