@@ -491,10 +491,12 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                     #[serde(flatten)]
                     stats: &'a synth::create::CreateStats,
                     seconds: f64,
+                    index_load_seconds: f64,
                 }
                 print_json(&Out {
                     stats: &stats,
                     seconds: secs,
+                    index_load_seconds,
                 })?;
             } else {
                 println!(

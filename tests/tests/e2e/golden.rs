@@ -15,11 +15,27 @@ fn make() -> (Fixture, Vec<u8>, Vec<u8>, Vec<u8>) {
     let fx = Fixture::seeded(0xc10d, 16 * 4096, 8 * 4096);
     let mut rng = Rng::new(0x601d);
     let (mut d, mut m) = (fx.base_disk.clone(), fx.base_memory.clone());
-    let muts = Mutations { new: 3, zero: 1, from_base: 2, repeated: 2 };
-    mutate(&mut rng, &fx.base_disk, &fx.base_memory, &mut d, &mut m, muts);
+    let muts = Mutations {
+        new: 3,
+        zero: 1,
+        from_base: 2,
+        repeated: 2,
+    };
+    mutate(
+        &mut rng,
+        &fx.base_disk,
+        &fx.base_memory,
+        &mut d,
+        &mut m,
+        muts,
+    );
     let custom = fx.write_custom(&d, &m);
     let p = fx.path("golden");
-    let opts = CreateOptions { segment_size: 2 * 4096, level: 6, ..Default::default() };
+    let opts = CreateOptions {
+        segment_size: 2 * 4096,
+        level: 6,
+        ..Default::default()
+    };
     fx.diff(&custom, &p, &opts);
     let bytes = std::fs::read(&p).unwrap();
     (fx, bytes, d, m)
