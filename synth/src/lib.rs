@@ -30,5 +30,6 @@ pub mod reconstruct;
 pub mod registry;
 pub mod resolve;
 pub mod source;
+pub mod vm;
 
 pub use chunk::{Digest, ImageKind, CHUNK_SIZE};

@@ -1,0 +1,683 @@
+//! QEMU command lines, built only from a base's [`LaunchConfig`] plus runtime paths.
+//!
+//! The same config must give the same machine on the capture side and the resume side, or the
+//! device state will not load; so everything except the RAM backend options and
+//! `-incoming defer` comes from the config alone, in a fixed order:
+//!
+//! ```text
+//!   -accel A -machine M,memory-backend=mem -cpu C -smp N -m SIZE
+//!   -object memory-backend-file,id=mem,size=SIZE,mem-path=RAM,<mode options>
+//!   -nodefaults -no-user-config -display none -no-reboot [-kernel K] [-initrd I] [-append ..]
+//!   per device, in config order: -drive/-netdev + -device
+//!   -chardev socket (serial, logged to RUN/serial.log) -serial chardev:ser0
+//!   -chardev socket (QMP, RUN/qmp.sock) -mon chardev=qmp0,mode=control  [-incoming defer]
+//! ```
+//!
+//! Arguments are handed to QEMU as a `Vec<OsString>`, never through a shell. Paths embedded in
+//! QEMU's comma-separated option syntax (`mem-path=`, `file=`, `path=`, `logfile=`) are escaped
+//! by doubling every comma, which QEMU reads back as one literal comma; all paths are made
+//! absolute first, so a `:` can never be taken for a block protocol prefix. Free-form config
+//! strings (`machine`, `cpu`) are limited to characters that cannot start another option.
+
+use crate::base::{Device, LaunchConfig};
+use log::{debug, info};
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the QEMU binary.
+pub const QEMU_ENV: &str = "CLOUDLET_QEMU";
+/// Environment variable forcing the accelerator (`tcg` or `kvm`).
+pub const ACCEL_ENV: &str = "CLOUDLET_ACCEL";
+/// QEMU binary looked up on `PATH` when [`QEMU_ENV`] is unset.
+pub const QEMU_DEFAULT: &str = "qemu-system-x86_64";
+
+/// Id of the RAM backend object; must match on both sides of a save/resume.
+const MEMORY_ID: &str = "mem";
+/// Longest Unix socket path (`sizeof(sun_path) - 1` on Linux).
+const MAX_SOCKET_PATH: usize = 107;
+const MIB: u64 = 1 << 20;
+
+/// Errors while building a QEMU command line.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A launch config field cannot be turned into QEMU arguments.
+    #[error("Launch config field {field} is invalid: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The config and the runtime paths disagree (e.g. a kernel named but no path given).
+    #[error("Launch config and runtime paths disagree: {0}")]
+    PathMismatch(String),
+    /// A file QEMU needs could not be inspected.
+    #[error("Checking the {what} {path} failed")]
+    Inspect {
+        /// Which file (`disk`, `memory image`, ...).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A path is not a regular file.
+    #[error("The {what} {path} is not a regular file")]
+    NotAFile {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The memory image size differs from the configured RAM size.
+    #[error(
+        "Memory image {path} is {actual} bytes but memory_mb asks for {expected} bytes; \
+         QEMU needs them equal"
+    )]
+    MemorySize {
+        /// The memory image.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// `memory_mb` in bytes.
+        expected: u64,
+    },
+    /// A socket path is too long for a Unix socket address.
+    #[error(
+        "Socket path {path} is {len} bytes, Unix sockets allow at most {MAX_SOCKET_PATH}; \
+         use a shorter run directory"
+    )]
+    SocketPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A host port forward is invalid.
+    #[error("Port forward {0} is invalid: {1}")]
+    HostFwd(HostFwd, &'static str),
+    /// Turning a relative path into an absolute one failed.
+    #[error("Resolving the path {0} failed")]
+    Absolute(PathBuf, #[source] io::Error),
+    /// [`ACCEL_ENV`] holds something other than `tcg` or `kvm`.
+    #[error("{ACCEL_ENV} must be tcg or kvm, not {0:?}")]
+    AccelEnv(String),
+    /// No QEMU binary was found.
+    #[error(
+        "QEMU not found ({0}); install qemu-system-x86 (10.0 or newer) or set {QEMU_ENV} \
+         to a qemu-system-x86_64 binary"
+    )]
+    QemuNotFound(String),
+}
+
+/// Where the files of one VM live at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// Raw disk image (attached by the config's `virtio-blk` device).
+    pub disk: PathBuf,
+    /// Guest RAM file (`memory-backend-file` `mem-path`).
+    pub memory: PathBuf,
+    /// Kernel, if the config names one.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk, if the config names one.
+    pub initrd: Option<PathBuf>,
+    /// Folder for the QMP and serial sockets, the serial log and QEMU's own output.
+    pub run_dir: PathBuf,
+}
+
+/// How guest RAM maps the memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryMode {
+    /// `share=on`: guest RAM *is* the file; after a save it holds RAM page for page.
+    /// The file may be missing or empty (QEMU creates and sizes it), or exactly the RAM size.
+    Capture,
+    /// `share=off,readonly=on,rom=off`: the file is opened read-only and mapped privately;
+    /// pages are read on first touch and guest writes stay in QEMU's memory. The file must
+    /// exist with exactly the RAM size.
+    Resume,
+}
+
+/// A TCP port forward from the host into the guest (QEMU user networking `hostfwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFwd {
+    /// Host address to listen on.
+    pub host_addr: Ipv4Addr,
+    /// Host port (not 0: QEMU would pick one and not say which).
+    pub host_port: u16,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+impl HostFwd {
+    /// A forward from `127.0.0.1:host_port` to the guest's `guest_port`.
+    pub fn localhost(host_port: u16, guest_port: u16) -> HostFwd {
+        HostFwd {
+            host_addr: Ipv4Addr::LOCALHOST,
+            host_port,
+            guest_port,
+        }
+    }
+}
+
+impl fmt::Display for HostFwd {
+    /// The `hostfwd=` value: `tcp:ADDR:PORT-:GUESTPORT`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tcp:{}:{}-:{}",
+            self.host_addr, self.host_port, self.guest_port
+        )
+    }
+}
+
+/// The accelerator QEMU runs the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation (works everywhere, slow).
+    Tcg,
+    /// Hardware virtualisation.
+    Kvm,
+}
+
+impl Accel {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+
+    /// Picks the accelerator: [`ACCEL_ENV`] if set; else TCG when `/dev/kvm` is backed by
+    /// `kvm_pvm` on a CPU without vmx/svm (it cannot run ordinary guests); else KVM when
+    /// `/dev/kvm` opens read-write; else TCG. No probe boot is made.
+    pub fn detect() -> Result<Accel, LaunchError> {
+        let env = std::env::var(ACCEL_ENV).ok();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let (accel, why) = decide_accel(
+            env.as_deref(),
+            Path::new("/sys/module/kvm_pvm").exists(),
+            &cpuinfo,
+            || {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok()
+            },
+        )?;
+        info!("Accelerator {}: {why}", accel.as_str());
+        Ok(accel)
+    }
+}
+
+/// The detection rule, apart from the system it inspects.
+pub(crate) fn decide_accel(
+    env: Option<&str>,
+    kvm_pvm: bool,
+    cpuinfo: &str,
+    dev_kvm_rw: impl FnOnce() -> bool,
+) -> Result<(Accel, &'static str), LaunchError> {
+    match env.map(str::trim) {
+        Some("tcg") => return Ok((Accel::Tcg, "forced by CLOUDLET_ACCEL")),
+        Some("kvm") => return Ok((Accel::Kvm, "forced by CLOUDLET_ACCEL")),
+        Some("") | None => {}
+        Some(other) => return Err(LaunchError::AccelEnv(other.to_owned())),
+    }
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .any(|f| f == "vmx" || f == "svm");
+    if kvm_pvm && !hw_virt {
+        return Ok((
+            Accel::Tcg,
+            "/dev/kvm is kvm_pvm on a CPU without vmx/svm, which cannot run this guest",
+        ));
+    }
+    if dev_kvm_rw() {
+        Ok((Accel::Kvm, "/dev/kvm opens read-write"))
+    } else {
+        Ok((Accel::Tcg, "/dev/kvm is missing or not writable"))
+    }
+}
+
+/// The QEMU binary: [`QEMU_ENV`] if set, else [`QEMU_DEFAULT`] found on `PATH`.
+pub fn qemu_binary() -> Result<PathBuf, LaunchError> {
+    if let Some(p) = std::env::var_os(QEMU_ENV).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(LaunchError::QemuNotFound(format!(
+                "{QEMU_ENV}={} is not a file",
+                p.display()
+            )))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(QEMU_DEFAULT))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LaunchError::QemuNotFound(format!("no {QEMU_DEFAULT} on PATH")))
+}
+
+/// Escapes a value for QEMU's `key=value,key=value` syntax: every `,` becomes `,,`.
+pub fn escape_option_value(value: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// Runtime choices that are not part of the launch config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// How guest RAM maps the memory image.
+    pub memory: MemoryMode,
+    /// Start with `-incoming defer` (to resume from saved device state).
+    pub incoming: bool,
+    /// Port forwards on the first `virtio-net` device.
+    pub hostfwd: Vec<HostFwd>,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+/// A complete, validated QEMU command line (without the binary) and the files it uses.
+#[derive(Debug, Clone)]
+pub struct QemuArgs {
+    args: Vec<OsString>,
+    run_dir: PathBuf,
+    qmp_socket: PathBuf,
+    serial_socket: PathBuf,
+    serial_log: PathBuf,
+    qemu_log: PathBuf,
+    incoming: bool,
+}
+
+impl QemuArgs {
+    /// Builds the command line for `config` with `paths`, checking that the config is usable,
+    /// that the memory image has exactly `memory_mb` MiB (see [`MemoryMode`]) and that the
+    /// disk, kernel and initrd are files.
+    pub fn new(
+        config: &LaunchConfig,
+        paths: &VmPaths,
+        options: &LaunchOptions,
+    ) -> Result<QemuArgs, LaunchError> {
+        let machine = checked_word("machine", &config.machine, false)?;
+        let cpu = checked_word("cpu", &config.cpu, true)?;
+        if config.vcpus == 0 {
+            return Err(config_error("vcpus", "must be at least 1"));
+        }
+        let memory_bytes = config
+            .memory_mb
+            .checked_mul(MIB)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| config_error("memory_mb", "must be between 1 and 2^44"))?;
+        let mb = config.memory_mb;
+
+        let run_dir = absolute(&paths.run_dir)?;
+        let qmp_socket = socket_path(run_dir.join("qmp.sock"))?;
+        let serial_socket = socket_path(run_dir.join("serial.sock"))?;
+        let serial_log = run_dir.join("serial.log");
+        let qemu_log = run_dir.join("qemu.log");
+
+        let mut a = Args::default();
+        a.push("-accel").push(options.accel.as_str());
+        a.push("-machine")
+            .push(format!("{machine},memory-backend={MEMORY_ID}"));
+        a.push("-cpu").push(cpu);
+        a.push("-smp").push(config.vcpus.to_string());
+        a.push("-m").push(format!("{mb}M"));
+
+        let memory = absolute(&paths.memory)?;
+        check_memory_image(&memory, memory_bytes, options.memory)?;
+        let mode = match options.memory {
+            MemoryMode::Capture => "share=on",
+            MemoryMode::Resume => "share=off,readonly=on,rom=off",
+        };
+        a.push("-object").push_opts(&[
+            format!("memory-backend-file,id={MEMORY_ID},size={mb}M,mem-path=").into(),
+            escape_option_value(memory.as_os_str()),
+            format!(",{mode}").into(),
+        ]);
+        a.push("-nodefaults")
+            .push("-no-user-config")
+            .push("-display")
+            .push("none")
+            .push("-no-reboot");
+
+        match (&config.kernel, &paths.kernel) {
+            (Some(_), Some(k)) => {
+                let k = existing_file("kernel", k)?;
+                a.push("-kernel").push(k);
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(mismatch("the config names a kernel, no path given")),
+            (None, Some(_)) => return Err(mismatch("a kernel path given, the config has none")),
+        }
+        match (&config.initrd, &paths.initrd) {
+            (Some(_), Some(i)) => {
+                let i = existing_file("initrd", i)?;
+                a.push("-initrd").push(i);
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(mismatch("the config names an initrd, no path given")),
+            (None, Some(_)) => return Err(mismatch("an initrd path given, the config has none")),
+        }
+        if let Some(append) = &config.append {
+            if config.kernel.is_none() {
+                return Err(config_error("append", "needs a kernel"));
+            }
+            // -append is taken verbatim, no option parsing.
+            a.push("-append").push(append);
+        }
+
+        add_devices(&mut a, &config.devices, paths, &options.hostfwd)?;
+
+        a.push("-chardev").push_opts(&[
+            "socket,id=ser0,path=".into(),
+            escape_option_value(serial_socket.as_os_str()),
+            ",server=on,wait=off,logfile=".into(),
+            escape_option_value(serial_log.as_os_str()),
+        ]);
+        a.push("-serial").push("chardev:ser0");
+        a.push("-chardev").push_opts(&[
+            "socket,id=qmp0,path=".into(),
+            escape_option_value(qmp_socket.as_os_str()),
+            ",server=on,wait=off".into(),
+        ]);
+        a.push("-mon").push("chardev=qmp0,mode=control");
+        if options.incoming {
+            a.push("-incoming").push("defer");
+        }
+        debug!("QEMU arguments: {:?}", a.0);
+        Ok(QemuArgs {
+            args: a.0,
+            run_dir,
+            qmp_socket,
+            serial_socket,
+            serial_log,
+            qemu_log,
+            incoming: options.incoming,
+        })
+    }
+
+    /// The arguments (without the binary).
+    pub fn args(&self) -> &[OsString] {
+        &self.args
+    }
+
+    /// The run folder (absolute).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// The serial console socket.
+    pub fn serial_socket(&self) -> &Path {
+        &self.serial_socket
+    }
+
+    /// Everything the guest wrote to its serial console.
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// QEMU's own stdout and stderr.
+    pub fn qemu_log(&self) -> &Path {
+        &self.qemu_log
+    }
+
+    /// Whether QEMU starts with `-incoming defer`.
+    pub fn incoming(&self) -> bool {
+        self.incoming
+    }
+}
+
+/// Argument list under construction.
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn push(&mut self, s: impl Into<OsString>) -> &mut Self {
+        self.0.push(s.into());
+        self
+    }
+
+    fn push_opts(&mut self, parts: &[OsString]) -> &mut Self {
+        let mut s = OsString::new();
+        for p in parts {
+            s.push(p);
+        }
+        self.0.push(s);
+        self
+    }
+}
+
+fn add_devices(
+    a: &mut Args,
+    devices: &[Device],
+    paths: &VmPaths,
+    hostfwd: &[HostFwd],
+) -> Result<(), LaunchError> {
+    let blk_count = devices
+        .iter()
+        .filter(|d| matches!(d, Device::VirtioBlk { .. }))
+        .count();
+    if blk_count > 1 {
+        return Err(config_error(
+            "devices",
+            "more than one virtio-blk device, but a VM has one disk image",
+        ));
+    }
+    if !hostfwd.is_empty() && !devices.iter().any(|d| matches!(d, Device::VirtioNet)) {
+        return Err(mismatch(
+            "port forwards given, the config has no virtio-net",
+        ));
+    }
+    for fwd in hostfwd {
+        if fwd.host_port == 0 || fwd.guest_port == 0 {
+            return Err(LaunchError::HostFwd(*fwd, "ports must not be 0"));
+        }
+    }
+    let (mut nets, mut balloons) = (0u32, 0u32);
+    for dev in devices {
+        match dev {
+            Device::VirtioBlk { discard } => {
+                let disk = existing_file("disk", &paths.disk)?;
+                let discard = if *discard { "unmap" } else { "ignore" };
+                a.push("-drive").push_opts(&[
+                    "file=".into(),
+                    escape_option_value(disk.as_os_str()),
+                    format!(",format=raw,if=none,id=disk0,discard={discard},cache=writeback")
+                        .into(),
+                ]);
+                a.push("-device").push("virtio-blk-pci,drive=disk0");
+            }
+            Device::VirtioNet => {
+                let mut netdev = format!("user,id=net{nets}");
+                if nets == 0 {
+                    for fwd in hostfwd {
+                        netdev.push_str(&format!(",hostfwd={fwd}"));
+                    }
+                }
+                a.push("-netdev").push(netdev);
+                a.push("-device")
+                    .push(format!("virtio-net-pci,netdev=net{nets}"));
+                nets += 1;
+            }
+            Device::VirtioBalloon {
+                free_page_reporting,
+            } => {
+                let fpr = if *free_page_reporting { "on" } else { "off" };
+                a.push("-device").push(format!(
+                    "virtio-balloon-pci,id=balloon{balloons},free-page-reporting={fpr}"
+                ));
+                balloons += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn config_error(field: &'static str, reason: &str) -> LaunchError {
+    LaunchError::Config {
+        field,
+        reason: reason.to_owned(),
+    }
+}
+
+fn mismatch(what: &str) -> LaunchError {
+    LaunchError::PathMismatch(what.to_owned())
+}
+
+/// Checks a free-form config word: ASCII letters, digits, `-_.`, and with `features` also
+/// `+=,` (CPU feature lists such as `max,-la57`).
+fn checked_word<'a>(
+    field: &'static str,
+    value: &'a str,
+    features: bool,
+) -> Result<&'a str, LaunchError> {
+    let ok = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(c, '-' | '_' | '.')
+            || (features && matches!(c, '+' | '=' | ','))
+    };
+    if value.is_empty() {
+        return Err(config_error(field, "is empty"));
+    }
+    match value.chars().find(|&c| !ok(c)) {
+        None => Ok(value),
+        Some(c) => Err(LaunchError::Config {
+            field,
+            reason: format!("{value:?} contains {c:?}"),
+        }),
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, LaunchError> {
+    std::path::absolute(path).map_err(|e| LaunchError::Absolute(path.to_owned(), e))
+}
+
+fn socket_path(path: PathBuf) -> Result<PathBuf, LaunchError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(LaunchError::SocketPathTooLong { path, len });
+    }
+    Ok(path)
+}
+
+fn existing_file(what: &'static str, path: &Path) -> Result<PathBuf, LaunchError> {
+    let path = absolute(path)?;
+    let meta = std::fs::metadata(&path).map_err(|source| LaunchError::Inspect {
+        what,
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(LaunchError::NotAFile { what, path });
+    }
+    Ok(path)
+}
+
+fn check_memory_image(path: &Path, expected: u64, mode: MemoryMode) -> Result<(), LaunchError> {
+    const WHAT: &str = "memory image";
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && mode == MemoryMode::Capture => {
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(LaunchError::Inspect {
+                what: WHAT,
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.is_file() {
+        return Err(LaunchError::NotAFile {
+            what: WHAT,
+            path: path.to_owned(),
+        });
+    }
+    let actual = meta.len();
+    let empty_ok = mode == MemoryMode::Capture && actual == 0;
+    if actual != expected && !empty_ok {
+        return Err(LaunchError::MemorySize {
+            path: path.to_owned(),
+            actual,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PVM_CPUINFO: &str = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr hypervisor\n";
+    const VMX_CPUINFO: &str = "processor\t: 0\nflags\t\t: fpu vme vmx pse\n";
+
+    #[test]
+    fn decide_accel_pvm_without_vmx_picks_tcg() {
+        let (accel, _) = decide_accel(None, true, PVM_CPUINFO, || true).unwrap();
+        assert_eq!(accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn decide_accel_pvm_with_vmx_and_writable_kvm_picks_kvm() {
+        let (accel, _) = decide_accel(None, true, VMX_CPUINFO, || true).unwrap();
+        assert_eq!(accel, Accel::Kvm);
+    }
+
+    #[test]
+    fn decide_accel_unwritable_dev_kvm_picks_tcg() {
+        let (accel, _) = decide_accel(None, false, VMX_CPUINFO, || false).unwrap();
+        assert_eq!(accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn decide_accel_env_override_wins() {
+        let (accel, _) = decide_accel(Some("kvm"), true, PVM_CPUINFO, || false).unwrap();
+        assert_eq!(accel, Accel::Kvm);
+    }
+
+    #[test]
+    fn decide_accel_bad_env_is_refused() {
+        let err = decide_accel(Some("hvf"), false, "", || true).unwrap_err();
+        assert!(matches!(err, LaunchError::AccelEnv(v) if v == "hvf"));
+    }
+
+    #[test]
+    fn checked_word_machine_with_comma_is_refused() {
+        let err = checked_word("machine", "q35,accel=kvm", false).unwrap_err();
+        assert!(matches!(
+            err,
+            LaunchError::Config {
+                field: "machine",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn checked_word_cpu_features_are_accepted() {
+        assert_eq!(checked_word("cpu", "max,-la57", true).unwrap(), "max,-la57");
+    }
+}

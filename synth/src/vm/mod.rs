@@ -1,0 +1,653 @@
+//! Driving stock QEMU: launch a base or custom VM, capture it, resume it.
+//!
+//! Three pieces, used in this order:
+//!
+//! ```text
+//!   LaunchConfig + VmPaths + LaunchOptions ──► launch::QemuArgs (validated argv, socket paths)
+//!                                                      │
+//!                                                      ▼
+//!                         Vm::spawn ──► QEMU process ◄── qmp::Qmp (QMP socket)
+//!                                            │
+//!                              serial socket + serial.log (guest console)
+//! ```
+//!
+//! * **capture** (`cloudlet base`): [`MemoryMode::Capture`] maps guest RAM *shared* from the
+//!   memory image, so after [`Vm::save_device_state`] (x-ignore-shared, `stop`, `migrate` to a
+//!   file) the image holds RAM page for page and the device-state file only the devices.
+//! * **resume** (`cloudlet synthesis`): the same config with `incoming: true` and
+//!   [`MemoryMode::Resume`] maps the image read-only and private (pages load on first touch,
+//!   guest writes stay in QEMU), then [`Vm::resume_from`] loads the device state and `cont`s.
+//!   Resuming with [`MemoryMode::Capture`] on a writable copy instead keeps guest RAM in that
+//!   copy, so the resumed VM can be captured again (`cloudlet overlay`).
+//!
+//! A [`Vm`] owns its QEMU process: dropping it kills and reaps QEMU. When QEMU exits on its own
+//! while a step waits for it, the error carries the tail of QEMU's output
+//! ([`VmError::Exited`]).
+
+pub mod launch;
+pub mod qmp;
+pub mod serial;
+
+pub use launch::{
+    escape_option_value, qemu_binary, Accel, HostFwd, LaunchError, LaunchOptions, MemoryMode,
+    QemuArgs, VmPaths,
+};
+pub use qmp::{Qmp, QmpError};
+pub use serial::{CMD_DONE_MARKER, READY_MARKER};
+
+use log::{debug, info, warn};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long QEMU gets to create its QMP and serial sockets.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a QMP command may take to answer.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a migration (save or resume of device state) may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long QEMU gets to exit after `quit`.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between polls of the serial log.
+const POLL: Duration = Duration::from_millis(20);
+/// How long a lost QMP connection waits for QEMU to exit, to report why.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// Lines of QEMU output quoted when it exits early.
+const TAIL_LINES: usize = 20;
+
+/// Errors of running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The command line could not be built or the QEMU binary was not found.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// Creating the run folder or clearing stale files in it failed.
+    #[error("Preparing the run directory {path} failed")]
+    RunDir {
+        /// The run folder or file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Starting the QEMU process failed.
+    #[error("Starting {binary} failed")]
+    Spawn {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// QEMU exited while a step was waiting for it.
+    #[error("QEMU exited ({status}) while {step}; the end of {log}:\n{tail}")]
+    Exited {
+        /// What was going on.
+        step: String,
+        /// QEMU's exit status.
+        status: ExitStatus,
+        /// QEMU's log file.
+        log: PathBuf,
+        /// Its last lines.
+        tail: String,
+    },
+    /// A QMP step failed while QEMU kept running.
+    #[error("QMP failed while {step}")]
+    Qmp {
+        /// What was going on.
+        step: &'static str,
+        /// The QMP error.
+        #[source]
+        source: QmpError,
+    },
+    /// Connecting to the serial console socket failed.
+    #[error("Connecting to the serial console {path} failed")]
+    SerialConnect {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing to the serial console failed.
+    #[error("Writing to the serial console failed")]
+    SerialWrite(#[source] io::Error),
+    /// Reading the serial log failed.
+    #[error("Reading the serial log {path} failed")]
+    SerialLog {
+        /// The log.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A serial line would have been split by the guest.
+    #[error("Serial command contains a line break: {0:?}")]
+    MultiLineCommand(String),
+    /// Something did not happen in time.
+    #[error("Timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// `resume_from` on a VM started without `-incoming defer`.
+    #[error("This VM was not started with incoming: true, so it cannot load device state")]
+    NotIncoming,
+    /// A device-state path cannot be sent in QMP's JSON.
+    #[error("Device state path {0} is not valid UTF-8")]
+    NonUtf8Path(PathBuf),
+    /// Waiting for or killing the QEMU process failed.
+    #[error("Waiting for QEMU (pid {pid}) failed")]
+    Wait {
+        /// QEMU's pid.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a serial command printed and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Exit status of `sh -c LINE` in the guest.
+    pub rc: i32,
+    /// Everything the guest printed between sending the line and the done marker.
+    pub output: String,
+}
+
+/// Durations of a VM's lifecycle steps, as far as they happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Spawn to QMP negotiated.
+    pub qmp_connected: Option<Duration>,
+    /// Spawn to the ready marker (set by [`Vm::wait_ready_marker`]).
+    pub ready: Option<Duration>,
+    /// Length of the last [`Vm::save_device_state`] (x-ignore-shared to migration completed).
+    pub save: Option<Duration>,
+    /// Length of [`Vm::resume_from`] (x-ignore-shared to `cont`).
+    pub resume: Option<Duration>,
+    /// Spawn to the end of [`Vm::resume_from`].
+    pub spawn_to_running: Option<Duration>,
+}
+
+/// The QEMU child process: killed and reaped when dropped.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl Process {
+    /// The exit status if QEMU has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            match self.child.try_wait() {
+                Ok(s) => self.status = s,
+                Err(e) => warn!("Polling QEMU pid {} failed: {e}", self.child.id()),
+            }
+        }
+        self.status
+    }
+
+    fn kill(&mut self) -> Result<ExitStatus, VmError> {
+        if let Some(s) = self.exited() {
+            return Ok(s);
+        }
+        let pid = self.child.id();
+        // Killing fails only if it already exited, which wait() below sorts out.
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .map_err(|source| VmError::Wait { pid, source })?;
+        self.status = Some(status);
+        Ok(status)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            info!("Killing QEMU pid {}", self.child.id());
+            if let Err(e) = self.kill() {
+                warn!("{e}");
+            }
+        }
+    }
+}
+
+/// A running QEMU with its QMP session and serial console.
+#[derive(Debug)]
+pub struct Vm {
+    // Declared first so the sockets close before the process is killed.
+    qmp: Qmp,
+    serial: UnixStream,
+    process: Process,
+    args: QemuArgs,
+    started: Instant,
+    timings: Timings,
+}
+
+impl Vm {
+    /// Starts QEMU ([`qemu_binary`]) with `args`, connects to QMP and the serial console.
+    ///
+    /// QEMU's stdout and stderr go to [`QemuArgs::qemu_log`]; stale sockets and logs from an
+    /// earlier run in the same folder are removed first.
+    pub fn spawn(args: &QemuArgs) -> Result<Vm, VmError> {
+        let binary = qemu_binary()?;
+        Vm::spawn_with(&binary, args)
+    }
+
+    /// Like [`Vm::spawn`] with an explicit QEMU binary.
+    pub fn spawn_with(binary: &Path, args: &QemuArgs) -> Result<Vm, VmError> {
+        let run_dir = args.run_dir();
+        std::fs::create_dir_all(run_dir).map_err(|source| VmError::RunDir {
+            path: run_dir.to_owned(),
+            source,
+        })?;
+        for stale in [args.qmp_socket(), args.serial_socket(), args.serial_log()] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(VmError::RunDir {
+                        path: stale.to_owned(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        let log_err = |source| VmError::RunDir {
+            path: args.qemu_log().to_owned(),
+            source,
+        };
+        let stdout = File::create(args.qemu_log()).map_err(log_err)?;
+        let stderr = stdout.try_clone().map_err(log_err)?;
+
+        let started = Instant::now();
+        let child = Command::new(binary)
+            .args(args.args())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                binary: binary.to_owned(),
+                source,
+            })?;
+        let mut process = Process {
+            child,
+            status: None,
+        };
+        info!(
+            "Started QEMU pid {} in {}{}",
+            process.child.id(),
+            run_dir.display(),
+            if args.incoming() {
+                " (waiting for device state)"
+            } else {
+                ""
+            }
+        );
+
+        let deadline = started + CONNECT_TIMEOUT;
+        let connected = Qmp::connect_with(args.qmp_socket(), deadline, QMP_TIMEOUT, || {
+            process.exited().is_none()
+        });
+        let qmp = match connected {
+            Ok(q) => q,
+            Err(source) => {
+                let grace = grace_for(&source);
+                let exited = exit_error_within(&mut process, args, "starting up", grace);
+                return Err(exited.unwrap_or(VmError::Qmp {
+                    step: "connecting to QMP",
+                    source,
+                }));
+            }
+        };
+        let qmp_connected = started.elapsed();
+        debug!("QMP ready after {qmp_connected:?}");
+
+        let serial = connect_serial(&mut process, args, deadline)?;
+        let drain = serial
+            .try_clone()
+            .map_err(|source| VmError::SerialConnect {
+                path: args.serial_socket().to_owned(),
+                source,
+            })?;
+        // The serial log records only what the socket client accepts, so someone must read.
+        std::thread::Builder::new()
+            .name("vm-serial-drain".into())
+            .spawn(move || drain_serial(drain))
+            .map_err(|source| VmError::SerialConnect {
+                path: args.serial_socket().to_owned(),
+                source,
+            })?;
+
+        Ok(Vm {
+            qmp,
+            serial,
+            process,
+            args: args.clone(),
+            started,
+            timings: Timings {
+                qmp_connected: Some(qmp_connected),
+                ..Timings::default()
+            },
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// The command line and file paths this VM was started with.
+    pub fn args(&self) -> &QemuArgs {
+        &self.args
+    }
+
+    /// Step durations so far.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// The QMP session, for commands without a helper here.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// Waits until the serial log contains `marker` (e.g. [`READY_MARKER`]); returns the time
+    /// since spawn.
+    pub fn wait_ready_marker(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<Duration, VmError> {
+        let deadline = Instant::now() + timeout;
+        let step = || format!("waiting for {marker:?} on the serial console");
+        loop {
+            let log = self.read_serial_log(0)?;
+            if serial::contains(&log, marker.as_bytes()) {
+                let t = self.started.elapsed();
+                self.timings.ready = Some(t);
+                info!("Guest printed {marker:?} {t:?} after spawn");
+                return Ok(t);
+            }
+            self.poll_wait(deadline, timeout, step)?;
+        }
+    }
+
+    /// Types `line` and a newline on the serial console.
+    pub fn serial_send(&mut self, line: &str) -> Result<(), VmError> {
+        if line.contains(['\n', '\r']) {
+            return Err(VmError::MultiLineCommand(line.to_owned()));
+        }
+        debug!("Serial > {line}");
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.serial
+            .write_all(&bytes)
+            .and_then(|()| self.serial.flush())
+            .map_err(VmError::SerialWrite)
+    }
+
+    /// Runs `cmd` in the guest through the serial command loop (`sh -c CMD`) and waits for its
+    /// `CLOUDLET-CMD-DONE <rc>` line.
+    pub fn run_serial_command(
+        &mut self,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutput, VmError> {
+        let log_path = self.args.serial_log().to_owned();
+        let start = serial::log_len(&log_path).map_err(|source| VmError::SerialLog {
+            path: log_path.clone(),
+            source,
+        })?;
+        self.serial_send(cmd)?;
+        let deadline = Instant::now() + timeout;
+        let step = || format!("serial command {cmd:?} to finish");
+        loop {
+            let text = self.read_serial_log(start)?;
+            if let Some((output, rc)) = serial::parse_cmd_done(&text) {
+                debug!("Serial command {cmd:?} exited with {rc}");
+                return Ok(CommandOutput { rc, output });
+            }
+            self.poll_wait(deadline, timeout, step)?;
+        }
+    }
+
+    /// Captures the device state into `path`: turns on x-ignore-shared (shared guest RAM stays
+    /// out of the stream), stops the guest and migrates to the file. The guest stays paused;
+    /// [`Vm::quit`] it afterwards. With [`MemoryMode::Capture`] the memory image then holds
+    /// guest RAM.
+    pub fn save_device_state(&mut self, path: &Path) -> Result<Duration, VmError> {
+        let channels = file_channels(path)?;
+        let t = Instant::now();
+        info!("Saving device state to {}", path.display());
+        let r = self.qmp.migrate_set_capability("x-ignore-shared", true);
+        self.qmp_step("enabling x-ignore-shared", r)?;
+        let r = self.qmp.stop();
+        self.qmp_step("stopping the guest", r)?;
+        let r = self.qmp.execute("migrate", channels);
+        self.qmp_step("starting the migration to a file", r)?;
+        let r = self.qmp.wait_migration(MIGRATION_TIMEOUT);
+        self.qmp_step("saving the device state", r)?;
+        let took = t.elapsed();
+        self.timings.save = Some(took);
+        info!("Device state saved in {took:?}");
+        Ok(took)
+    }
+
+    /// Loads device state from `path` into a VM started with `incoming: true` and runs it.
+    pub fn resume_from(&mut self, path: &Path) -> Result<Duration, VmError> {
+        if !self.args.incoming() {
+            return Err(VmError::NotIncoming);
+        }
+        let channels = file_channels(path)?;
+        let t = Instant::now();
+        info!("Resuming from device state {}", path.display());
+        let r = self.qmp.migrate_set_capability("x-ignore-shared", true);
+        self.qmp_step("enabling x-ignore-shared", r)?;
+        let r = self.qmp.execute("migrate-incoming", channels);
+        self.qmp_step("starting the incoming migration", r)?;
+        let r = self.qmp.wait_migration(MIGRATION_TIMEOUT);
+        self.qmp_step("loading the device state", r)?;
+        // The source was stopped when captured, so the guest comes up paused.
+        let r = self.qmp.query_status();
+        if self.qmp_step("querying the run state", r)? != "running" {
+            let r = self.qmp.cont();
+            self.qmp_step("continuing the guest", r)?;
+        }
+        let took = t.elapsed();
+        self.timings.resume = Some(took);
+        self.timings.spawn_to_running = Some(self.started.elapsed());
+        info!("Guest resumed in {took:?}");
+        Ok(took)
+    }
+
+    /// Asks QEMU to quit and reaps it (killing it if it does not exit in time).
+    pub fn quit(mut self) -> Result<ExitStatus, VmError> {
+        if self.process.exited().is_none() {
+            let r = self.qmp.quit();
+            self.qmp_step("quitting", r)?;
+        }
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        while self.process.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        let status = match self.process.exited() {
+            Some(s) => s,
+            None => {
+                warn!("QEMU pid {} ignored quit; killing it", self.pid());
+                self.process.kill()?
+            }
+        };
+        info!("QEMU pid {} exited ({status})", self.pid());
+        Ok(status)
+    }
+
+    /// Kills QEMU without asking and reaps it.
+    pub fn kill(mut self) -> Result<ExitStatus, VmError> {
+        self.process.kill()
+    }
+
+    fn read_serial_log(&self, offset: u64) -> Result<Vec<u8>, VmError> {
+        let path = self.args.serial_log();
+        serial::read_from(path, offset).map_err(|source| VmError::SerialLog {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Between polls: fails if QEMU exited or the deadline passed, else sleeps a little.
+    fn poll_wait(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        what: impl Fn() -> String,
+    ) -> Result<(), VmError> {
+        if let Some(e) = exit_error(&mut self.process, &self.args, &what()) {
+            return Err(e);
+        }
+        if Instant::now() >= deadline {
+            return Err(VmError::Timeout {
+                what: what(),
+                timeout,
+            });
+        }
+        std::thread::sleep(POLL);
+        Ok(())
+    }
+
+    /// Maps a QMP failure to [`VmError::Exited`] when QEMU is gone, else to [`VmError::Qmp`].
+    fn qmp_step<T>(&mut self, step: &'static str, r: Result<T, QmpError>) -> Result<T, VmError> {
+        r.map_err(|source| {
+            let grace = grace_for(&source);
+            exit_error_within(&mut self.process, &self.args, step, grace)
+                .unwrap_or(VmError::Qmp { step, source })
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Ends the drain thread's read.
+        let _ = self.serial.shutdown(Shutdown::Both);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; another process could take it first).
+pub fn free_tcp_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The QMP `channels` argument for a `file:` migration to or from `path`.
+fn file_channels(path: &Path) -> Result<Value, VmError> {
+    let abs = std::path::absolute(path)
+        .map_err(|e| VmError::Launch(LaunchError::Absolute(path.to_owned(), e)))?;
+    let name = abs
+        .to_str()
+        .ok_or_else(|| VmError::NonUtf8Path(abs.clone()))?;
+    Ok(json!({ "channels": [{
+        "channel-type": "main",
+        "addr": { "transport": "file", "filename": name, "offset": 0 }
+    }]}))
+}
+
+/// How long to wait for QEMU to exit after a QMP failure: a lost connection usually means
+/// QEMU is on its way out (and its message is worth waiting for); an error reply does not.
+fn grace_for(e: &QmpError) -> Duration {
+    match e {
+        QmpError::Closed { .. } | QmpError::Io(_) | QmpError::Connect { .. } => EXIT_GRACE,
+        _ => Duration::ZERO,
+    }
+}
+
+/// [`VmError::Exited`] if QEMU exits within `grace`.
+fn exit_error_within(
+    process: &mut Process,
+    args: &QemuArgs,
+    step: &str,
+    grace: Duration,
+) -> Option<VmError> {
+    let deadline = Instant::now() + grace;
+    while process.exited().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    exit_error(process, args, step)
+}
+
+/// [`VmError::Exited`] if QEMU has exited.
+fn exit_error(process: &mut Process, args: &QemuArgs, step: &str) -> Option<VmError> {
+    let status = process.exited()?;
+    let log = args.qemu_log().to_owned();
+    let tail = log_tail(&log);
+    warn!("QEMU exited ({status}) while {step}");
+    Some(VmError::Exited {
+        step: step.to_owned(),
+        status,
+        log,
+        tail,
+    })
+}
+
+/// The last [`TAIL_LINES`] lines of a log, or a note why there are none.
+fn log_tail(path: &Path) -> String {
+    let mut text = String::new();
+    match File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
+        Ok(_) if text.trim().is_empty() => "(QEMU printed nothing)".into(),
+        Ok(_) => {
+            let lines: Vec<&str> = text.trim_end().lines().collect();
+            lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+        }
+        Err(e) => format!("(cannot read it: {e})"),
+    }
+}
+
+fn connect_serial(
+    process: &mut Process,
+    args: &QemuArgs,
+    deadline: Instant,
+) -> Result<UnixStream, VmError> {
+    let path = args.serial_socket();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(source) => {
+                if let Some(e) = exit_error(process, args, "connecting to the serial console") {
+                    return Err(e);
+                }
+                if Instant::now() >= deadline {
+                    return Err(VmError::SerialConnect {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Reads and discards console output until QEMU closes the socket.
+fn drain_serial(mut stream: UnixStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+}
