@@ -44,6 +44,9 @@ pub struct LaunchConfig {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub append: Option<String>,
+    /// Further QEMU arguments given by the operator when the base was made (`cloudlet base …
+    /// -- ARGS`); appended after the devices.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for LaunchConfig {
@@ -57,6 +60,7 @@ impl Default for LaunchConfig {
             kernel: None,
             initrd: None,
             append: None,
+            extra_args: Vec::new(),
         }
     }
 }

@@ -160,6 +160,9 @@ pub struct AddBase {
     pub name: Option<String>,
     /// Leave the disk and memory images in place instead of copying them.
     pub link: bool,
+    /// Move the disk, memory and device-state files into the registry instead of copying them
+    /// (they must be on the registry's filesystem); for files made just for this base.
+    pub adopt: bool,
     /// Hashing threads.
     pub threads: usize,
 }
@@ -222,6 +225,18 @@ fn copy_hashing(src: &Path, dst: &Path) -> Result<(u64, Digest), RegistryError> 
     }
     out.sync_all().map_err(io("Syncing", dst))?;
     Ok((total, h.finalize().into()))
+}
+
+/// Moves (`adopt`) or copies `src` to `dst`. `std::fs::copy` uses copy_file_range, which
+/// shares extents where the filesystem can.
+fn take_file(src: &Path, dst: &Path, adopt: bool) -> Result<(), RegistryError> {
+    if adopt {
+        std::fs::rename(src, dst).map_err(io("Moving", src))
+    } else {
+        std::fs::copy(src, dst)
+            .map(|_| ())
+            .map_err(io("Copying", src))
+    }
 }
 
 fn hash_file(path: &Path) -> Result<Digest, RegistryError> {
@@ -301,16 +316,13 @@ impl Registry {
         } else {
             let d = staging.join(EntryKind::Disk.file_name());
             let m = staging.join(EntryKind::Memory.file_name());
-            // std::fs::copy uses copy_file_range, which shares extents where the filesystem can.
-            std::fs::copy(&req.disk, &d).map_err(io("Copying", &req.disk))?;
-            std::fs::copy(&req.memory, &m).map_err(io("Copying", &req.memory))?;
+            take_file(&req.disk, &d, req.adopt)?;
+            take_file(&req.memory, &m, req.adopt)?;
             (d, m)
         };
         let ds_path = staging.join(EntryKind::DeviceState.file_name());
         match &req.device_state {
-            Some(p) => {
-                std::fs::copy(p, &ds_path).map_err(io("Copying", p))?;
-            }
+            Some(p) => take_file(p, &ds_path, req.adopt)?,
             None => std::fs::write(&ds_path, b"").map_err(io("Writing", &ds_path))?,
         }
         let mut kernel = None;

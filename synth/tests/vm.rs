@@ -87,6 +87,7 @@ fn guest_config(cmdline: &str) -> LaunchConfig {
         kernel: Some("vmlinuz".into()),
         initrd: Some("initrd.img".into()),
         append: Some(cmdline.into()),
+        extra_args: Vec::new(),
     }
 }
 
@@ -102,6 +103,7 @@ fn guest_paths(guest: &Guest, disk: &Path, memory: &Path, run_dir: &Path) -> VmP
 
 fn options(memory: MemoryMode, incoming: bool, port: u16) -> LaunchOptions {
     LaunchOptions {
+        vnc: None,
         memory,
         incoming,
         hostfwd: vec![HostFwd::localhost(port, GUEST_HTTP_PORT)],
@@ -220,6 +222,7 @@ impl Fixture {
 
 fn plain_options(memory: MemoryMode) -> LaunchOptions {
     LaunchOptions {
+        vnc: None,
         memory,
         incoming: false,
         hostfwd: vec![],

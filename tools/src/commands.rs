@@ -31,6 +31,57 @@ impl Context {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
+    ///
+    /// Guest RAM lives in a shared memory file, so the capture is that file plus the device
+    /// state (saved with x-ignore-shared). The disk is copied first; DISK is not modified.
+    Base {
+        /// Raw disk image to boot.
+        disk: PathBuf,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mb: u64,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// QEMU machine type.
+        #[arg(long, default_value = "q35")]
+        machine: String,
+        /// QEMU CPU model.
+        #[arg(long, default_value = "max")]
+        cpu: String,
+        /// Kernel to boot directly (stored in the base).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk (stored in the base).
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, requires = "kernel")]
+        append: Option<String>,
+        /// Capture once the guest prints this on its serial console (else: wait for Enter).
+        #[arg(long, value_name = "MARKER")]
+        ready: Option<String>,
+        /// How long to wait for --ready, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Show the guest on a VNC display (e.g. 127.0.0.1:1) to prepare it by hand.
+        #[arg(long, value_name = "HOST:DISPLAY")]
+        vnc: Option<String>,
+        /// Add a virtio-balloon with free page reporting (freed guest pages leave the memory
+        /// image while the base boots).
+        #[arg(long)]
+        balloon: bool,
+        /// Name of the base.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the base record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Further QEMU arguments, recorded in the base's launch config.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
     /// Register a base VM: disk image, memory image, device state and launch config.
     #[command(name = "add-base")]
     AddBase {
@@ -378,9 +429,50 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 config,
                 name,
                 link,
+                adopt: false,
                 threads: ctx.threads,
             };
             let base = progress::run("indexing", total, |p| reg.add(&req, p))?;
+            if json {
+                print_json(&base.record)?;
+            } else {
+                println!("{}", base.record.id);
+            }
+        }
+        Command::Base {
+            disk,
+            memory_mb,
+            vcpus,
+            machine,
+            cpu,
+            kernel,
+            initrd,
+            append,
+            ready,
+            timeout,
+            vnc,
+            balloon,
+            name,
+            json,
+            extra,
+        } => {
+            let req = crate::vm_cmds::BaseRequest {
+                disk,
+                memory_mb,
+                vcpus,
+                machine,
+                cpu,
+                kernel,
+                initrd,
+                append,
+                ready,
+                timeout: std::time::Duration::from_secs(timeout),
+                vnc,
+                balloon,
+                name,
+                extra_args: extra,
+            };
+            let base = crate::vm_cmds::make_base(&ctx.home, ctx.threads, req)?;
             if json {
                 print_json(&base.record)?;
             } else {

@@ -5,6 +5,7 @@
 
 mod commands;
 mod progress;
+mod vm_cmds;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -290,6 +290,9 @@ pub struct LaunchOptions {
     pub hostfwd: Vec<HostFwd>,
     /// Accelerator.
     pub accel: Accel,
+    /// Show the guest's display on a VNC server at this address (e.g. `127.0.0.1:1`) instead
+    /// of running headless; for interactive customization.
+    pub vnc: Option<String>,
 }
 
 /// A complete, validated QEMU command line (without the binary) and the files it uses.
@@ -350,11 +353,28 @@ impl QemuArgs {
             escape_option_value(memory.as_os_str()),
             format!(",{mode}").into(),
         ]);
-        a.push("-nodefaults")
-            .push("-no-user-config")
-            .push("-display")
-            .push("none")
-            .push("-no-reboot");
+        a.push("-nodefaults").push("-no-user-config");
+        match &options.vnc {
+            Some(addr) => {
+                // HOST:DISPLAY only: no commas, so no further VNC options can ride along.
+                let ok = !addr.is_empty()
+                    && addr.contains(':')
+                    && addr
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".:[]-".contains(c));
+                if !ok {
+                    return Err(config_error(
+                        "vnc",
+                        "expects HOST:DISPLAY, e.g. 127.0.0.1:1",
+                    ));
+                }
+                a.push("-vga").push("std").push("-vnc").push(addr);
+            }
+            None => {
+                a.push("-display").push("none");
+            }
+        }
+        a.push("-no-reboot");
 
         match (&config.kernel, &paths.kernel) {
             (Some(_), Some(k)) => {
@@ -383,6 +403,11 @@ impl QemuArgs {
         }
 
         add_devices(&mut a, &config.devices, paths, &options.hostfwd)?;
+        // The operator's own arguments, recorded in the base when it was made. Overlays carry
+        // no launch config, so nothing a user sends can add to this list.
+        for extra in &config.extra_args {
+            a.push(extra);
+        }
 
         a.push("-chardev").push_opts(&[
             "socket,id=ser0,path=".into(),
