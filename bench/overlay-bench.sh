@@ -74,7 +74,14 @@ cmp "$tmp/out/disk.img" "$cd_" && cmp "$tmp/out/memory.img" "$cm" || { echo "REC
 echo
 
 # --- baselines and lower bound -----------------------------------------------------------------
-bash "$here/baselines.sh" "$bd" "$bm" "$cd_" "$cm" >"$tmp/baselines.tsv" 2>"$tmp/baselines.err"
+# baselines.sh is slow (xz -9 of whole memory images): reuse SETDIR/baselines.tsv when it is
+# newer than the images, else make it and keep it there.
+if [[ -s "$set_dir/baselines.tsv" && "$set_dir/baselines.tsv" -nt "$cd_" && "$set_dir/baselines.tsv" -nt "$cm" ]]; then
+  cp "$set_dir/baselines.tsv" "$tmp/baselines.tsv"
+else
+  bash "$here/baselines.sh" "$bd" "$bm" "$cd_" "$cm" >"$tmp/baselines.tsv" 2>"$tmp/baselines.err"
+  cp "$tmp/baselines.tsv" "$set_dir/baselines.tsv"
+fi
 lower=$(awk -F'\t' '$1 == "(c) unique-new-chunks+xz" { print $2 }' "$tmp/baselines.tsv")
 
 # --- segment sizes -----------------------------------------------------------------------------
