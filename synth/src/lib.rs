@@ -26,6 +26,7 @@ pub mod codec;
 pub mod create;
 pub mod format;
 pub mod index;
+pub mod protocol;
 pub mod reconstruct;
 pub mod registry;
 pub mod resolve;

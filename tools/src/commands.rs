@@ -169,9 +169,12 @@ pub enum Command {
         /// Compression level (default: 9 for xz, 19 for zstd).
         #[arg(long)]
         level: Option<u32>,
-        /// Decoded segment size in KiB.
+        /// Decoded segment size in KiB (segments outside the working set).
         #[arg(long, default_value_t = (synth::create::DEFAULT_SEGMENT_SIZE >> 10) as u64)]
         segment_kib: u64,
+        /// Decoded size in KiB of the segments holding the chunks listed by --order.
+        #[arg(long, default_value_t = (synth::create::DEFAULT_FIRST_SEGMENT_SIZE >> 10) as u64)]
+        first_segment_kib: u64,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -542,6 +545,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             codec,
             level,
             segment_kib,
+            first_segment_kib,
             json,
         } => {
             let reg = ctx.registry()?;
@@ -553,6 +557,8 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 codec,
                 level: level.unwrap_or(codec.default_level()),
                 segment_size: usize::try_from(segment_kib.saturating_mul(1024))
+                    .context("segment size too large")?,
+                first_segment_size: usize::try_from(first_segment_kib.saturating_mul(1024))
                     .context("segment size too large")?,
                 threads: ctx.threads,
                 disk_chunks: disk_chunks.as_deref().map(read_chunk_list).transpose()?,

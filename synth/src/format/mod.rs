@@ -14,7 +14,7 @@
 //! | 16                | 8              | `metadata_len`: stored (compressed) metadata length     |
 //! | 24                | 8              | `file_len`: total length of the overlay file            |
 //! | 32                | 32             | SHA-256 of the stored metadata bytes                    |
-//! | 64                | `metadata_len` | [`Metadata`], bincode 2 (standard config), compressed   |
+//! | 64                | `metadata_len` | [`Metadata`], compact form (see `wire.rs`), bincode 2, compressed |
 //! | 64+`metadata_len` | …              | segment area: segments back to back, in table order     |
 //!
 //! [`Metadata`] holds the base id, image sizes, chunk size, codec, the device-state blob, one
@@ -34,6 +34,7 @@
 //! Segment digests are checked on every segment read, chunk digests on every chunk served.
 
 mod reader;
+mod wire;
 mod writer;
 
 pub use reader::{validate, FormatError, Overlay};

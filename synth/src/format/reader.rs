@@ -243,7 +243,7 @@ impl Overlay {
             Some(codec) => codec::decompress_at_most(codec, &bytes, MAX_METADATA_LEN)
                 .map_err(|e| FormatError::DecodeMetadata(format!("{e:#}")))?,
         };
-        let (meta, used): (Metadata, usize) = bincode::serde::decode_from_slice(
+        let (wire, used): (super::wire::WireMetadata, usize) = bincode::serde::decode_from_slice(
             &bytes,
             bincode_config().with_limit::<METADATA_LIMIT>(),
         )
@@ -251,6 +251,7 @@ impl Overlay {
         if used != bytes.len() {
             return Err(FormatError::MetadataTrailing(bytes.len() - used));
         }
+        let meta = wire.decode();
         validate(&meta, file_len - data_start)?;
         Ok(Overlay {
             meta: Arc::new(meta),

@@ -131,8 +131,9 @@ impl Drop for OverlayWriter {
 /// Encodes the header and metadata of an overlay whose segment area is `segments_len` bytes:
 /// the bytes that precede the segments in the file.
 pub fn encode_head(meta: &Metadata, segments_len: u64) -> Result<Vec<u8>, WriteError> {
-    let raw = bincode::serde::encode_to_vec(meta, bincode_config())
-        .map_err(|e| WriteError::Encode(e.to_string()))?;
+    let raw =
+        bincode::serde::encode_to_vec(super::wire::WireMetadata::encode(meta), bincode_config())
+            .map_err(|e| WriteError::Encode(e.to_string()))?;
     let codec = meta.codec;
     let bytes = crate::codec::compress(codec, codec.default_level(), &raw)
         .map_err(|e| WriteError::Encode(format!("{e:#}")))?;

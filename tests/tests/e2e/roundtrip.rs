@@ -208,3 +208,27 @@ fn diff_order_puts_listed_chunks_in_first_segment() {
         vec![(synth::ImageKind::Disk, 60)]
     );
 }
+
+#[test]
+fn diff_working_set_gets_small_segments_and_rest_large_ones() {
+    let fx = Fixture::seeded(15, 64 * 4096, 16 * 4096);
+    let mut rng = Rng::new(16);
+    let mut disk = fx.base_disk.clone();
+    for c in 0..20 {
+        rng.fill(&mut disk[c * 4096..(c + 1) * 4096]);
+    }
+    let custom = fx.write_custom(&disk, &fx.base_memory);
+    let p = fx.path("ov");
+    let d = |c| (synth::ImageKind::Disk, c);
+    let opts = CreateOptions {
+        segment_size: 100 * 4096,
+        first_segment_size: 2 * 4096,
+        order: vec![d(19), d(18), d(17)],
+        ..Default::default()
+    };
+    fx.diff(&custom, &p, &opts);
+    let ov = open_overlay(&p).unwrap();
+    let segs: Vec<usize> = ov.metadata().segments.iter().map(|s| s.chunks.len()).collect();
+    assert_eq!(segs, vec![2, 1, 17]);
+    assert_eq!(ov.metadata().segments[0].chunks, vec![d(19), d(18)]);
+}
