@@ -1,0 +1,675 @@
+//! The client library behind `cloudlet client`, usable by any program that drives a server.
+//!
+//! ```text
+//!  Client::connect ── handshake ──► reader thread ──ServerMsg──► channel ──┐
+//!                                                                          ▼
+//!  send_overlay: StartOverlay, Head parts, then per segment: demand queue first
+//!                (NeedSegment jumps the queue), else the next in file order
+//!  hold: keepalives until stop or the server ends; finish: Finish ─► Closed
+//! ```
+//!
+//! One thread writes (the caller's), one reads (spawned at connect), so a `NeedSegment` is
+//! seen between any two parts even while the writer is busy. Stop a running call from another
+//! thread (a Ctrl-C handler) with a [`StopHandle`].
+
+use super::frame::{read_msg, read_msg_before, write_msg};
+use super::messages::{ClientMsg, FillInfo, PortMapping, ResumeInfo, ServerMsg, Timings};
+use super::{
+    ProtoError, DEFAULT_PART_LEN, FRAME_MAX, HANDSHAKE_FRAME_MAX, IDLE_TIMEOUT, KEEPALIVE_INTERVAL,
+    MAX_PART_LEN, PROTOCOL_VERSION,
+};
+use crate::format::Overlay;
+use crate::source::{ByteSource, FileSource};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often waiting loops wake up to check the stop flag.
+const TICK: Duration = Duration::from_millis(50);
+/// Server messages buffered between the reader thread and the writer loop.
+const CHANNEL_DEPTH: usize = 256;
+
+/// Options of a client connection.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bound on connecting, on the handshake, and on every write.
+    pub timeout: Duration,
+    /// The server is gone if it says nothing (not even `Keepalive`) for this long.
+    pub idle_timeout: Duration,
+    /// Bytes per `Head`/`Segment` part (clamped to 4 KiB..=[`MAX_PART_LEN`]).
+    pub part_len: usize,
+    /// Throttle on head and segment bytes sent (token bucket), for tests and benchmarks.
+    pub rate_limit_bytes_per_sec: Option<u64>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            idle_timeout: IDLE_TIMEOUT,
+            part_len: DEFAULT_PART_LEN,
+            rate_limit_bytes_per_sec: None,
+        }
+    }
+}
+
+/// What the client asks of the session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionRequest {
+    /// Resume the VM as soon as the metadata is in.
+    pub early_start: bool,
+    /// Guest ports to expose.
+    pub guest_ports: Vec<u16>,
+}
+
+/// Progress of a session, reported to the caller's callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The server validated the metadata and knows the base.
+    Accepted {
+        /// Hex base id.
+        base_id: String,
+        /// Segments in the overlay.
+        segments: u32,
+    },
+    /// A part was sent.
+    Progress(TransferStats),
+    /// The server asked for a segment out of order.
+    Demand {
+        /// The segment.
+        index: u32,
+    },
+    /// The VM runs; here is how to reach it.
+    Resumed(ResumeInfo),
+    /// Every segment is in.
+    FillDone(FillInfo),
+}
+
+/// Counters of the client's side of a transfer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Head and segment bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes to send in all (the overlay file's length; 0 for a URL session).
+    pub bytes_total: u64,
+    /// Segments sent completely.
+    pub segments_sent: u32,
+    /// Segments in the overlay.
+    pub segments_total: u32,
+    /// `NeedSegment` requests received.
+    pub demand_requests: u64,
+    /// Of those, requests for segments already sent (in flight when asked for).
+    pub demand_already_sent: u64,
+}
+
+/// How a session call ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The `Resumed` payload, if it arrived.
+    pub resumed: Option<ResumeInfo>,
+    /// The `FillDone` payload, if it arrived.
+    pub fill_done: Option<FillInfo>,
+    /// Client-side counters.
+    pub transfer: TransferStats,
+    /// Whether the call ended because it was stopped (the session is then finished).
+    pub stopped: bool,
+}
+
+impl Outcome {
+    /// The port mappings, if the VM was resumed.
+    pub fn ports(&self) -> &[PortMapping] {
+        self.resumed.as_ref().map_or(&[], |r| &r.ports)
+    }
+
+    /// The latest timings the server reported.
+    pub fn timings(&self) -> Timings {
+        match (&self.fill_done, &self.resumed) {
+            (Some(f), _) => f.timings,
+            (None, Some(r)) => r.timings,
+            (None, None) => Timings::default(),
+        }
+    }
+}
+
+/// Stops a running [`Client`] call from another thread; the call sends `Finish` and returns.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Asks the running (or next) call to finish the session.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+type Incoming = Result<ServerMsg, ProtoError>;
+
+/// A connected, authenticated client session.
+pub struct Client {
+    stream: TcpStream,
+    rx: Option<Receiver<Incoming>>,
+    reader: Option<JoinHandle<()>>,
+    session_id: u64,
+    opts: ClientOptions,
+    stop: StopHandle,
+    ended: bool,
+    last_heard: Instant,
+    last_sent: Instant,
+    outcome: Outcome,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session_id", &self.session_id)
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+/// Per-call state of the segment scheduler.
+struct Schedule {
+    sent: Vec<bool>,
+    demand: VecDeque<u32>,
+    next: usize,
+}
+
+impl Schedule {
+    fn pick(&mut self) -> Option<u32> {
+        while let Some(i) = self.demand.pop_front() {
+            if !self.sent[i as usize] {
+                return Some(i);
+            }
+        }
+        while self.next < self.sent.len() && self.sent[self.next] {
+            self.next += 1;
+        }
+        (self.next < self.sent.len()).then(|| u32::try_from(self.next).ok())?
+    }
+}
+
+/// Token bucket that may go into debt by one part, then waits the debt off.
+struct Throttle {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`) and runs the handshake with `token` (empty: none).
+    pub fn connect(addr: &str, token: &[u8], timeout: Duration) -> Result<Client, ProtoError> {
+        Self::connect_with(
+            addr,
+            token,
+            ClientOptions {
+                timeout,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// [`Client::connect`] with every option.
+    pub fn connect_with(
+        addr: &str,
+        token: &[u8],
+        opts: ClientOptions,
+    ) -> Result<Client, ProtoError> {
+        let connect_err = |source| ProtoError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address resolved");
+        let mut stream = None;
+        for a in addr.to_socket_addrs().map_err(connect_err)? {
+            match TcpStream::connect_timeout(&a, opts.timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut stream = stream.ok_or_else(|| connect_err(last))?;
+        stream.set_nodelay(true).map_err(ProtoError::Write)?;
+        stream
+            .set_write_timeout(Some(opts.timeout))
+            .map_err(ProtoError::Write)?;
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.to_vec(),
+        };
+        write_msg(&mut stream, &hello, HANDSHAKE_FRAME_MAX)?;
+        let reply: ServerMsg =
+            read_msg_before(&stream, HANDSHAKE_FRAME_MAX, Instant::now() + opts.timeout)?;
+        let session_id = match reply {
+            ServerMsg::HelloOk {
+                server_version,
+                session_id,
+            } if server_version == PROTOCOL_VERSION => session_id,
+            ServerMsg::Refused { reason } => return Err(ProtoError::Refused(reason)),
+            other => {
+                return Err(ProtoError::Unexpected {
+                    expected: "HelloOk",
+                    got: format!("{other:?}"),
+                })
+            }
+        };
+        stream.set_read_timeout(None).map_err(ProtoError::Read)?;
+        let mut rs = stream.try_clone().map_err(ProtoError::Read)?;
+        let (tx, rx) = crossbeam_channel::bounded::<Incoming>(CHANNEL_DEPTH);
+        let reader = std::thread::Builder::new()
+            .name(format!("proto-rx-{session_id}"))
+            .spawn(move || loop {
+                let r = read_msg::<ServerMsg>(&mut rs, FRAME_MAX);
+                let last = r.is_err();
+                if tx.send(r).is_err() || last {
+                    break;
+                }
+            })
+            .map_err(|e| ProtoError::Thread("protocol reader", e))?;
+        log::info!("Connected to {addr}, session {session_id}");
+        let now = Instant::now();
+        Ok(Client {
+            stream,
+            rx: Some(rx),
+            reader: Some(reader),
+            session_id,
+            opts,
+            stop: StopHandle::default(),
+            ended: false,
+            last_heard: now,
+            last_sent: now,
+            outcome: Outcome::default(),
+        })
+    }
+
+    /// The server's id of this session.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// A handle that stops the running call from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Flow 1 from a local overlay file: see [`Client::send_overlay`].
+    pub fn send_overlay_file(
+        &mut self,
+        path: &Path,
+        req: &SessionRequest,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<Outcome, ProtoError> {
+        let src = FileSource::open(path).map_err(|source| {
+            ProtoError::Source(crate::source::SourceError::Io {
+                offset: 0,
+                len: 0,
+                source,
+            })
+        })?;
+        self.send_overlay(Arc::new(src), req, events)
+    }
+
+    /// Flow 1: validates the overlay in `source`, sends its header and metadata, then its
+    /// segments in file order, answering `NeedSegment` requests first. Returns once the server
+    /// reports `FillDone` (the session stays open: see [`Client::hold`] and
+    /// [`Client::finish`]), or once stopped (the session is then finished).
+    pub fn send_overlay(
+        &mut self,
+        source: Arc<dyn ByteSource>,
+        req: &SessionRequest,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<Outcome, ProtoError> {
+        self.check_open()?;
+        let overlay = Overlay::open(Arc::clone(&source))?;
+        let n = overlay.metadata().segments.len();
+        let head_len = overlay.data_start();
+        self.outcome.transfer.bytes_total = overlay.file_len();
+        self.outcome.transfer.segments_total = u32::try_from(n).map_err(|_| {
+            ProtoError::Overlay(crate::format::FormatError::BadSegment {
+                segment: n,
+                reason: "too many segments to send".into(),
+            })
+        })?;
+        self.send(&ClientMsg::StartOverlay {
+            early_start: req.early_start,
+            guest_ports: req.guest_ports.clone(),
+            file_len: overlay.file_len(),
+            head_len,
+        })?;
+        let part = self.part_len();
+        let mut throttle = self.throttle();
+        let mut sched = Schedule {
+            sent: vec![false; n],
+            demand: VecDeque::new(),
+            next: 0,
+        };
+        let mut offset = 0u64;
+        while offset < head_len {
+            let len = (head_len - offset).min(part as u64);
+            let bytes = source.read_range(offset, len)?;
+            if self.pace(&mut throttle, len, &mut sched, events)? {
+                return self.stopped();
+            }
+            self.send(&ClientMsg::Head { offset, bytes })?;
+            offset += len;
+            self.outcome.transfer.bytes_sent += len;
+            events(&ClientEvent::Progress(self.outcome.transfer));
+        }
+        loop {
+            if self.pump(Duration::ZERO, &mut sched, events)? {
+                return self.stopped();
+            }
+            if self.outcome.fill_done.is_some() {
+                return Ok(self.outcome.clone());
+            }
+            let Some(index) = sched.pick() else {
+                // Everything sent: wait for FillDone, keeping the connection alive.
+                if self.pump(TICK, &mut sched, events)? {
+                    return self.stopped();
+                }
+                self.keepalive()?;
+                continue;
+            };
+            let bytes = overlay.read_segment_compressed(index as usize)?;
+            let mut seg_off = 0usize;
+            while seg_off < bytes.len() {
+                let end = (seg_off + part).min(bytes.len());
+                let len = (end - seg_off) as u64;
+                if self.pace(&mut throttle, len, &mut sched, events)? {
+                    return self.stopped();
+                }
+                self.send(&ClientMsg::Segment {
+                    index,
+                    offset: seg_off as u64,
+                    bytes: bytes[seg_off..end].to_vec(),
+                })?;
+                seg_off = end;
+                self.outcome.transfer.bytes_sent += len;
+                events(&ClientEvent::Progress(self.outcome.transfer));
+            }
+            sched.sent[index as usize] = true;
+            self.outcome.transfer.segments_sent += 1;
+            log::debug!("Sent segment {index}");
+        }
+    }
+
+    /// Flow 2: asks the server to fetch the overlay from `url`. Returns once the server
+    /// reports `FillDone`, or once stopped.
+    pub fn send_url(
+        &mut self,
+        url: &str,
+        req: &SessionRequest,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<Outcome, ProtoError> {
+        self.check_open()?;
+        self.send(&ClientMsg::StartUrl {
+            url: url.to_string(),
+            early_start: req.early_start,
+            guest_ports: req.guest_ports.clone(),
+        })?;
+        let mut sched = Schedule {
+            sent: Vec::new(),
+            demand: VecDeque::new(),
+            next: 0,
+        };
+        while self.outcome.fill_done.is_none() {
+            if self.pump(TICK, &mut sched, events)? {
+                return self.stopped();
+            }
+            self.keepalive()?;
+        }
+        Ok(self.outcome.clone())
+    }
+
+    /// Keeps the session alive (the VM keeps running) until stopped or until the server ends
+    /// it; then finishes. Returns `Ok` when stopped, the server's reason otherwise.
+    pub fn hold(&mut self, events: &mut dyn FnMut(&ClientEvent)) -> Result<Outcome, ProtoError> {
+        self.check_open()?;
+        let mut sched = Schedule {
+            sent: Vec::new(),
+            demand: VecDeque::new(),
+            next: 0,
+        };
+        loop {
+            if self.pump(TICK, &mut sched, events)? {
+                return self.stopped();
+            }
+            self.keepalive()?;
+        }
+    }
+
+    /// Ends the session: sends `Finish` and waits (at most the timeout) for `Closed`.
+    /// Does nothing if the session has already ended.
+    pub fn finish(&mut self) -> Result<(), ProtoError> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        let sent = self.send(&ClientMsg::Finish);
+        let deadline = Instant::now() + self.opts.timeout;
+        let result = match sent {
+            Err(e) => Err(e),
+            Ok(()) => loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Some(rx) = self.rx.as_ref() else {
+                    break Ok(());
+                };
+                match rx.recv_timeout(left) {
+                    Ok(Ok(ServerMsg::Closed)) | Ok(Err(ProtoError::Closed)) => break Ok(()),
+                    Ok(Ok(ServerMsg::Error { reason })) => break Err(ProtoError::Refused(reason)),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(RecvTimeoutError::Timeout) => {
+                        break Err(ProtoError::Timeout { mid_frame: false })
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break Ok(()),
+                }
+            },
+        };
+        self.shutdown();
+        result
+    }
+
+    fn stopped(&mut self) -> Result<Outcome, ProtoError> {
+        self.finish()?;
+        self.outcome.stopped = true;
+        Ok(self.outcome.clone())
+    }
+
+    fn check_open(&self) -> Result<(), ProtoError> {
+        if self.ended {
+            Err(ProtoError::SessionEnded)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn part_len(&self) -> usize {
+        let mut part = self.opts.part_len.clamp(4096, MAX_PART_LEN);
+        if let Some(rate) = self.opts.rate_limit_bytes_per_sec {
+            // Small parts under a throttle, so a demand request waits at most ~1/8 s.
+            let eighth = usize::try_from(rate / 8).unwrap_or(usize::MAX).max(4096);
+            part = part.min(eighth);
+        }
+        part
+    }
+
+    fn throttle(&self) -> Option<Throttle> {
+        self.opts
+            .rate_limit_bytes_per_sec
+            .filter(|&r| r > 0)
+            .map(|r| Throttle {
+                rate: r as f64,
+                tokens: 0.0,
+                last: Instant::now(),
+            })
+    }
+
+    fn send(&mut self, msg: &ClientMsg) -> Result<(), ProtoError> {
+        let r = write_msg(&mut self.stream, msg, FRAME_MAX);
+        self.last_sent = Instant::now();
+        if r.is_err() {
+            // The server may have explained why it stopped reading: prefer its reason.
+            if let Some(rx) = self.rx.as_ref() {
+                while let Ok(m) = rx.recv_timeout(Duration::from_millis(200)) {
+                    if let Ok(ServerMsg::Refused { reason } | ServerMsg::Error { reason }) = m {
+                        return Err(ProtoError::Refused(reason));
+                    }
+                    if m.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn keepalive(&mut self) -> Result<(), ProtoError> {
+        if self.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+            self.send(&ClientMsg::Keepalive)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the throttle to allow `len` bytes, handling server messages meanwhile.
+    /// Returns `true` if stopped.
+    fn pace(
+        &mut self,
+        throttle: &mut Option<Throttle>,
+        len: u64,
+        sched: &mut Schedule,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<bool, ProtoError> {
+        let Some(t) = throttle.as_mut() else {
+            return self.pump(Duration::ZERO, sched, events);
+        };
+        t.tokens -= len as f64;
+        loop {
+            let now = Instant::now();
+            t.tokens = (t.tokens + now.duration_since(t.last).as_secs_f64() * t.rate).min(t.rate);
+            t.last = now;
+            if t.tokens >= 0.0 {
+                return self.pump(Duration::ZERO, sched, events);
+            }
+            let wait = Duration::from_secs_f64(-t.tokens / t.rate).min(TICK);
+            if self.pump(wait, sched, events)? {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Handles every server message that arrives within `wait` (at least those already
+    /// queued). Returns `true` if a stop was asked for.
+    fn pump(
+        &mut self,
+        wait: Duration,
+        sched: &mut Schedule,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<bool, ProtoError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.stop.is_stopped() {
+                return Ok(true);
+            }
+            let Some(rx) = self.rx.as_ref() else {
+                return Err(ProtoError::SessionEnded);
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match rx.recv_timeout(left) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.last_heard.elapsed() > self.opts.idle_timeout {
+                        return Err(self.fail(ProtoError::Timeout { mid_frame: false }));
+                    }
+                    return Ok(false);
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.fail(ProtoError::Closed)),
+            };
+            self.last_heard = Instant::now();
+            let msg = msg.map_err(|e| self.fail(e))?;
+            self.handle(msg, sched, events)?;
+        }
+    }
+
+    fn handle(
+        &mut self,
+        msg: ServerMsg,
+        sched: &mut Schedule,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<(), ProtoError> {
+        match msg {
+            ServerMsg::Accepted {
+                base_id, segments, ..
+            } => events(&ClientEvent::Accepted { base_id, segments }),
+            ServerMsg::NeedSegment { index } => {
+                let Some(&done) = sched.sent.get(index as usize) else {
+                    return Err(self.fail(ProtoError::Unexpected {
+                        expected: "NeedSegment for a segment of the overlay",
+                        got: format!("NeedSegment {{ index: {index} }}"),
+                    }));
+                };
+                let t = &mut self.outcome.transfer;
+                t.demand_requests += 1;
+                if done {
+                    t.demand_already_sent += 1;
+                } else if !sched.demand.contains(&index) {
+                    sched.demand.push_back(index);
+                }
+                log::debug!("Server asks for segment {index}");
+                events(&ClientEvent::Demand { index });
+            }
+            ServerMsg::Resumed(info) => {
+                self.outcome.resumed = Some(info.clone());
+                events(&ClientEvent::Resumed(info));
+            }
+            ServerMsg::FillDone(info) => {
+                self.outcome.fill_done = Some(info.clone());
+                events(&ClientEvent::FillDone(info));
+            }
+            ServerMsg::Keepalive => {}
+            ServerMsg::Refused { reason } | ServerMsg::Error { reason } => {
+                return Err(self.fail(ProtoError::Refused(reason)));
+            }
+            ServerMsg::Closed => return Err(self.fail(ProtoError::Closed)),
+            other @ ServerMsg::HelloOk { .. } => {
+                return Err(self.fail(ProtoError::Unexpected {
+                    expected: "a session message",
+                    got: other.name().to_string(),
+                }))
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the session ended and closes the connection; returns `e`.
+    fn fail(&mut self, e: ProtoError) -> ProtoError {
+        self.ended = true;
+        self.shutdown();
+        e
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.rx = None;
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

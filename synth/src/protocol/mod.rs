@@ -1,0 +1,186 @@
+//! The synthesis wire protocol between `cloudlet client` and `cloudlet server`.
+//!
+//! `docs/protocol.md` is the reference: every message, field, limit and state transition. This
+//! module is its implementation, in layers:
+//!
+//! | module      | what it holds                                                                |
+//! |-------------|------------------------------------------------------------------------------|
+//! | [`messages`]| [`ClientMsg`], [`ServerMsg`] and their payload structs (serde, bincode 2)     |
+//! | [`frame`]   | framing: `u32` little-endian length + bincode payload, bounded before reading |
+//! | [`token`]   | the pre-shared [`Token`], compared in constant time                           |
+//! | [`url`]     | [`UrlPolicy`]: which URLs (and redirects) the server may fetch                |
+//! | [`server`]  | server-side pieces: handshake, head and segment assemblers                    |
+//! | [`client`]  | [`Client`]: the library behind `cloudlet client`                             |
+//!
+//! The flow of an overlay session:
+//!
+//! ```text
+//!  client                                             server
+//!    │── Hello{version, token} ─────────────────────────►│  (read with a 64 KiB limit)
+//!    │◄──────────────────────── HelloOk{session_id} ─────│  or Refused{reason}, then close
+//!    │── StartOverlay{file_len, head_len, ports} ───────►│
+//!    │── Head{offset, bytes} … (header + metadata) ─────►│  validated with format::Overlay
+//!    │◄───────────────────────── Accepted{base_id} ──────│  or Refused{UnknownBase}
+//!    │── Segment{index, offset, bytes} … in order ──────►│
+//!    │◄──────────────────────── NeedSegment{index} ──────│  on demand: jumps the queue
+//!    │◄──────────────────── Resumed{ports, timings} ─────│  (early start: before the fill ends)
+//!    │◄───────────────────── FillDone{timings, stats} ───│
+//!    │── Finish ────────────────────────────────────────►│
+//!    │◄──────────────────────────────────── Closed ──────│
+//! ```
+//!
+//! Every length read from the network is checked against a limit before anything is
+//! allocated for it, and authentication happens before any large frame is accepted.
+
+pub mod client;
+pub mod frame;
+pub mod messages;
+pub mod server;
+pub mod token;
+pub mod url;
+
+pub use client::{Client, ClientEvent, ClientOptions, Outcome, SessionRequest, StopHandle};
+pub use frame::{
+    decode_msg, encode_msg, read_frame, read_msg, read_msg_before, write_msg, TimeoutStream,
+};
+pub use messages::{
+    ClientMsg, FillInfo, PortMapping, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings,
+};
+pub use token::Token;
+pub use url::UrlPolicy;
+
+use std::time::Duration;
+
+/// Version of this protocol. A server refuses a `Hello` carrying any other version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// TCP port the server listens on by default (the original elijah-provisioning's).
+pub const DEFAULT_PORT: u16 = 8021;
+/// Largest frame payload accepted before authentication (`Hello`, `HelloOk`, `Refused`).
+pub const HANDSHAKE_FRAME_MAX: u32 = 64 << 10;
+/// Largest frame payload accepted after authentication, in both directions.
+pub const FRAME_MAX: u32 = 16 << 20;
+/// Largest byte payload of one `Head` or `Segment` part.
+pub const MAX_PART_LEN: usize = 8 << 20;
+/// Part size the client uses unless told otherwise.
+pub const DEFAULT_PART_LEN: usize = 1 << 20;
+/// Largest token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Largest URL, in bytes.
+pub const MAX_URL_LEN: usize = 4096;
+/// Most guest ports one session may ask for.
+pub const MAX_GUEST_PORTS: usize = 64;
+/// Longest free-text reason or stats string a peer should send (longer ones are cut).
+pub const MAX_TEXT_LEN: usize = 16 << 10;
+/// Largest compressed segment accepted on the wire (twice the largest decoded segment).
+pub const MAX_SEGMENT_WIRE_LEN: u64 = 2 * crate::format::MAX_SEGMENT_RAW_LEN;
+/// Each side sends `Keepalive` when it has sent nothing else for this long, whatever it is
+/// receiving.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A peer silent for this long is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a new connection has to complete its `Hello`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the protocol layer, on either side. Every variant names the failed step.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// No address of the server accepted a connection.
+    #[error("Connecting to {addr} failed")]
+    Connect {
+        /// Address asked for.
+        addr: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading from the socket failed.
+    #[error("Reading a frame failed")]
+    Read(#[source] std::io::Error),
+    /// Writing to the socket failed.
+    #[error("Writing a frame failed")]
+    Write(#[source] std::io::Error),
+    /// The peer said nothing before the read timeout or deadline.
+    #[error("Timed out waiting for the peer{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Timeout {
+        /// Whether part of a frame had been read (the stream is then out of step and unusable).
+        mid_frame: bool,
+    },
+    /// The peer closed the connection between frames.
+    #[error("The peer closed the connection")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("Connection closed mid-frame: {got} of {expected} bytes received")]
+    Truncated {
+        /// Bytes of the frame (length prefix included) expected.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// A frame longer than the limit in force; nothing was allocated for it.
+    #[error("Frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// Length announced (or encoded).
+        len: u64,
+        /// Limit in force.
+        limit: u32,
+    },
+    /// A frame of length zero.
+    #[error("Empty frame")]
+    EmptyFrame,
+    /// The payload is not a valid message.
+    #[error("Message does not decode: {0}")]
+    Decode(String),
+    /// The payload has bytes left after the message.
+    #[error("Message has {0} undecoded trailing bytes")]
+    TrailingBytes(usize),
+    /// A message could not be encoded.
+    #[error("Message does not encode: {0}")]
+    Encode(String),
+    /// A message that is valid but not allowed at this point of the session.
+    #[error("Unexpected message: expected {expected}, got {got}")]
+    Unexpected {
+        /// What the state allows.
+        expected: &'static str,
+        /// What arrived.
+        got: String,
+    },
+    /// The peer (or this side) refused the session or ended it with an error.
+    #[error("Refused: {0}")]
+    Refused(RefuseReason),
+    /// The overlay to send does not open.
+    #[error("Opening the overlay to send failed")]
+    Overlay(#[from] crate::format::FormatError),
+    /// Reading the overlay to send failed.
+    #[error("Reading the overlay to send failed")]
+    Source(#[from] crate::source::SourceError),
+    /// The token file does not read.
+    #[error("Reading the token file {path} failed")]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A token that is empty or longer than [`MAX_TOKEN_LEN`].
+    #[error("Token must be 1 to {MAX_TOKEN_LEN} bytes, not {0}")]
+    TokenLength(usize),
+    /// The client was used after its session ended.
+    #[error("The session has already ended")]
+    SessionEnded,
+    /// A background thread could not be started.
+    #[error("Starting the {0} thread failed")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// Cuts `s` to at most [`MAX_TEXT_LEN`] bytes on a character boundary.
+pub fn clip_text(mut s: String) -> String {
+    if s.len() > MAX_TEXT_LEN {
+        let mut end = MAX_TEXT_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
