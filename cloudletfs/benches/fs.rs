@@ -1,0 +1,426 @@
+//! Whole-filesystem benchmarks of cloudletfs (`cargo bench -p cloudletfs --bench fs`), printed
+//! as markdown tables for BENCHMARKS.md:
+//!
+//! 1. base-only sequential (1 MiB) and random (4 KiB) reads through cloudletfs vs the base
+//!    file itself, cold cache, same run;
+//! 2. first read of a pending chunk (local overlay, no background filler), p50/p99, xz and zstd;
+//! 3. RSS of the `cloudletfs` daemon serving sparse images (1 GiB + 256 MiB and 8 GiB + 2 GiB).
+//!
+//! Env: `CLOUDLETFS_BENCH_DIR` (scratch folder, default /var/tmp), `CLOUDLETFS_BENCH_GIB`
+//! (size of the throughput base, default 1).
+
+#![allow(missing_docs, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+use cloudlet_e2e::{fill_chunk, Rng};
+use cloudletfs::{mount, MountOptions, OverlaySource};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use synth::codec::Codec;
+use synth::create::{create_overlay, CreateOptions, CustomImages};
+use synth::registry::{AddBase, Base, Registry};
+
+const MIB: u64 = 1 << 20;
+
+fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn scratch() -> tempfile::TempDir {
+    let base = std::env::var("CLOUDLETFS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    tempfile::tempdir_in(base).expect("scratch dir")
+}
+
+/// Writes a file of `size` bytes: random chunks, or sparse if `sparse`.
+fn write_image(path: &Path, size: u64, seed: u64, sparse: bool) {
+    let f = File::create(path).expect("create");
+    f.set_len(size).expect("set_len");
+    if sparse {
+        return;
+    }
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut off = 0;
+    while off < size {
+        for c in buf.chunks_mut(4096) {
+            fill_chunk(&mut rng, c);
+        }
+        let n = (size - off).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], off).expect("write");
+        off += n as u64;
+    }
+}
+
+/// A base registered from `disk` and `memory` (linked, not copied).
+fn add_base(dir: &Path, disk: &Path, memory: &Path) -> (Registry, Base) {
+    let reg = Registry::open(&dir.join("home")).expect("registry");
+    let req = AddBase {
+        disk: disk.into(),
+        memory: memory.into(),
+        link: true,
+        threads: 2,
+        ..Default::default()
+    };
+    let base = reg.add(&req, &Default::default()).expect("add base");
+    (reg, base)
+}
+
+/// A custom VM: copies of the base (reflinked/sparse via `cp --sparse=always`) with `chunks`
+/// random new chunks in each image; returns its overlay.
+fn make_overlay(
+    dir: &Path,
+    base: &Base,
+    chunks: u64,
+    codec: Codec,
+    segment: usize,
+    seed: u64,
+) -> PathBuf {
+    let cd = dir.join(format!("custom-disk-{seed}.img"));
+    let cm = dir.join(format!("custom-memory-{seed}.img"));
+    for (src, dst) in [(base.disk_path(), &cd), (base.memory_path(), &cm)] {
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&src)
+            .arg(dst)
+            .status()
+            .expect("cp");
+        assert!(st.success());
+    }
+    let mut rng = Rng::new(seed);
+    let mut picked = [Vec::new(), Vec::new()];
+    for (i, p) in [&cd, &cm].into_iter().enumerate() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .expect("open custom");
+        let n = f.metadata().expect("meta").len() / 4096;
+        let mut c = vec![0u8; 4096];
+        for _ in 0..chunks {
+            let k = rng.below(n);
+            loop {
+                fill_chunk(&mut rng, &mut c);
+                if c.iter().any(|&b| b != 0) {
+                    break;
+                }
+            }
+            c[0] ^= 0x5a;
+            f.write_all_at(&c, k * 4096).expect("write chunk");
+            picked[i].push(k);
+        }
+        picked[i].sort_unstable();
+        picked[i].dedup();
+    }
+    let custom = CustomImages {
+        disk: cd,
+        memory: cm,
+        device_state: None,
+    };
+    let out = dir.join(format!("overlay-{seed}.cld"));
+    let opts = CreateOptions {
+        codec,
+        level: codec.default_level(),
+        segment_size: segment,
+        threads: 2,
+        disk_chunks: Some(picked[0].clone()),
+        memory_chunks: Some(picked[1].clone()),
+        ..Default::default()
+    };
+    let index = base.index().expect("index");
+    create_overlay(base, &index, &custom, &out, &opts, &Default::default())
+        .expect("create overlay");
+    out
+}
+
+fn seq_read(path: &Path) -> f64 {
+    drop_caches();
+    let mut f = File::open(path).expect("open");
+    let mut buf = vec![0u8; MIB as usize];
+    let t = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn rand_read(path: &Path, size: u64, n: usize) -> f64 {
+    drop_caches();
+    let f = File::open(path).expect("open");
+    let mut rng = Rng::new(99);
+    let mut buf = vec![0u8; 4096];
+    let t = Instant::now();
+    for _ in 0..n {
+        let off = rng.below(size / 4096) * 4096;
+        f.read_exact_at(&mut buf, off).expect("pread");
+    }
+    (n as f64 * 4096.0) / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn throughput() {
+    let gib: u64 = std::env::var("CLOUDLETFS_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let dir = scratch();
+    let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
+    write_image(&disk, gib << 30, 1, false);
+    write_image(&mem, 64 * MIB, 2, false);
+    let (_reg, base) = add_base(dir.path(), &disk, &mem);
+    let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
+    let size = gib << 30;
+    let n = 20_000;
+    // Direct reads first, with nothing mapping the base (mapped pages survive drop_caches).
+    let (sd, rd) = (
+        seq_read(&base.disk_path()),
+        rand_read(&base.disk_path(), size, n),
+    );
+    // A fresh mount per measurement, for the same reason.
+    let through = |f: &dyn Fn(&Path) -> f64| {
+        let mnt = scratch();
+        let mut o = MountOptions::new(
+            base.clone(),
+            OverlaySource::Path(overlay.clone()),
+            mnt.path(),
+        );
+        o.cache_dir = Some(dir.path().into());
+        let m = mount(o).expect("mount");
+        let r = f(&mnt.path().join("disk/image"));
+        drop(m);
+        r
+    };
+    let sf = through(&|p| seq_read(p));
+    let rf = through(&|p| rand_read(p, size, n));
+    println!("### Base-only reads, cold cache ({gib} GiB base disk, 16 changed chunks)\n");
+    println!("| read | direct (base file) | cloudletfs | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| sequential 1 MiB | {sd:.2} GB/s | {sf:.2} GB/s | {:.2} |",
+        sf / sd
+    );
+    println!(
+        "| random 4 KiB ({n} reads) | {rd:.1} MB/s | {rf:.1} MB/s | {:.2} |",
+        rf / rd
+    );
+    println!();
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn latency() {
+    println!(
+        "### First read of a pending chunk (local overlay, no background filler, O_DIRECT 4 KiB)\n"
+    );
+    println!("| codec | segment | samples | p50 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    let dir = scratch();
+    let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
+    write_image(&disk, 256 * MIB, 4, false);
+    write_image(&mem, 64 * MIB, 5, false);
+    let (_reg, base) = add_base(dir.path(), &disk, &mem);
+    let mut seed = 10;
+    for codec in [Codec::Xz, Codec::Zstd] {
+        for segment in [1usize << 20, 4 << 20] {
+            seed += 1;
+            // 6144 new chunks per image (~48 MiB in all): about 12 (4 MiB) or 48 (1 MiB) segments.
+            let overlay = make_overlay(dir.path(), &base, 6_144, codec, segment, seed);
+            let ov = cloudlet_e2e::open_overlay(&overlay).expect("open");
+            let meta = ov.metadata();
+            let mnt = scratch();
+            let mut o = MountOptions::new(
+                base.clone(),
+                OverlaySource::Path(overlay.clone()),
+                mnt.path(),
+            );
+            o.cache_dir = Some(dir.path().into());
+            o.background_fill = false;
+            let m = mount(o).expect("mount");
+            drop_caches();
+            let files = [
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(mnt.path().join("disk/image"))
+                    .expect("open"),
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(mnt.path().join("memory/image"))
+                    .expect("open"),
+            ];
+            let mut buf = vec![0u8; 4096];
+            let mut samples = Vec::new();
+            for s in &meta.segments {
+                // The first payload chunk of each segment: certainly still pending.
+                let Some(&(kind, chunk)) = s.chunks.first() else {
+                    continue;
+                };
+                let f = &files[usize::from(kind == synth::ImageKind::Memory)];
+                let t = Instant::now();
+                f.read_exact_at(&mut buf, chunk * 4096).expect("read");
+                samples.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let n = samples.len();
+            let (p50, p99) = (
+                percentile(&mut samples, 0.5),
+                percentile(&mut samples, 0.99),
+            );
+            let max = samples.last().copied().unwrap_or(0.0);
+            println!(
+                "| {} | {} MiB | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |",
+                codec.name(),
+                segment >> 20
+            );
+            drop(files);
+            drop(m);
+        }
+    }
+    println!();
+}
+
+fn rss_kib(pid: u32) -> (u64, u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("RssAnon:"), get("RssFile:"))
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let want = p.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn read_span(path: &Path, len: u64) {
+    let f = File::open(path).expect("open");
+    let mut buf = vec![0u8; MIB as usize];
+    let size = f.metadata().expect("meta").len();
+    let step = (size / (len / MIB)).max(MIB) / MIB * MIB;
+    let mut off = 0;
+    while off < size {
+        f.read_exact_at(&mut buf, off).expect("read");
+        off += step;
+    }
+}
+
+fn rss() {
+    println!(
+        "### Daemon RSS (sparse base images, 8192 changed chunks per image, background fill on)\n"
+    );
+    println!("| images | after mount | after background fill | after reading 1 GiB spread over both | of which anon / file |");
+    println!("|---|---|---|---|---|");
+    for (disk_gib, mem_mib) in [(1u64, 256u64), (8, 2048)] {
+        let dir = scratch();
+        let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
+        write_image(&disk, disk_gib << 30, 0, true);
+        write_image(&mem, mem_mib * MIB, 0, true);
+        let (_reg, base) = add_base(dir.path(), &disk, &mem);
+        let overlay = make_overlay(dir.path(), &base, 8192, Codec::Zstd, 4 << 20, 77);
+        let mnt = scratch();
+        let mnt_path = mnt.path().canonicalize().expect("canon");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletfs"))
+            .arg(&base.record.id)
+            .arg(&overlay)
+            .arg(&mnt_path)
+            .arg("--home")
+            .arg(dir.path().join("home"))
+            .arg("--cache-dir")
+            .arg(dir.path())
+            .arg("--foreground")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon");
+        let t = Instant::now();
+        while !is_mounted(&mnt_path) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "daemon did not mount"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id();
+        let a = rss_kib(pid).0;
+        let t = Instant::now();
+        loop {
+            let s = std::fs::read_to_string(mnt_path.join("disk/stats")).unwrap_or_default();
+            if s.contains("\"filler_done\": true") || t.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let b = rss_kib(pid).0;
+        read_span(&mnt_path.join("disk/image"), 768 * MIB);
+        read_span(&mnt_path.join("memory/image"), 256 * MIB);
+        let (c, anon, file) = rss_kib(pid);
+        println!(
+            "| {disk_gib} GiB + {mem_mib} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} / {:.1} MiB |",
+            a as f64 / 1024.0,
+            b as f64 / 1024.0,
+            c as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0
+        );
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    println!();
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    println!(
+        "## cloudletfs benchmarks — {} — {} cores, {cpu}\n",
+        String::from_utf8_lossy(&date).trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("throughput") {
+        throughput();
+    }
+    if run("latency") {
+        latency();
+    }
+    if run("rss") {
+        rss();
+    }
+}

@@ -1,0 +1,342 @@
+//! Segment fetching: a priority queue where demand requests (a read waiting for a chunk) jump
+//! ahead of the background filler.
+//!
+//! - Demand workers (`fetch_threads` of them) only take demand requests, so a demand never
+//!   waits behind a background decode.
+//! - One background filler first rebuilds the overlay chunks that need no segment (zeros, base
+//!   references), then walks the segments in overlay order, always taking a queued demand
+//!   first. When it reaches the end (retrying transiently failed segments a few times), it
+//!   stops: nothing more is fetched unless a read asks.
+//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`], then
+//!   rebuilds and verifies every chunk in it (and every self reference to them) into the cache
+//!   file via [`crate::serve::Core::rebuild`]. Decoded segments are dropped right after.
+//!
+//! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
+
+use crate::serve::{chain, Core};
+use crate::stats::FetchStats;
+use log::{debug, info, warn};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use synth::format::FormatError;
+use synth::resolve::Resolver;
+use synth::ImageKind;
+
+/// Background passes over the segments (the later ones only retry failed fetches).
+const FILLER_PASSES: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegStatus {
+    Idle,
+    Queued,
+    InFlight,
+    Done,
+    Corrupt,
+}
+
+#[derive(Debug)]
+struct Sched {
+    status: Vec<SegStatus>,
+    failures: Vec<u32>,
+    demand: VecDeque<u32>,
+    next_bg: usize,
+    passes: u32,
+    shutdown: bool,
+    stats: FetchStats,
+}
+
+/// The segment queue.
+#[derive(Debug)]
+pub struct FetchQueue {
+    sched: Mutex<Sched>,
+    cv: Condvar,
+    filled: Condvar,
+}
+
+/// What a worker is allowed to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Demand,
+    Filler,
+}
+
+impl FetchQueue {
+    /// A queue over `segments` segments.
+    pub fn new(segments: usize) -> Self {
+        FetchQueue {
+            sched: Mutex::new(Sched {
+                status: vec![SegStatus::Idle; segments],
+                failures: vec![0; segments],
+                demand: VecDeque::new(),
+                next_bg: 0,
+                passes: 0,
+                shutdown: false,
+                stats: FetchStats {
+                    segments: segments as u64,
+                    ..Default::default()
+                },
+            }),
+            cv: Condvar::new(),
+            filled: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sched> {
+        match self.sched.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Asks for `segment` at top priority (no-op if queued, in flight, done or corrupt).
+    pub fn demand(&self, segment: u32) {
+        let mut s = self.lock();
+        let Ok(i) = usize::try_from(segment) else {
+            return;
+        };
+        if s.status.get(i) == Some(&SegStatus::Idle) {
+            s.status[i] = SegStatus::Queued;
+            s.demand.push_back(segment);
+            drop(s);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Failed fetch attempts of `segment` so far.
+    pub fn failures(&self, segment: u32) -> u32 {
+        let s = self.lock();
+        usize::try_from(segment)
+            .ok()
+            .and_then(|i| s.failures.get(i).copied())
+            .unwrap_or(0)
+    }
+
+    /// Whether `segment` was found corrupt.
+    pub fn is_corrupt(&self, segment: u32) -> bool {
+        let s = self.lock();
+        usize::try_from(segment).ok().and_then(|i| s.status.get(i)) == Some(&SegStatus::Corrupt)
+    }
+
+    /// Stops the workers.
+    pub fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.cv.notify_all();
+        self.filled.notify_all();
+    }
+
+    /// A snapshot of the fetch counters.
+    pub fn stats(&self) -> FetchStats {
+        self.lock().stats.clone()
+    }
+
+    /// Waits until the background filler has finished, or `timeout` passes; returns whether
+    /// it finished.
+    pub fn wait_filled(&self, timeout: Option<std::time::Duration>) -> bool {
+        let g = self.lock();
+        let done = |s: &mut Sched| !s.stats.filler_done && !s.shutdown;
+        match timeout {
+            Some(t) => match self.filled.wait_timeout_while(g, t, done) {
+                Ok((g, _)) => g.stats.filler_done,
+                Err(_) => false,
+            },
+            None => self
+                .filled
+                .wait_while(g, done)
+                .map(|g| g.stats.filler_done)
+                .unwrap_or(false),
+        }
+    }
+
+    /// Next segment for a worker, blocking; `None` on shutdown. The bool says "demand".
+    fn next(&self, role: Role) -> Option<(u32, bool)> {
+        let mut s = self.lock();
+        loop {
+            if s.shutdown {
+                return None;
+            }
+            if let Some(seg) = s.demand.pop_front() {
+                if let Some(st) = usize::try_from(seg).ok().and_then(|i| s.status.get_mut(i)) {
+                    *st = SegStatus::InFlight;
+                }
+                return Some((seg, true));
+            }
+            if role == Role::Filler && !s.stats.filler_done {
+                let n = s.status.len();
+                while s.next_bg < n && s.status[s.next_bg] != SegStatus::Idle {
+                    s.next_bg += 1;
+                }
+                if s.next_bg < n {
+                    let i = s.next_bg;
+                    s.status[i] = SegStatus::InFlight;
+                    s.next_bg += 1;
+                    if let Ok(seg) = u32::try_from(i) {
+                        return Some((seg, false));
+                    }
+                    continue;
+                }
+                s.passes += 1;
+                let retry = s.status.contains(&SegStatus::Idle);
+                if retry && s.passes < FILLER_PASSES {
+                    s.next_bg = 0;
+                    continue;
+                }
+                if s.status.iter().all(|&st| st != SegStatus::InFlight) {
+                    s.stats.filler_done = true;
+                    info!(
+                        "background filler finished ({} segments done)",
+                        s.stats.segments_done
+                    );
+                    self.filled.notify_all();
+                }
+            }
+            s = match self.cv.wait(s) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    fn finish(&self, segment: u32, outcome: Outcome, bytes: u64) {
+        let mut s = self.lock();
+        let Ok(i) = usize::try_from(segment) else {
+            return;
+        };
+        let status = match outcome {
+            Outcome::Done => {
+                s.stats.segments_done += 1;
+                s.stats.bytes_fetched += bytes;
+                SegStatus::Done
+            }
+            Outcome::Corrupt => {
+                s.stats.segments_corrupt += 1;
+                SegStatus::Corrupt
+            }
+            Outcome::Failed => {
+                s.stats.fetch_failures += 1;
+                if let Some(f) = s.failures.get_mut(i) {
+                    *f += 1;
+                }
+                SegStatus::Idle
+            }
+        };
+        if let Some(st) = s.status.get_mut(i) {
+            *st = status;
+        }
+        drop(s);
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Done,
+    Corrupt,
+    Failed,
+}
+
+/// Starts `demand_threads` demand workers and, if `background`, the background filler.
+pub fn spawn_workers(
+    core: &Arc<Core>,
+    demand_threads: usize,
+    background: bool,
+) -> Vec<JoinHandle<()>> {
+    let mut handles = Vec::new();
+    for i in 0..demand_threads.max(1) {
+        let core = Arc::clone(core);
+        let h = std::thread::Builder::new()
+            .name(format!("fetch-{i}"))
+            .spawn(move || worker(&core, Role::Demand));
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => warn!("starting fetch worker {i} failed: {e}"),
+        }
+    }
+    if background {
+        let core = Arc::clone(core);
+        match std::thread::Builder::new()
+            .name("filler".into())
+            .spawn(move || {
+                fill_local(&core);
+                worker(&core, Role::Filler);
+            }) {
+            Ok(h) => handles.push(h),
+            Err(e) => warn!("starting the background filler failed: {e}"),
+        }
+    }
+    handles
+}
+
+/// Rebuilds the overlay chunks that need no segment (zeros, references to the base).
+fn fill_local(core: &Core) {
+    let resolver = Resolver::new(&core.meta, &core.base);
+    let mut n = 0u64;
+    for kind in ImageKind::ALL {
+        for e in &core.meta.image(kind).chunks {
+            if core.is_shut_down() {
+                return;
+            }
+            if resolver.needed_segment(kind, e).is_none()
+                && core.rebuild(kind, e, None, false).is_ok()
+            {
+                n += 1;
+            }
+        }
+    }
+    core.waiter.notify();
+    debug!("background filler: {n} local chunks rebuilt");
+}
+
+fn worker(core: &Core, role: Role) {
+    while let Some((seg, demand)) = core.queue.next(role) {
+        run_segment(core, seg, demand);
+    }
+}
+
+fn run_segment(core: &Core, seg: u32, demand: bool) {
+    let Ok(i) = usize::try_from(seg) else { return };
+    let Some(entry) = core.meta.segments.get(i) else {
+        return;
+    };
+    debug!(
+        "fetching segment {seg} ({} bytes, {})",
+        entry.length,
+        if demand { "demand" } else { "background" }
+    );
+    let outcome = match core.overlay.read_segment(i) {
+        Ok(data) => {
+            for &(kind, chunk) in &entry.chunks {
+                let targets = std::iter::once((kind, chunk)).chain(
+                    core.referrers
+                        .get(&(kind, chunk))
+                        .into_iter()
+                        .flatten()
+                        .copied(),
+                );
+                for (k, c) in targets {
+                    if let Some(e) = core.meta.image(k).find(c) {
+                        if let Err(err) = core.rebuild(k, e, Some(&data), demand) {
+                            debug!("segment {seg}: {} chunk {c}: {err}", k.name());
+                        }
+                        // A reader waits on one chunk: let it go as soon as that one is in.
+                        if demand {
+                            core.waiter.notify();
+                        }
+                    }
+                }
+            }
+            Outcome::Done
+        }
+        Err(e @ FormatError::Source(_)) => {
+            warn!("fetching segment {seg} failed: {}", chain(&e));
+            Outcome::Failed
+        }
+        Err(e) => {
+            log::error!("segment {seg} is corrupt: {}", chain(&e));
+            core.fail_segment(i, &e);
+            Outcome::Corrupt
+        }
+    };
+    core.queue.finish(seg, outcome, entry.length);
+    core.waiter.notify();
+}

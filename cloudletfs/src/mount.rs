@@ -1,0 +1,373 @@
+//! Mounting: [`mount`] opens the overlay (local file or URL), checks it against the base, builds
+//! the [`Core`], starts the fetch workers and the FUSE session, and returns a [`Mounted`]
+//! handle that unmounts on drop.
+
+use crate::error::MountError;
+use crate::fetch::spawn_workers;
+use crate::fs::{spawn_reaper, CloudletFs};
+use crate::http::{HttpOptions, HttpSource};
+use crate::serve::{BaseImages, Core, CoreParts};
+use crate::stats::Stats;
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use log::info;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use synth::chunk::chunk_count;
+use synth::format::Overlay;
+use synth::registry::Base;
+use synth::source::{ByteSource, FileSource};
+use synth::ImageKind;
+
+/// Where the overlay comes from.
+#[derive(Clone)]
+pub enum OverlaySource {
+    /// A local overlay file.
+    Path(PathBuf),
+    /// An `http://` or `https://` URL, read with Range requests.
+    Url(String),
+    /// Any byte source (tests use slow or failing sources).
+    Source(Arc<dyn ByteSource>),
+}
+
+impl std::fmt::Debug for OverlaySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OverlaySource::Path(p) => write!(f, "Path({})", p.display()),
+            OverlaySource::Url(u) => write!(f, "Url({u})"),
+            OverlaySource::Source(_) => write!(f, "Source(..)"),
+        }
+    }
+}
+
+impl OverlaySource {
+    /// A URL if `s` starts with `http://` or `https://`, else a path.
+    pub fn parse(s: &str) -> Self {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            OverlaySource::Url(s.to_string())
+        } else {
+            OverlaySource::Path(PathBuf::from(s))
+        }
+    }
+}
+
+/// Everything a mount needs.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// The base VM (from the registry).
+    pub base: Base,
+    /// The overlay.
+    pub overlay: OverlaySource,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Persistent copy-on-write state (survives a crash); `None`: state lives in unlinked
+    /// temporary files.
+    pub state_dir: Option<PathBuf>,
+    /// Folder for the (unlinked) cache files of rebuilt chunks; default: the system temp dir.
+    pub cache_dir: Option<PathBuf>,
+    /// Demand fetch workers.
+    pub fetch_threads: usize,
+    /// FUSE worker threads (at least 4: reads of pending chunks block one while they wait).
+    pub fuse_threads: usize,
+    /// Whether the background filler fetches the whole overlay.
+    pub background_fill: bool,
+    /// HTTP timeouts and retries.
+    pub http: HttpOptions,
+    /// Longest a read waits for a pending chunk before EIO.
+    pub wait_timeout: Duration,
+    /// `allow_other` (so e.g. libvirt's qemu user can open the images).
+    pub allow_other: bool,
+    /// Unmount automatically when the process dies (needs `fusermount3`).
+    pub auto_unmount: bool,
+}
+
+impl MountOptions {
+    /// Options with defaults: 2 demand fetchers, 8 FUSE threads, background fill on,
+    /// `allow_other` and auto-unmount on.
+    pub fn new(base: Base, overlay: OverlaySource, mountpoint: impl Into<PathBuf>) -> Self {
+        MountOptions {
+            base,
+            overlay,
+            mountpoint: mountpoint.into(),
+            state_dir: None,
+            cache_dir: None,
+            fetch_threads: 2,
+            fuse_threads: 8,
+            background_fill: true,
+            http: HttpOptions::default(),
+            wait_timeout: Duration::from_secs(120),
+            allow_other: true,
+            auto_unmount: true,
+        }
+    }
+}
+
+/// One of the traces cloudletfs keeps per image (also readable as `*/streams/chunks_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trace {
+    /// Chunks read or written.
+    Accessed,
+    /// Chunks written.
+    Modified,
+    /// Chunks discarded (punched).
+    Discarded,
+}
+
+/// A mounted cloudletfs; unmounts on drop.
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+    core: Arc<Core>,
+    workers: Vec<JoinHandle<()>>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_source(src: &OverlaySource, http: &HttpOptions) -> Result<Arc<dyn ByteSource>, MountError> {
+    Ok(match src {
+        OverlaySource::Path(p) => {
+            Arc::new(FileSource::open(p).map_err(|source| MountError::Io {
+                action: "Opening",
+                path: p.clone(),
+                source,
+            })?)
+        }
+        OverlaySource::Url(u) => Arc::new(HttpSource::open(u, http.clone())?),
+        OverlaySource::Source(s) => Arc::clone(s),
+    })
+}
+
+/// Mounts the VM described by `opts`.
+pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::FuseUnavailable(
+            "/dev/fuse does not exist".into(),
+        ));
+    }
+    let source = open_source(&opts.overlay, &opts.http)?;
+    let overlay = Overlay::open(source)?;
+    let base = BaseImages::open(&opts.base.disk_path(), &opts.base.memory_path())?;
+    overlay.check_base(
+        &opts.base.id(),
+        chunk_count(base.bytes(ImageKind::Disk).len() as u64),
+        chunk_count(base.bytes(ImageKind::Memory).len() as u64),
+    )?;
+    let tmp = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let core = Arc::new(Core::new(CoreParts {
+        overlay,
+        base,
+        base_id: opts.base.id(),
+        state_dir: opts.state_dir.as_deref(),
+        cache_dir: &tmp,
+        wait_timeout: opts.wait_timeout,
+    })?);
+    let mut mount_options = vec![
+        MountOption::FSName("cloudletfs".into()),
+        MountOption::Subtype("cloudletfs".into()),
+    ];
+    if opts.auto_unmount {
+        mount_options.push(MountOption::AutoUnmount);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.fuse_threads.max(4));
+    config.clone_fd = true;
+    let mut workers = spawn_workers(&core, opts.fetch_threads, opts.background_fill);
+    workers.extend(spawn_reaper(&core));
+    let fs = CloudletFs::new(Arc::clone(&core));
+    let session = match fuser::spawn_mount(fs, &opts.mountpoint, &config) {
+        Ok(s) => s,
+        Err(source) => {
+            core.shutdown();
+            for w in workers {
+                let _ = w.join();
+            }
+            return Err(match source.raw_os_error() {
+                Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                    MountError::FuseUnavailable(source.to_string())
+                }
+                _ => MountError::Mount {
+                    path: opts.mountpoint.clone(),
+                    source,
+                },
+            });
+        }
+    };
+    raise_readahead(&opts.mountpoint);
+    info!(
+        "mounted {} (disk {} B, memory {} B, {} segments) on {}",
+        opts.base.record.id,
+        core.image(ImageKind::Disk).size,
+        core.image(ImageKind::Memory).size,
+        core.meta.segments.len(),
+        opts.mountpoint.display()
+    );
+    Ok(Mounted {
+        session: Some(session),
+        core,
+        workers,
+        mountpoint: opts.mountpoint,
+    })
+}
+
+impl Mounted {
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Every chunk of `image` in the trace `trace`, ascending.
+    pub fn trace(&self, image: ImageKind, trace: Trace) -> Vec<u64> {
+        let img = self.core.image(image);
+        match trace {
+            Trace::Accessed => img.accessed.members(),
+            Trace::Modified => img.modified.members(),
+            Trace::Discarded => img.discarded.members(),
+        }
+    }
+
+    /// Chunks of both images in the order they were first read or written, at most `limit`.
+    pub fn access_order(&self, limit: usize) -> Vec<(ImageKind, u64)> {
+        let mut v = self.core.first_touch_order();
+        v.truncate(limit);
+        v
+    }
+
+    /// A snapshot of all counters.
+    pub fn stats(&self) -> Stats {
+        self.core.stats()
+    }
+
+    /// Waits until the background filler has finished (`None`: no limit); returns whether
+    /// every overlay chunk is now rebuilt (or failed verification).
+    pub fn wait_filled(&self, timeout: Option<Duration>) -> bool {
+        self.core.queue.wait_filled(timeout) && self.core.pending() == 0
+    }
+
+    /// Whether the FUSE session is still running (false after an external `umount`).
+    pub fn is_alive(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Makes the modified/discarded state of both images durable.
+    pub fn sync(&self) -> Result<(), crate::ServeError> {
+        self.core.sync(ImageKind::Disk)?;
+        self.core.sync(ImageKind::Memory)
+    }
+
+    /// Unmounts and stops every worker.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), MountError> {
+        // Parked stream reads would keep the session busy: end them first.
+        self.core.close_streams();
+        // fuser's own unmount relies on fusermount3's auto-unmount helper, which was seen to
+        // exit without unmounting; detach the mount ourselves. Files still open keep working
+        // until closed (lazy unmount), so the session is joined only if it ends promptly.
+        let r = lazy_unmount(&self.mountpoint).map_err(|source| MountError::Unmount {
+            path: self.mountpoint.clone(),
+            source,
+        });
+        if let Some(s) = self.session.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !s.guard.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if s.guard.is_finished() {
+                if let Err(e) = s.join() {
+                    log::warn!(
+                        "FUSE session of {} ended with: {e}",
+                        self.mountpoint.display()
+                    );
+                }
+            } else {
+                log::warn!(
+                    "{}: files are still open; the FUSE session ends when they are closed",
+                    self.mountpoint.display()
+                );
+            }
+        }
+        self.core.shutdown();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let _ = self.core.sync(ImageKind::Disk);
+        let _ = self.core.sync(ImageKind::Memory);
+        if r.is_ok() {
+            info!("unmounted {}", self.mountpoint.display());
+        }
+        r
+    }
+}
+
+/// Raises the mount's bdi readahead to [`MAX_READAHEAD`](crate::fs::MAX_READAHEAD): the kernel
+/// caps the `init` value at the bdi default (128 KiB). Needs root; failure only costs speed.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&p, (crate::fs::MAX_READAHEAD / 1024).to_string()) {
+        Ok(()) => log::debug!("{p} set to {} KiB", crate::fs::MAX_READAHEAD / 1024),
+        Err(e) => log::debug!("raising readahead via {p} failed: {e}"),
+    }
+}
+
+/// Detaches the mount at `path` (`umount2(MNT_DETACH)`, or `fusermount3 -u -z` when not root).
+fn lazy_unmount(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        Some(libc::EPERM) => {
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(path)
+                .status()?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "fusermount3 -u failed: {st}"
+                )))
+            }
+        }
+        _ => Err(e),
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            if let Err(e) = self.stop() {
+                log::warn!("{}", crate::serve::chain(&e));
+            }
+        }
+    }
+}

@@ -1,0 +1,750 @@
+//! Serving one image: reads, writes and discards assembled chunk by chunk from the base mmap,
+//! the cache file of rebuilt overlay chunks, the copy-on-write store or zeros, according to
+//! the chunk map.
+//!
+//! [`Core`] ties the pieces together and is shared (through an `Arc`) by the FUSE threads and
+//! the fetch workers.
+
+use crate::chunkmap::{ChunkMap, ChunkState, Waiter};
+use crate::error::{MountError, ServeError};
+use crate::fetch::FetchQueue;
+use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
+use crate::store::Store;
+use crate::streams::Stream;
+use log::{debug, error};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use synth::chunk::{chunk_count, is_zero, CHUNK_SIZE, CHUNK_SIZE_U64};
+use synth::format::{ChunkEntry, ChunkSource, FormatError, Metadata, Overlay};
+use synth::resolve::{BaseReader, ResolveError, Resolver};
+use synth::ImageKind;
+
+const LOCK_STRIPES: usize = 256;
+
+/// The base images, memory-mapped.
+#[derive(Debug)]
+pub struct BaseImages {
+    disk: Option<Mmap>,
+    memory: Option<Mmap>,
+}
+
+fn map_file(path: &Path) -> Result<Option<Mmap>, MountError> {
+    let io = |action| {
+        move |source| MountError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let f = File::open(path).map_err(io("Opening"))?;
+    if f.metadata().map_err(io("Reading"))?.len() == 0 {
+        return Ok(None);
+    }
+    // SAFETY: base images are immutable files of the registry: nothing writes or truncates them
+    // while they are registered, so the mapping stays valid and its bytes do not change.
+    let m = unsafe { Mmap::map(&f) }.map_err(io("Mapping"))?;
+    Ok(Some(m))
+}
+
+impl BaseImages {
+    /// Maps the two base images.
+    pub fn open(disk: &Path, memory: &Path) -> Result<Self, MountError> {
+        Ok(BaseImages {
+            disk: map_file(disk)?,
+            memory: map_file(memory)?,
+        })
+    }
+
+    /// The bytes of a base image.
+    pub fn bytes(&self, image: ImageKind) -> &[u8] {
+        let m = match image {
+            ImageKind::Disk => &self.disk,
+            ImageKind::Memory => &self.memory,
+        };
+        m.as_deref().unwrap_or(&[])
+    }
+
+    /// Copies base bytes at `offset` into `out`, zeros past the base's end.
+    pub fn copy(&self, image: ImageKind, offset: u64, out: &mut [u8]) {
+        let b = self.bytes(image);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+        let n = out.len().min(b.len() - start);
+        out[..n].copy_from_slice(&b[start..start + n]);
+        out[n..].fill(0);
+    }
+}
+
+impl BaseReader for BaseImages {
+    fn read_chunk(&self, image: ImageKind, chunk: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let offset = chunk.checked_mul(CHUNK_SIZE_U64).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "chunk number overflows")
+        })?;
+        self.copy(image, offset, out);
+        Ok(())
+    }
+}
+
+/// One served image.
+#[derive(Debug)]
+pub struct Image {
+    /// Which image.
+    pub kind: ImageKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Chunk states.
+    pub map: ChunkMap,
+    cache: File,
+    /// Copy-on-write store.
+    pub store: Store,
+    /// Counters.
+    pub counters: Counters,
+    /// Chunks read or written.
+    pub accessed: Stream,
+    /// Chunks written.
+    pub modified: Stream,
+    /// Chunks discarded.
+    pub discarded: Stream,
+    locks: Vec<Mutex<()>>,
+    in_overlay: u64,
+}
+
+impl Image {
+    fn lock(&self, chunk: u64) -> MutexGuard<'_, ()> {
+        let i = usize::try_from(chunk % LOCK_STRIPES as u64).unwrap_or(0);
+        match self.locks[i].lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn chunks(&self) -> u64 {
+        self.map.len()
+    }
+
+    /// A snapshot of this image's counters.
+    pub fn stats(&self) -> ImageStats {
+        let c = &self.counters;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        ImageStats {
+            image: self.kind.name().to_string(),
+            size: self.size,
+            chunks: ChunkCounts {
+                total: self.chunks(),
+                from_base: self.chunks() - self.in_overlay,
+                in_overlay: self.in_overlay,
+                pending: self.map.pending(),
+                fetched_on_demand: ld(&c.fetched_on_demand),
+                filled_in_background: ld(&c.filled_in_background),
+                modified: self.modified.count(),
+                discarded: self.discarded.count(),
+                accessed: self.accessed.count(),
+            },
+            bytes_read: ld(&c.bytes_read),
+            bytes_written: ld(&c.bytes_written),
+            wait_histogram: c.histogram(),
+            verification_failures: ld(&c.verification_failures),
+            fetch_errors: ld(&c.fetch_errors),
+        }
+    }
+}
+
+/// Bytes of a read: straight from the base mapping, or assembled.
+#[derive(Debug)]
+pub enum ReadOut<'a> {
+    /// A slice of the base mapping.
+    Borrowed(&'a [u8]),
+    /// Assembled bytes.
+    Owned(Vec<u8>),
+}
+
+impl ReadOut<'_> {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadOut::Borrowed(b) => b,
+            ReadOut::Owned(v) => v,
+        }
+    }
+}
+
+/// Everything a mounted overlay shares between FUSE threads and fetch workers.
+#[derive(Debug)]
+pub struct Core {
+    /// Overlay metadata.
+    pub meta: Arc<Metadata>,
+    /// The overlay reader.
+    pub overlay: Overlay,
+    /// Base images.
+    pub base: BaseImages,
+    images: [Image; 2],
+    /// Segment scheduling.
+    pub queue: FetchQueue,
+    /// Wakes readers waiting for pending chunks.
+    pub waiter: Waiter,
+    /// Longest a request waits for a pending chunk.
+    pub wait_timeout: Duration,
+    shutdown: AtomicBool,
+    /// Self references by target payload chunk: `(image, chunk)` → referring chunks.
+    pub referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>>,
+    /// Chunks of both images in the order they were first read or written (the working set
+    /// a new overlay stores first), up to [`FIRST_TOUCH_MAX`] entries.
+    first_touch: Mutex<Vec<(ImageKind, u64)>>,
+}
+
+/// Most first touches recorded (4 MiB of memory).
+pub const FIRST_TOUCH_MAX: usize = 1 << 18;
+
+/// What [`Core::new`] needs.
+#[derive(Debug)]
+pub struct CoreParts<'a> {
+    /// Validated overlay (checked against the base).
+    pub overlay: Overlay,
+    /// Mapped base images.
+    pub base: BaseImages,
+    /// Base id (for the state journal).
+    pub base_id: synth::Digest,
+    /// Persistent state directory.
+    pub state_dir: Option<&'a Path>,
+    /// Folder for unlinked cache and scratch files.
+    pub cache_dir: &'a Path,
+    /// Longest a request waits for a pending chunk.
+    pub wait_timeout: Duration,
+}
+
+fn padded(size: u64) -> u64 {
+    chunk_count(size) * CHUNK_SIZE_U64
+}
+
+impl Core {
+    /// Builds the chunk maps (restoring persistent state) and the cache files.
+    pub fn new(p: CoreParts<'_>) -> Result<Core, MountError> {
+        let meta = p.overlay.metadata_arc();
+        let make = |kind: ImageKind| -> Result<Image, MountError> {
+            let map_meta = meta.image(kind);
+            let size = map_meta.size;
+            let map = ChunkMap::new(chunk_count(size));
+            for e in &map_meta.chunks {
+                map.init(e.chunk, ChunkState::Pending);
+            }
+            let cache = tempfile::tempfile_in(p.cache_dir).map_err(|source| MountError::Io {
+                action: "Creating a cache file in",
+                path: p.cache_dir.to_path_buf(),
+                source,
+            })?;
+            cache
+                .set_len(padded(size))
+                .map_err(|source| MountError::Io {
+                    action: "Sizing a cache file in",
+                    path: p.cache_dir.to_path_buf(),
+                    source,
+                })?;
+            let (store, restored) =
+                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &p.base_id)?;
+            let n = chunk_count(size);
+            let img = Image {
+                kind,
+                size,
+                map,
+                cache,
+                store,
+                counters: Counters::default(),
+                accessed: Stream::new(n),
+                modified: Stream::new(n),
+                discarded: Stream::new(n),
+                locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+                in_overlay: map_meta.chunks.len() as u64,
+            };
+            for (chunk, state) in restored {
+                if chunk < n {
+                    img.map.set(chunk, state);
+                    let _ = match state {
+                        ChunkState::Discarded => img.discarded.add(chunk),
+                        _ => img.modified.add(chunk),
+                    };
+                }
+            }
+            if p.state_dir.is_some() {
+                log::info!(
+                    "{}: {} chunks restored from state",
+                    kind.name(),
+                    img.modified.count() + img.discarded.count()
+                );
+            }
+            Ok(img)
+        };
+        let images = [make(ImageKind::Disk)?, make(ImageKind::Memory)?];
+        let mut referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>> = HashMap::new();
+        for kind in ImageKind::ALL {
+            for e in &meta.image(kind).chunks {
+                if let ChunkSource::SelfRef { image, chunk } = e.source {
+                    referrers
+                        .entry((image, chunk))
+                        .or_default()
+                        .push((kind, e.chunk));
+                }
+            }
+        }
+        Ok(Core {
+            queue: FetchQueue::new(meta.segments.len()),
+            meta,
+            overlay: p.overlay,
+            base: p.base,
+            images,
+            waiter: Waiter::default(),
+            wait_timeout: p.wait_timeout,
+            shutdown: AtomicBool::new(false),
+            referrers,
+            first_touch: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The image of `kind`.
+    fn first_touched(&self, kind: ImageKind, chunk: u64) {
+        if let Ok(mut v) = self.first_touch.lock() {
+            if v.len() < FIRST_TOUCH_MAX {
+                v.push((kind, chunk));
+            }
+        }
+    }
+
+    /// Chunks in first-touch order (see [`FIRST_TOUCH_MAX`]).
+    pub fn first_touch_order(&self) -> Vec<(ImageKind, u64)> {
+        self.first_touch
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// The image of `kind`.
+    pub fn image(&self, kind: ImageKind) -> &Image {
+        match kind {
+            ImageKind::Disk => &self.images[0],
+            ImageKind::Memory => &self.images[1],
+        }
+    }
+
+    /// Stops serving: waiting requests fail, workers stop, parked stream reads end.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.queue.shutdown();
+        self.waiter.notify();
+        self.close_streams();
+    }
+
+    /// Ends every parked stream read.
+    pub fn close_streams(&self) {
+        for img in &self.images {
+            for s in [&img.accessed, &img.modified, &img.discarded] {
+                s.close_all();
+            }
+        }
+    }
+
+    /// Whether [`Core::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of all counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            disk: self.image(ImageKind::Disk).stats(),
+            memory: self.image(ImageKind::Memory).stats(),
+            fetch: self.queue.stats(),
+        }
+    }
+
+    /// Chunks of both images still pending.
+    pub fn pending(&self) -> u64 {
+        self.images.iter().map(|i| i.map.pending()).sum()
+    }
+
+    /// Rebuilds a pending chunk from `segment` (decoded) into the cache file and marks it
+    /// ready; a chunk failing verification is marked failed.
+    pub(crate) fn rebuild(
+        &self,
+        kind: ImageKind,
+        entry: &ChunkEntry,
+        segment: Option<&[u8]>,
+        demand: bool,
+    ) -> Result<(), ServeError> {
+        let img = self.image(kind);
+        if img.map.get(entry.chunk) != ChunkState::Pending {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        match Resolver::new(&self.meta, &self.base).resolve(kind, entry, segment, &mut buf) {
+            Ok(()) => {
+                if !is_zero(&buf) {
+                    let off = entry.chunk * CHUNK_SIZE_U64;
+                    img.cache
+                        .write_all_at(&buf, off)
+                        .map_err(ServeError::io("Writing the cache file"))?;
+                }
+                if img
+                    .map
+                    .transition(entry.chunk, ChunkState::Pending, ChunkState::Ready)
+                {
+                    let c = if demand {
+                        &img.counters.fetched_on_demand
+                    } else {
+                        &img.counters.filled_in_background
+                    };
+                    Counters::add(c, 1);
+                }
+                Ok(())
+            }
+            Err(ResolveError::Base { source, .. }) => Err(ServeError::Io {
+                action: "Reading the base",
+                source,
+            }),
+            Err(e) => {
+                self.fail_chunk(kind, entry.chunk, &e);
+                Err(ServeError::Corrupt {
+                    image: kind,
+                    chunk: entry.chunk,
+                })
+            }
+        }
+    }
+
+    /// Marks a pending chunk failed (verification), counting and logging it once.
+    pub(crate) fn fail_chunk(&self, kind: ImageKind, chunk: u64, why: &dyn std::error::Error) {
+        let img = self.image(kind);
+        if img
+            .map
+            .transition(chunk, ChunkState::Pending, ChunkState::Failed)
+        {
+            Counters::add(&img.counters.verification_failures, 1);
+            error!(
+                "{} chunk {chunk} failed verification: {}",
+                kind.name(),
+                chain(why)
+            );
+        }
+    }
+
+    /// The overlay entry of a chunk.
+    fn entry(&self, kind: ImageKind, chunk: u64) -> Result<&ChunkEntry, ServeError> {
+        self.meta
+            .image(kind)
+            .find(chunk)
+            .ok_or(ServeError::Inconsistent { image: kind, chunk })
+    }
+
+    /// Asks for the segment of a pending chunk without waiting.
+    fn prefetch(&self, kind: ImageKind, chunk: u64) {
+        if let Ok(e) = self.entry(kind, chunk) {
+            if let Some(seg) = Resolver::new(&self.meta, &self.base).needed_segment(kind, e) {
+                self.queue.demand(seg);
+            }
+        }
+    }
+
+    /// Waits until `chunk` is no longer pending (asking for its segment at top priority).
+    pub fn ensure_ready(&self, kind: ImageKind, chunk: u64) -> Result<(), ServeError> {
+        let img = self.image(kind);
+        let mut waiting: Option<(Instant, u32, u32)> = None;
+        let deadline = Instant::now() + self.wait_timeout;
+        loop {
+            match img.map.get(chunk) {
+                ChunkState::Pending => {}
+                ChunkState::Failed => return Err(ServeError::Corrupt { image: kind, chunk }),
+                _ => {
+                    if let Some((t, _, _)) = waiting {
+                        img.counters.record_wait(t.elapsed());
+                    }
+                    return Ok(());
+                }
+            }
+            if self.is_shut_down() {
+                return Err(ServeError::Shutdown);
+            }
+            let entry = self.entry(kind, chunk)?;
+            let Some(seg) = Resolver::new(&self.meta, &self.base).needed_segment(kind, entry)
+            else {
+                self.rebuild(kind, entry, None, true)?;
+                continue;
+            };
+            let gen = self.waiter.generation();
+            if img.map.get(chunk) != ChunkState::Pending {
+                continue;
+            }
+            match waiting {
+                None => {
+                    debug!("{} chunk {chunk}: waiting for segment {seg}", kind.name());
+                    let fails = self.queue.failures(seg);
+                    self.queue.demand(seg);
+                    waiting = Some((Instant::now(), seg, fails));
+                }
+                Some((_, s, fails)) => {
+                    if self.queue.failures(s) != fails {
+                        Counters::add(&img.counters.fetch_errors, 1);
+                        return Err(ServeError::Fetch { segment: s });
+                    }
+                    // A corrupt segment whose chunk was not marked (cannot happen) must not hang.
+                    if self.queue.is_corrupt(s) {
+                        return Err(ServeError::Corrupt { image: kind, chunk });
+                    }
+                    self.queue.demand(s);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                Counters::add(&img.counters.fetch_errors, 1);
+                return Err(ServeError::Timeout { image: kind, chunk });
+            }
+            self.waiter
+                .wait(gen, (deadline - now).min(Duration::from_millis(500)));
+        }
+    }
+
+    fn range(&self, img: &Image, offset: u64, len: u64) -> Option<(u64, u64, u64)> {
+        let end = offset.checked_add(len)?.min(img.size);
+        if offset >= end {
+            return None;
+        }
+        Some((end, offset / CHUNK_SIZE_U64, (end - 1) / CHUNK_SIZE_U64))
+    }
+
+    /// Reads up to `len` bytes at `offset` of an image.
+    pub fn read(&self, kind: ImageKind, offset: u64, len: u64) -> Result<ReadOut<'_>, ServeError> {
+        let img = self.image(kind);
+        let Some((end, first, last)) = self.range(img, offset, len) else {
+            return Ok(ReadOut::Owned(Vec::new()));
+        };
+        let mut all_base = true;
+        for c in first..=last {
+            if img.accessed.add(c) {
+                self.first_touched(img.kind, c);
+            }
+            match img.map.get(c) {
+                ChunkState::Base => {}
+                ChunkState::Pending => {
+                    all_base = false;
+                    self.prefetch(kind, c);
+                }
+                _ => all_base = false,
+            }
+        }
+        Counters::add(&img.counters.bytes_read, end - offset);
+        let base = self.base.bytes(kind);
+        if all_base && end <= base.len() as u64 {
+            let (s, e) = (usize::try_from(offset), usize::try_from(end));
+            if let (Ok(s), Ok(e)) = (s, e) {
+                return Ok(ReadOut::Borrowed(&base[s..e]));
+            }
+        }
+        let n = usize::try_from(end - offset).map_err(|_| ServeError::OutOfRange(offset))?;
+        let mut buf = vec![0u8; n];
+        let mut c = first;
+        while c <= last {
+            let st = img.map.get(c);
+            if st == ChunkState::Pending || st == ChunkState::Failed {
+                self.ensure_ready(kind, c)?;
+                continue;
+            }
+            let mut j = c + 1;
+            while j <= last && img.map.get(j) == st {
+                j += 1;
+            }
+            let lo = offset.max(c * CHUNK_SIZE_U64);
+            let hi = end.min(j * CHUNK_SIZE_U64);
+            let (a, b) = (usize::try_from(lo - offset), usize::try_from(hi - offset));
+            let (Ok(a), Ok(b)) = (a, b) else {
+                return Err(ServeError::OutOfRange(offset));
+            };
+            let out = &mut buf[a..b];
+            match st {
+                ChunkState::Base => self.base.copy(kind, lo, out),
+                ChunkState::Ready => img
+                    .cache
+                    .read_exact_at(out, lo)
+                    .map_err(ServeError::io("Reading the cache file"))?,
+                ChunkState::Modified => img
+                    .store
+                    .read_at(out, lo)
+                    .map_err(ServeError::io("Reading the state file"))?,
+                ChunkState::Discarded => out.fill(0),
+                ChunkState::Pending | ChunkState::Failed => continue,
+            }
+            c = j;
+        }
+        Ok(ReadOut::Owned(buf))
+    }
+
+    /// Writes `data` at `offset` (clipped to the image size); returns the bytes written.
+    pub fn write(&self, kind: ImageKind, offset: u64, data: &[u8]) -> Result<u64, ServeError> {
+        let img = self.image(kind);
+        let Some((end, first, last)) = self.range(img, offset, data.len() as u64) else {
+            return Err(ServeError::OutOfRange(offset));
+        };
+        for c in first..=last {
+            let lo = offset.max(c * CHUNK_SIZE_U64);
+            let hi = end.min((c + 1) * CHUNK_SIZE_U64);
+            let (a, b) = (usize::try_from(lo - offset), usize::try_from(hi - offset));
+            let (Ok(a), Ok(b)) = (a, b) else {
+                return Err(ServeError::OutOfRange(offset));
+            };
+            self.write_chunk(img, c, lo, &data[a..b])?;
+        }
+        Counters::add(&img.counters.bytes_written, end - offset);
+        Ok(end - offset)
+    }
+
+    /// Writes `part` at `lo` inside chunk `c` (copy-on-write).
+    fn write_chunk(&self, img: &Image, c: u64, lo: u64, part: &[u8]) -> Result<(), ServeError> {
+        let start = c * CHUNK_SIZE_U64;
+        let chunk_end = img.size.min(start + CHUNK_SIZE_U64);
+        let full = lo == start && lo + part.len() as u64 == chunk_end;
+        loop {
+            let guard = img.lock(c);
+            let st = img.map.get(c);
+            match st {
+                ChunkState::Modified => {
+                    img.store
+                        .write_at(part, lo)
+                        .map_err(ServeError::io("Writing the state file"))?;
+                }
+                ChunkState::Pending if !full => {
+                    drop(guard);
+                    self.ensure_ready(img.kind, c)?;
+                    continue;
+                }
+                ChunkState::Failed if !full => {
+                    return Err(ServeError::Corrupt {
+                        image: img.kind,
+                        chunk: c,
+                    })
+                }
+                _ => {
+                    let mut buf = vec![0u8; CHUNK_SIZE];
+                    if !full {
+                        match st {
+                            ChunkState::Base => self.base.copy(img.kind, start, &mut buf),
+                            ChunkState::Ready => img
+                                .cache
+                                .read_exact_at(&mut buf, start)
+                                .map_err(ServeError::io("Reading the cache file"))?,
+                            _ => {}
+                        }
+                    }
+                    let at = usize::try_from(lo - start).unwrap_or(0);
+                    buf[at..at + part.len()].copy_from_slice(part);
+                    img.store
+                        .write_at(&buf, start)
+                        .map_err(ServeError::io("Writing the state file"))?;
+                    img.map.set(c, ChunkState::Modified);
+                    img.store
+                        .record(c, ChunkState::Modified)
+                        .map_err(ServeError::io("Writing the journal"))?;
+                }
+            }
+            drop(guard);
+            break;
+        }
+        img.modified.add(c);
+        if img.accessed.add(c) {
+            self.first_touched(img.kind, c);
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset`: whole chunks become discarded (zeros), partial ones
+    /// are overwritten with zeros.
+    pub fn discard(&self, kind: ImageKind, offset: u64, len: u64) -> Result<(), ServeError> {
+        let img = self.image(kind);
+        let Some((end, _, _)) = self.range(img, offset, len) else {
+            return Ok(());
+        };
+        let first_full = offset.div_ceil(CHUNK_SIZE_U64);
+        let end_full = if end == img.size {
+            chunk_count(end)
+        } else {
+            end / CHUNK_SIZE_U64
+        };
+        let zeros = vec![0u8; CHUNK_SIZE];
+        if first_full >= end_full {
+            let n = usize::try_from(end - offset).unwrap_or(0);
+            self.write(kind, offset, &zeros[..n.min(CHUNK_SIZE)])?;
+            if n > CHUNK_SIZE {
+                // Spans two partial chunks with no whole one between.
+                let mid = first_full * CHUNK_SIZE_U64;
+                self.write(kind, mid, &zeros[..usize::try_from(end - mid).unwrap_or(0)])?;
+            }
+            return Ok(());
+        }
+        let head_end = first_full * CHUNK_SIZE_U64;
+        if offset < head_end {
+            self.write(
+                kind,
+                offset,
+                &zeros[..usize::try_from(head_end - offset).unwrap_or(0)],
+            )?;
+        }
+        let tail_start = end_full * CHUNK_SIZE_U64;
+        if tail_start < end {
+            self.write(
+                kind,
+                tail_start,
+                &zeros[..usize::try_from(end - tail_start).unwrap_or(0)],
+            )?;
+        }
+        for c in first_full..end_full {
+            let guard = img.lock(c);
+            img.map.set(c, ChunkState::Discarded);
+            img.store
+                .record(c, ChunkState::Discarded)
+                .map_err(ServeError::io("Writing the journal"))?;
+            drop(guard);
+            img.discarded.add(c);
+            if img.accessed.add(c) {
+                self.first_touched(img.kind, c);
+            }
+        }
+        img.store
+            .punch(first_full, end_full - first_full)
+            .map_err(ServeError::io("Punching the state file"))?;
+        debug!("{}: discarded chunks {first_full}..{end_full}", kind.name());
+        Ok(())
+    }
+
+    /// Makes the image's modified and discarded state durable.
+    pub fn sync(&self, kind: ImageKind) -> Result<(), ServeError> {
+        self.image(kind)
+            .store
+            .sync()
+            .map_err(ServeError::io("Syncing the state"))
+    }
+
+    /// Chunks of a corrupt segment and those referring to them: marks them failed.
+    pub(crate) fn fail_segment(&self, seg: usize, why: &FormatError) {
+        let Some(s) = self.meta.segments.get(seg) else {
+            return;
+        };
+        for &(kind, chunk) in &s.chunks {
+            self.fail_chunk(kind, chunk, why);
+            for &(rk, rc) in self.referrers.get(&(kind, chunk)).into_iter().flatten() {
+                self.fail_chunk(rk, rc, why);
+            }
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
