@@ -254,3 +254,122 @@ pub fn cloudlet(home: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The test guest built by `tools/guest/build-guest.sh` (cached), with a disk of `disk_mb` MiB.
+pub struct Guest {
+    /// Folder with `vmlinuz`, `initrd.img`, `disk.img`, `guest.json`.
+    pub dir: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Builds (or finds in its cache) the test guest with a `disk_mb` MiB disk.
+pub fn guest(disk_mb: u64) -> Guest {
+    let root = std::env::var_os("CLOUDLET_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/cloudlet-guest")
+        });
+    let dir = if disk_mb == 256 {
+        root
+    } else {
+        root.with_file_name(format!("cloudlet-guest-{disk_mb}"))
+    };
+    let json = dir.join("guest.json");
+    let fresh = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["disk_mb"].as_u64() == Some(disk_mb));
+    if !fresh {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
+        let status = std::process::Command::new(script)
+            .arg(&dir)
+            .env("GUEST_DISK_MB", disk_mb.to_string())
+            .status()
+            .expect("run build-guest.sh");
+        assert!(status.success(), "{script} failed: {status}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("guest.json"))
+        .expect("guest.json parses");
+    Guest {
+        cmdline: v["cmdline"].as_str().expect("cmdline").to_owned(),
+        dir,
+    }
+}
+
+/// Whether QEMU can run here; `false` skips a test, except under `CI=true` where it fails.
+pub fn require_qemu() -> bool {
+    let ok = synth::vm::qemu_binary().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "QEMU is required when CI=true"
+        );
+        eprintln!("skipping: qemu-system-x86_64 not found");
+    }
+    ok
+}
+
+/// Whether FUSE can be used here; `false` skips a test, except under `CI=true`.
+pub fn require_fuse() -> bool {
+    let ok = Path::new("/dev/fuse").exists();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/fuse is required when CI=true"
+        );
+        eprintln!("skipping: /dev/fuse not present");
+    }
+    ok
+}
+
+/// One HTTP/1.0 GET on 127.0.0.1:`port`; the body of a 200 reply.
+pub fn try_http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timeout = std::time::Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {reply:?}"))?;
+    if !head.lines().next().unwrap_or("").contains(" 200") {
+        return Err(format!("not 200: {head:?}"));
+    }
+    Ok(body.to_owned())
+}
+
+/// GETs until a 200 reply or `timeout`.
+pub fn http_get(port: u16, path: &str, timeout: std::time::Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match try_http_get(port, path) {
+            Ok(body) => return body,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("GET {path} on port {port} failed: {e}"),
+        }
+    }
+}
+
+/// `count=N uptime=S boot_id=ID` (the guest's counter service) → (N, ID).
+pub fn parse_counter(body: &str) -> (u64, String) {
+    let field = |name: &str| {
+        body.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {body:?}"))
+            .to_owned()
+    };
+    (field("count=").parse().expect("count"), field("boot_id="))
+}

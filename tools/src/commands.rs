@@ -82,6 +82,93 @@ pub enum Command {
         #[arg(last = true)]
         extra: Vec<String>,
     },
+    /// Customize a base VM and capture the changes as an overlay.
+    ///
+    /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
+    /// traced); after the customization (a script typed on the serial console, or by hand
+    /// until Enter) the device state is saved and the overlay built from the traces: disk
+    /// chunks written or discarded, memory chunks written back, stored in first-touch order.
+    Overlay {
+        /// Base id (or unique prefix, or name).
+        base: String,
+        /// Overlay file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Commands to run on the guest's serial console, one per line (needs the guest's
+        /// command loop, as in tools/guest); without it, customize by hand and press Enter.
+        #[arg(long, value_name = "SCRIPT")]
+        run: Option<PathBuf>,
+        /// Capture once the guest prints this on its serial console.
+        #[arg(long, value_name = "MARKER")]
+        ready: Option<String>,
+        /// Seconds allowed for each command and for --ready.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Forward a host port to the guest: tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
+        #[arg(long)]
+        hostfwd: Vec<String>,
+        /// Show the guest on a VNC display (e.g. 127.0.0.1:1).
+        #[arg(long, value_name = "HOST:DISPLAY")]
+        vnc: Option<String>,
+        /// Segment codec.
+        #[arg(long, default_value = "xz")]
+        codec: Codec,
+        /// Compression level (default: 9 for xz, 19 for zstd).
+        #[arg(long)]
+        level: Option<u32>,
+        /// Hash-compare the whole memory image instead of trusting the memory trace.
+        #[arg(long)]
+        full_memory_scan: bool,
+        /// Also copy the captured disk, memory and device state into this folder.
+        #[arg(long, value_name = "DIR")]
+        keep_capture: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Synthesize a VM: mount base + overlay with cloudletfs and resume it on QEMU.
+    ///
+    /// Runs until SIGINT/SIGTERM, then stops the VM and unmounts.
+    Synthesis {
+        /// Base id (or unique prefix, or name).
+        base: String,
+        /// Overlay file or http(s):// URL.
+        overlay: String,
+        /// Resume as soon as the metadata is in; chunks arrive on demand and in background.
+        #[arg(long)]
+        early_start: bool,
+        /// Forward a host port to the guest: tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
+        #[arg(long)]
+        hostfwd: Vec<String>,
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        exit_after: Option<u64>,
+        /// Print the timeline as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount base + overlay as files (disk/image, memory/image, device-state, stats, traces).
+    ///
+    /// Runs the cloudletfs daemon; see `cloudletfs --help` for its options.
+    Mount {
+        /// Base id (or unique prefix, or name).
+        base: String,
+        /// Overlay file or http(s):// URL.
+        overlay: String,
+        /// Empty folder to mount on.
+        mountpoint: PathBuf,
+        /// Keep modified and discarded chunks here, so a remount continues where it stopped.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Stay in the foreground (else the daemon detaches once mounted).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Unmount a cloudletfs mount.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
     /// Register a base VM: disk image, memory image, device state and launch config.
     #[command(name = "add-base")]
     AddBase {
@@ -480,6 +567,121 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 print_json(&base.record)?;
             } else {
                 println!("{}", base.record.id);
+            }
+        }
+        Command::Overlay {
+            base,
+            output,
+            run,
+            ready,
+            timeout,
+            hostfwd,
+            vnc,
+            codec,
+            level,
+            full_memory_scan,
+            keep_capture,
+            json,
+        } => {
+            let req = crate::synth_cmds::OverlayRequest {
+                base,
+                output,
+                script: run,
+                ready,
+                timeout: std::time::Duration::from_secs(timeout),
+                hostfwd: hostfwd
+                    .iter()
+                    .map(|h| crate::synth_cmds::parse_hostfwd(h))
+                    .collect::<Result<_>>()?,
+                vnc,
+                create: CreateOptions {
+                    codec,
+                    level: level.unwrap_or(codec.default_level()),
+                    ..CreateOptions::default()
+                },
+                full_memory_scan,
+                keep_capture,
+            };
+            let report = crate::synth_cmds::make_overlay(&ctx.home, ctx.threads, req)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "wrote {} ({} bytes): {} disk chunks traced ({} discarded), {} memory chunks, working set {} chunks; resume {:.2}s, capture {:.2}s, diff {:.2}s",
+                    report.overlay.display(),
+                    report.overlay_bytes,
+                    report.disk_candidates,
+                    report.disk_discarded,
+                    report.memory_candidates,
+                    report.working_set_chunks,
+                    report.resume_seconds,
+                    report.capture_seconds,
+                    report.diff_seconds
+                );
+            }
+        }
+        Command::Synthesis {
+            base,
+            overlay,
+            early_start,
+            hostfwd,
+            exit_after,
+            json,
+        } => {
+            let req = crate::synth_cmds::SynthesisRequest {
+                base,
+                overlay,
+                early_start,
+                hostfwd: hostfwd
+                    .iter()
+                    .map(|h| crate::synth_cmds::parse_hostfwd(h))
+                    .collect::<Result<_>>()?,
+                json,
+                exit_after: exit_after.map(std::time::Duration::from_secs),
+            };
+            crate::synth_cmds::synthesis(&ctx.home, req)?;
+        }
+        Command::Mount {
+            base,
+            overlay,
+            mountpoint,
+            state,
+            foreground,
+        } => {
+            let exe = std::env::current_exe().context("locating the cloudlet binary")?;
+            let daemon = exe.with_file_name("cloudletfs");
+            let daemon = if daemon.exists() {
+                daemon
+            } else {
+                PathBuf::from("cloudletfs")
+            };
+            let mut cmd = std::process::Command::new(&daemon);
+            cmd.arg("--home")
+                .arg(&ctx.home)
+                .arg(&base)
+                .arg(&overlay)
+                .arg(&mountpoint);
+            if let Some(s) = state {
+                cmd.arg("--state").arg(s);
+            }
+            if foreground {
+                cmd.arg("--foreground");
+            }
+            let status = cmd
+                .status()
+                .with_context(|| format!("running {}", daemon.display()))?;
+            if !status.success() {
+                bail!("cloudletfs exited with {status}");
+            }
+        }
+        Command::Unmount { mountpoint } => {
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mountpoint)
+                .status()
+                .context("running fusermount3 (package fuse3)")?;
+            if !status.success() {
+                bail!("fusermount3 -u {} failed: {status}", mountpoint.display());
             }
         }
         Command::ListBase { json } => {

@@ -5,6 +5,7 @@
 
 mod commands;
 mod progress;
+mod synth_cmds;
 mod vm_cmds;
 
 use clap::{Parser, Subcommand};

@@ -11,3 +11,4 @@ mod cli;
 mod format_errors;
 mod golden;
 mod roundtrip;
+mod synthesis;

@@ -228,7 +228,12 @@ fn diff_working_set_gets_small_segments_and_rest_large_ones() {
     };
     fx.diff(&custom, &p, &opts);
     let ov = open_overlay(&p).unwrap();
-    let segs: Vec<usize> = ov.metadata().segments.iter().map(|s| s.chunks.len()).collect();
+    let segs: Vec<usize> = ov
+        .metadata()
+        .segments
+        .iter()
+        .map(|s| s.chunks.len())
+        .collect();
     assert_eq!(segs, vec![2, 1, 17]);
     assert_eq!(ov.metadata().segments[0].chunks, vec![d(19), d(18)]);
 }

@@ -1,0 +1,317 @@
+//! Real VMs end to end (TCG): `cloudlet base` captures the test guest, `cloudlet overlay`
+//! customizes it under cloudletfs and captures an overlay from the traces, and
+//! `cloudlet synthesis --early-start` resumes it; the customized service answers over HTTP.
+//! One QEMU at a time: every test here holds `VM_LOCK`.
+
+use cloudlet_e2e::{
+    cloudlet, guest, http_get, parse_counter, require_fuse, require_qemu, try_http_get,
+    workspace_bin,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Writes a page the HTTP service serves, bumps the counter, and syncs.
+const CUSTOMIZE: &str = "\
+echo overlay-made-$((6*7)) > /srv/www/custom.txt
+wget -qO- http://127.0.0.1:8080/cgi-bin/counter
+wget -qO- http://127.0.0.1:8080/cgi-bin/counter
+sync
+";
+
+/// The same, plus a 2 MiB file written, deleted and trimmed.
+const CUSTOMIZE_AND_TRIM: &str = "\
+echo overlay-made-$((6*7)) > /srv/www/custom.txt
+wget -qO- http://127.0.0.1:8080/cgi-bin/counter
+wget -qO- http://127.0.0.1:8080/cgi-bin/counter
+dd if=/dev/urandom of=/big.bin bs=4096 count=512
+sync
+rm /big.bin
+sync
+fstrim /
+";
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Self {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    fn p(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = cloudlet(&self.home(), args);
+        assert_eq!(code, 0, "cloudlet {args:?} failed:\n{err}");
+        out
+    }
+    /// `cloudlet base` of the test guest with a `disk_mb` disk; returns the base id.
+    fn base(&self, disk_mb: u64) -> String {
+        let g = guest(disk_mb);
+        let d = |f: &str| g.dir.join(f).display().to_string();
+        let out = self.ok(&[
+            "base",
+            &d("disk.img"),
+            "--memory-mb",
+            "256",
+            "--kernel",
+            &d("vmlinuz"),
+            "--initrd",
+            &d("initrd.img"),
+            "--append",
+            &g.cmdline,
+            "--ready",
+            "CLOUDLET-GUEST-READY",
+        ]);
+        out.trim().to_string()
+    }
+    /// `cloudlet overlay` with a customization script; returns the JSON report.
+    fn overlay(&self, base: &str, script: &str, out: &str, extra: &[&str]) -> serde_json::Value {
+        let s = self.p(&format!("{out}.sh"));
+        std::fs::write(&s, script).unwrap();
+        let o = self.p(out);
+        let mut args = vec!["overlay", base, "-o", &o, "--run", &s, "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+}
+
+fn info(home: &Home, overlay: &str) -> serde_json::Value {
+    serde_json::from_str(&home.ok(&["info-overlay", &home.p(overlay), "--json"])).unwrap()
+}
+
+/// A `cloudlet synthesis` process, stopped with SIGTERM on drop.
+struct Synthesis(Option<Child>);
+
+fn terminate(child: &Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+}
+
+impl Synthesis {
+    fn start(home: &Home, base: &str, overlay: &str, port: u16, early: bool) -> Self {
+        let fwd = format!("tcp:127.0.0.1:{port}-:8080");
+        let mut cmd = Command::new(workspace_bin("cloudlet"));
+        cmd.env("CLOUDLET_HOME", home.home())
+            .args([
+                "synthesis",
+                base,
+                &home.p(overlay),
+                "--hostfwd",
+                &fwd,
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if early {
+            cmd.arg("--early-start");
+        }
+        Synthesis(Some(cmd.spawn().unwrap()))
+    }
+
+    /// Sends SIGTERM, waits, checks the exit status; returns what it printed.
+    fn stop(mut self) -> String {
+        use std::io::Read;
+        let mut child = self.0.take().unwrap();
+        terminate(&child);
+        let mut out = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "cloudlet synthesis failed ({status}):\n{out}"
+        );
+        out
+    }
+}
+
+impl Drop for Synthesis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            terminate(&child);
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    synth::vm::free_tcp_port().unwrap()
+}
+
+#[test]
+fn synthesis_early_start_serves_customized_guest() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Home::new();
+    let base = h.base(256);
+    let report = h.overlay(&base, CUSTOMIZE, "vm.overlay", &[]);
+    assert!(
+        report["working_set_chunks"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let port = free_port();
+    let start = Instant::now();
+    let syn = Synthesis::start(&h, &base, "vm.overlay", port, true);
+    let body = http_get(port, "/custom.txt", Duration::from_secs(60));
+    eprintln!("first response after {:?}", start.elapsed());
+    assert_eq!(body.trim(), "overlay-made-42");
+    // The guest's own counter continues from the customization (two requests made there).
+    let (count, _) = parse_counter(&http_get(port, "/cgi-bin/counter", Duration::from_secs(20)));
+    assert!(count >= 3, "counter restarted: {count}");
+    let out = syn.stop();
+    assert!(out.contains("\"VM resumed\""), "{out}");
+    assert!(
+        try_http_get(port, "/custom.txt").is_err(),
+        "VM still running after SIGTERM"
+    );
+}
+
+#[test]
+fn mount_after_fill_equals_reconstruct() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Home::new();
+    let base = h.base(256);
+    h.overlay(&base, CUSTOMIZE, "vm.overlay", &[]);
+    h.ok(&[
+        "reconstruct",
+        &base,
+        &h.p("vm.overlay"),
+        "-o",
+        &h.p("rebuilt"),
+    ]);
+    let mnt = h.p("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    h.ok(&["mount", &base, &h.p("vm.overlay"), &mnt]);
+    let guard = Unmount(PathBuf::from(&mnt));
+    for (served, rebuilt) in [
+        ("disk/image", "disk.img"),
+        ("memory/image", "memory.img"),
+        ("device-state", "device-state"),
+    ] {
+        let a = std::fs::read(Path::new(&mnt).join(served)).unwrap();
+        let b = std::fs::read(Path::new(&h.p("rebuilt")).join(rebuilt)).unwrap();
+        assert!(a == b, "{served} differs from reconstruct");
+    }
+    drop(guard);
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn overlay_memory_trace_matches_full_scan() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Home::new();
+    let base = h.base(256);
+    // The same captured VM, overlaid twice: memory candidates from the trace, and from a
+    // full hash compare of the whole memory image. Both must rebuild the same memory.
+    let traced = h.overlay(
+        &base,
+        CUSTOMIZE,
+        "traced.overlay",
+        &["--keep-capture", &h.p("capture")],
+    );
+    let _ = traced;
+    h.ok(&[
+        "diff",
+        &base,
+        "--disk",
+        &h.p("capture/disk.img"),
+        "--memory",
+        &h.p("capture/memory.img"),
+        "--device-state",
+        &h.p("capture/device-state"),
+        "-o",
+        &h.p("full.overlay"),
+    ]);
+    h.ok(&[
+        "reconstruct",
+        &base,
+        &h.p("traced.overlay"),
+        "-o",
+        &h.p("a"),
+    ]);
+    h.ok(&["reconstruct", &base, &h.p("full.overlay"), "-o", &h.p("b")]);
+    for f in ["disk.img", "memory.img"] {
+        let a = std::fs::read(Path::new(&h.p("a")).join(f)).unwrap();
+        let b = std::fs::read(Path::new(&h.p("b")).join(f)).unwrap();
+        assert!(a == b, "{f}: the trace missed changed chunks");
+    }
+    let (t, f) = (info(&h, "traced.overlay"), info(&h, "full.overlay"));
+    assert_eq!(t["memory"]["changed_chunks"], f["memory"]["changed_chunks"]);
+    assert_eq!(t["disk"]["changed_chunks"], f["disk"]["changed_chunks"]);
+}
+
+#[test]
+fn overlay_trimmed_file_leaves_no_chunks() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Home::new();
+    let base = h.base(256);
+    h.overlay(&base, CUSTOMIZE, "plain.overlay", &[]);
+    let trimmed = h.overlay(&base, CUSTOMIZE_AND_TRIM, "trim.overlay", &[]);
+    assert!(
+        trimmed["disk_discarded"].as_u64().unwrap() >= 512,
+        "{trimmed}"
+    );
+    let (p, t) = (info(&h, "plain.overlay"), info(&h, "trim.overlay"));
+    let payload = |v: &serde_json::Value| {
+        let c = &v["disk"]["classes"];
+        c["xor"].as_u64().unwrap() + c["raw"].as_u64().unwrap()
+    };
+    // 512 chunks of random data were written; none of them may survive in the overlay.
+    assert!(payload(&t) < payload(&p) + 64, "plain {p}\ntrimmed {t}");
+}
+
+#[test]
+fn overlay_disk_from_trace_alone_is_independent_of_disk_size() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Home::new();
+    let small = h.base(256);
+    let large = h.base(2048);
+    let a = h.overlay(&small, CUSTOMIZE, "small.overlay", &[]);
+    let b = h.overlay(&large, CUSTOMIZE, "large.overlay", &[]);
+    let cand = |v: &serde_json::Value| v["disk_candidates"].as_u64().unwrap();
+    let examined = |v: &serde_json::Value| v["stats"]["examined_chunks"].as_u64().unwrap();
+    // An 8x larger disk: the capture examines only traced chunks, so about the same number.
+    assert!(cand(&b) < cand(&a) * 2 + 64, "small {a}\nlarge {b}");
+    assert!(examined(&b) < examined(&a) * 2 + 64, "small {a}\nlarge {b}");
+    let (ia, ib) = (info(&h, "small.overlay"), info(&h, "large.overlay"));
+    let changed = |v: &serde_json::Value| v["disk"]["changed_chunks"].as_i64().unwrap();
+    assert!(
+        (changed(&ia) - changed(&ib)).abs() < 64,
+        "small {ia}\nlarge {ib}"
+    );
+}

@@ -1,0 +1,344 @@
+//! `cloudlet overlay` (customize a base VM under cloudletfs and capture an overlay from the
+//! traces) and `cloudlet synthesis` (mount base + overlay and resume the VM, early or eager).
+
+use crate::vm_cmds::{interrupt_flag, wait_enter, wait_marker, Interrupted, RunDir};
+use anyhow::{bail, Context as _, Result};
+use cloudletfs::{mount, MountOptions, Mounted, OverlaySource, Trace};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use synth::create::{CreateOptions, CustomImages};
+use synth::registry::{Base, Registry};
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::ImageKind;
+
+/// Chunks of the working set recorded for segment ordering, at most.
+const MAX_ORDER: usize = 1 << 20;
+
+/// Parses `tcp:[HOST]:PORT-:GUESTPORT` (QEMU's hostfwd syntax) or `PORT:GUESTPORT`.
+pub fn parse_hostfwd(s: &str) -> Result<HostFwd> {
+    let bad = || {
+        anyhow::anyhow!("--hostfwd {s:?}: expected tcp:[HOST]:PORT-:GUESTPORT or PORT:GUESTPORT")
+    };
+    let (host, hport, gport) = if let Some(rest) = s.strip_prefix("tcp:") {
+        let (h, g) = rest.split_once("-:").ok_or_else(bad)?;
+        let (addr, port) = h.rsplit_once(':').ok_or_else(bad)?;
+        let addr = if addr.is_empty() { "127.0.0.1" } else { addr };
+        (addr.to_string(), port, g)
+    } else {
+        let (h, g) = s.split_once(':').ok_or_else(bad)?;
+        ("127.0.0.1".to_string(), h, g)
+    };
+    Ok(HostFwd {
+        host_addr: host.parse().map_err(|_| bad())?,
+        host_port: hport.parse().map_err(|_| bad())?,
+        guest_port: gport.parse().map_err(|_| bad())?,
+    })
+}
+
+fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: PathBuf) -> VmPaths {
+    VmPaths {
+        disk,
+        memory,
+        kernel: base.kernel_path(),
+        initrd: base.initrd_path(),
+        run_dir,
+    }
+}
+
+fn mount_vm(base: &Base, overlay: OverlaySource, run: &RunDir, fill: bool) -> Result<Mounted> {
+    let mnt = run.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let mut opts = MountOptions::new(base.clone(), overlay, &mnt);
+    opts.state_dir = Some(run.join("state"));
+    opts.cache_dir = Some(run.0.clone());
+    opts.background_fill = fill;
+    mount(opts).context("mounting cloudletfs")
+}
+
+/// Flushes the page cache of an image on the mount so every guest write has reached cloudletfs.
+fn flush(path: &Path) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("flushing {}", path.display()))
+}
+
+/// What `cloudlet overlay` is asked to do.
+pub struct OverlayRequest {
+    pub base: String,
+    pub output: PathBuf,
+    pub script: Option<PathBuf>,
+    pub ready: Option<String>,
+    pub timeout: Duration,
+    pub hostfwd: Vec<HostFwd>,
+    pub vnc: Option<String>,
+    pub create: CreateOptions,
+    pub full_memory_scan: bool,
+    pub keep_capture: Option<PathBuf>,
+}
+
+/// What `cloudlet overlay` did.
+#[derive(Debug, Serialize)]
+pub struct OverlayReport {
+    pub overlay: PathBuf,
+    pub overlay_bytes: u64,
+    pub disk_candidates: u64,
+    pub disk_discarded: u64,
+    pub memory_candidates: u64,
+    pub working_set_chunks: u64,
+    pub resume_seconds: f64,
+    pub capture_seconds: f64,
+    pub diff_seconds: f64,
+    pub stats: synth::create::CreateStats,
+}
+
+/// Resumes the base VM under cloudletfs (copy-on-write, traced), lets a script or the user
+/// customize it, captures the device state and builds the overlay from the traces.
+pub fn make_overlay(home: &Path, threads: usize, req: OverlayRequest) -> Result<OverlayReport> {
+    let stop = interrupt_flag()?;
+    let registry = Registry::open(home)?;
+    let base = registry.get(&req.base)?;
+    let run = RunDir::new(home, "overlay")?;
+    let empty = run.join("base.overlay");
+    synth::create::empty_overlay(&base, &empty)?;
+    let mounted = mount_vm(&base, OverlaySource::Path(empty), &run, false)?;
+    let mnt = mounted.mountpoint().to_path_buf();
+    let (disk, memory) = (mnt.join("disk/image"), mnt.join("memory/image"));
+    let args = QemuArgs::new(
+        &base.record.config,
+        &base_paths(&base, disk.clone(), memory.clone(), run.join("run")),
+        &LaunchOptions {
+            // Shared: guest RAM writes reach cloudletfs (and its trace) through writeback.
+            memory: MemoryMode::Capture,
+            incoming: true,
+            hostfwd: req.hostfwd.clone(),
+            accel: Accel::detect()?,
+            vnc: req.vnc.clone(),
+        },
+    )?;
+    let start = Instant::now();
+    let mut vm = Vm::spawn(&args)?;
+    vm.resume_from(&mnt.join("device-state"))?;
+    let resume_seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "base VM resumed in {resume_seconds:.2}s (serial log: {})",
+        args.serial_log().display()
+    );
+    if let Some(script) = &req.script {
+        let text = std::fs::read_to_string(script)
+            .with_context(|| format!("reading {}", script.display()))?;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            if stop.load(Ordering::Relaxed) {
+                bail!(Interrupted);
+            }
+            eprintln!("guest$ {line}");
+            let out = vm.run_serial_command(line, req.timeout)?;
+            if out.rc != 0 {
+                bail!(
+                    "customization command {line:?} failed in the guest (exit status {}): {}",
+                    out.rc,
+                    out.output.trim()
+                );
+            }
+        }
+    }
+    match &req.ready {
+        Some(marker) => {
+            wait_marker(&mut vm, marker, req.timeout, &stop)?;
+        }
+        None if req.script.is_none() => {
+            wait_enter(
+                "Customize the VM, then press Enter to capture the overlay.",
+                &stop,
+            )?;
+        }
+        None => {}
+    }
+    let capture_start = Instant::now();
+    let ds = run.join("device-state");
+    vm.save_device_state(&ds)?;
+    vm.quit()?;
+    flush(&memory)?;
+    flush(&disk)?;
+    let capture_seconds = capture_start.elapsed().as_secs_f64();
+    if let Some(dir) = &req.keep_capture {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (src, name) in [
+            (&disk, "disk.img"),
+            (&memory, "memory.img"),
+            (&ds, "device-state"),
+        ] {
+            std::fs::copy(src, dir.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+
+    let disk_modified = mounted.trace(ImageKind::Disk, Trace::Modified);
+    let disk_discarded = mounted.trace(ImageKind::Disk, Trace::Discarded);
+    let mut disk_chunks = disk_modified;
+    disk_chunks.extend(&disk_discarded);
+    let memory_chunks = if req.full_memory_scan {
+        None
+    } else {
+        let mut m = mounted.trace(ImageKind::Memory, Trace::Modified);
+        m.extend(mounted.trace(ImageKind::Memory, Trace::Discarded));
+        Some(m)
+    };
+    let order = mounted.access_order(MAX_ORDER);
+    let mut opts = req.create;
+    opts.threads = threads;
+    opts.disk_chunks = Some(disk_chunks.clone());
+    opts.memory_chunks = memory_chunks.clone();
+    opts.order = order.clone();
+    let index = base.index()?;
+    let custom = CustomImages {
+        disk,
+        memory,
+        device_state: Some(ds),
+    };
+    let diff_start = Instant::now();
+    let stats = synth::create::create_overlay(
+        &base,
+        &index,
+        &custom,
+        &req.output,
+        &opts,
+        &Default::default(),
+    )?;
+    let diff_seconds = diff_start.elapsed().as_secs_f64();
+    drop(custom);
+    mounted.unmount().context("unmounting cloudletfs")?;
+    Ok(OverlayReport {
+        overlay: req.output,
+        overlay_bytes: stats.overlay_bytes,
+        disk_candidates: disk_chunks.len() as u64,
+        disk_discarded: disk_discarded.len() as u64,
+        memory_candidates: memory_chunks.map_or(base.record.memory_size / 4096, |m| m.len() as u64),
+        working_set_chunks: order.len() as u64,
+        resume_seconds,
+        capture_seconds,
+        diff_seconds,
+        stats,
+    })
+}
+
+/// What `cloudlet synthesis` is asked to do.
+pub struct SynthesisRequest {
+    pub base: String,
+    pub overlay: String,
+    pub early_start: bool,
+    pub hostfwd: Vec<HostFwd>,
+    pub json: bool,
+    pub exit_after: Option<Duration>,
+}
+
+/// One line of the synthesis timeline.
+#[derive(Debug, Serialize)]
+struct Event<'a> {
+    event: &'a str,
+    seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<serde_json::Value>,
+}
+
+fn emit(json: bool, t0: Instant, event: &str, detail: Option<serde_json::Value>) {
+    let seconds = t0.elapsed().as_secs_f64();
+    if json {
+        let line = serde_json::to_string(&Event {
+            event,
+            seconds,
+            detail,
+        })
+        .unwrap_or_default();
+        println!("{line}");
+    } else {
+        match detail {
+            Some(d) => println!("{seconds:>8.3}s  {event}: {d}"),
+            None => println!("{seconds:>8.3}s  {event}"),
+        }
+    }
+}
+
+/// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is
+/// in), prints the timeline, and runs until SIGINT/SIGTERM (or `exit_after`).
+pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
+    let stop = interrupt_flag()?;
+    let t0 = Instant::now();
+    let registry = Registry::open(home)?;
+    let base = registry.get(&req.base)?;
+    let run = RunDir::new(home, "synthesis")?;
+    let mounted = mount_vm(&base, OverlaySource::parse(&req.overlay), &run, true)?;
+    emit(req.json, t0, "overlay opened", None);
+    if !req.early_start {
+        while !mounted.wait_filled(Some(Duration::from_millis(250))) {
+            if stop.load(Ordering::Relaxed) {
+                bail!(Interrupted);
+            }
+        }
+        emit(req.json, t0, "overlay fetched (eager)", None);
+    }
+    let mnt = mounted.mountpoint().to_path_buf();
+    let args = QemuArgs::new(
+        &base.record.config,
+        &base_paths(
+            &base,
+            mnt.join("disk/image"),
+            mnt.join("memory/image"),
+            run.join("run"),
+        ),
+        &LaunchOptions {
+            memory: MemoryMode::Resume,
+            incoming: true,
+            hostfwd: req.hostfwd.clone(),
+            accel: Accel::detect()?,
+            vnc: None,
+        },
+    )?;
+    let mut vm = Vm::spawn(&args)?;
+    vm.resume_from(&mnt.join("device-state"))?;
+    let ports: Vec<String> = req
+        .hostfwd
+        .iter()
+        .map(|h| format!("{}:{} -> guest {}", h.host_addr, h.host_port, h.guest_port))
+        .collect();
+    emit(
+        req.json,
+        t0,
+        "VM resumed",
+        Some(serde_json::json!({ "ports": ports, "serial_log": args.serial_log() })),
+    );
+    let mut filled = !req.early_start;
+    let deadline = req.exit_after.map(|d| Instant::now() + d);
+    loop {
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if !filled && mounted.wait_filled(Some(Duration::from_millis(200))) {
+            filled = true;
+            emit(req.json, t0, "background fill done", None);
+        } else if filled {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !mounted.is_alive() {
+            bail!("cloudletfs went away");
+        }
+    }
+    let stats = mounted.stats();
+    drop(vm);
+    emit(
+        req.json,
+        t0,
+        "VM stopped",
+        Some(serde_json::to_value(&stats).unwrap_or_default()),
+    );
+    mounted.unmount().context("unmounting cloudletfs")?;
+    Ok(())
+}
