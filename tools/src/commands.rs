@@ -332,6 +332,16 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// Prints a base's id, or its whole record with `--json`.
+fn print_base(base: &synth::registry::Base, json: bool) -> Result<()> {
+    if json {
+        print_json(&base.record)
+    } else {
+        println!("{}", base.record.id);
+        Ok(())
+    }
+}
+
 fn file_size(p: &Path) -> Result<u64> {
     Ok(std::fs::metadata(p)
         .with_context(|| format!("reading {}", p.display()))?
@@ -523,11 +533,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 threads: ctx.threads,
             };
             let base = progress::run("indexing", total, |p| reg.add(&req, p))?;
-            if json {
-                print_json(&base.record)?;
-            } else {
-                println!("{}", base.record.id);
-            }
+            print_base(&base, json)?;
         }
         Command::Base {
             disk,
@@ -563,11 +569,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 extra_args: extra,
             };
             let base = crate::vm_cmds::make_base(&ctx.home, ctx.threads, req)?;
-            if json {
-                print_json(&base.record)?;
-            } else {
-                println!("{}", base.record.id);
-            }
+            print_base(&base, json)?;
         }
         Command::Overlay {
             base,
@@ -589,10 +591,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 script: run,
                 ready,
                 timeout: std::time::Duration::from_secs(timeout),
-                hostfwd: hostfwd
-                    .iter()
-                    .map(|h| crate::synth_cmds::parse_hostfwd(h))
-                    .collect::<Result<_>>()?,
+                hostfwd: crate::synth_cmds::parse_hostfwds(&hostfwd)?,
                 vnc,
                 create: CreateOptions {
                     codec,
@@ -632,10 +631,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 base,
                 overlay,
                 early_start,
-                hostfwd: hostfwd
-                    .iter()
-                    .map(|h| crate::synth_cmds::parse_hostfwd(h))
-                    .collect::<Result<_>>()?,
+                hostfwd: crate::synth_cmds::parse_hostfwds(&hostfwd)?,
                 json,
                 exit_after: exit_after.map(std::time::Duration::from_secs),
             };
@@ -729,11 +725,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             let reg = ctx.registry()?;
             let total = file_size(&package)?;
             let base = progress::run("verifying", total, |p| reg.import(&package, p))?;
-            if json {
-                print_json(&base.record)?;
-            } else {
-                println!("{}", base.record.id);
-            }
+            print_base(&base, json)?;
         }
         Command::Diff {
             base,

@@ -37,6 +37,11 @@ pub fn parse_hostfwd(s: &str) -> Result<HostFwd> {
     })
 }
 
+/// Parses every `--hostfwd` value.
+pub fn parse_hostfwds(values: &[String]) -> Result<Vec<HostFwd>> {
+    values.iter().map(|h| parse_hostfwd(h)).collect()
+}
+
 fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: PathBuf) -> VmPaths {
     VmPaths {
         disk,
@@ -341,4 +346,40 @@ pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
     );
     mounted.unmount().context("unmounting cloudletfs")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_hostfwd_qemu_and_short_forms() {
+        let h = parse_hostfwd("tcp:127.0.0.1:8080-:80").unwrap();
+        assert_eq!(
+            (h.host_addr.to_string(), h.host_port, h.guest_port),
+            ("127.0.0.1".into(), 8080, 80)
+        );
+        let h = parse_hostfwd("tcp::9000-:22").unwrap();
+        assert_eq!(
+            (h.host_addr.to_string(), h.host_port, h.guest_port),
+            ("127.0.0.1".into(), 9000, 22)
+        );
+        let h = parse_hostfwd("8081:8080").unwrap();
+        assert_eq!((h.host_port, h.guest_port), (8081, 8080));
+    }
+
+    #[test]
+    fn parse_hostfwd_garbage_is_refused() {
+        for bad in [
+            "",
+            "tcp:1.2.3.4:80",
+            "udp:1:2-:3",
+            "80",
+            "a:b",
+            "tcp:host:80-:22",
+            "70000:80",
+        ] {
+            assert!(parse_hostfwd(bad).is_err(), "{bad}");
+        }
+    }
 }
