@@ -272,29 +272,61 @@ fn emit(json: bool, t0: Instant, event: &str, detail: Option<serde_json::Value>)
     }
 }
 
-/// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is
-/// in), prints the timeline, and runs until SIGINT/SIGTERM (or `exit_after`).
-pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
-    let stop = interrupt_flag()?;
-    let t0 = Instant::now();
-    let registry = Registry::open(home)?;
-    let base = registry.get(&req.base)?;
+/// A synthesized VM: QEMU running over a cloudletfs mount of base + overlay. Dropping it stops
+/// QEMU, then unmounts, then removes the run folder (fields drop in declaration order).
+pub struct RunningVm {
+    /// The QEMU process.
+    pub vm: Vm,
+    /// The cloudletfs mount serving its disk and memory.
+    pub mounted: Mounted,
+    /// The guest's serial console log.
+    pub serial_log: PathBuf,
+    /// Scratch folder of this VM (mount point, state, QEMU sockets).
+    pub run: RunDir,
+}
+
+impl RunningVm {
+    /// Stops QEMU and unmounts; returns the final cloudletfs stats.
+    pub fn stop(self) -> Result<cloudletfs::Stats> {
+        let RunningVm {
+            vm, mounted, run, ..
+        } = self;
+        drop(vm);
+        let stats = mounted.stats();
+        mounted.unmount().context("unmounting cloudletfs")?;
+        drop(run);
+        Ok(stats)
+    }
+}
+
+/// Mounts `overlay` over `base` and resumes the VM: early (right away) or eager (once every
+/// chunk is in). `on_event` hears "overlay opened", "overlay fetched (eager)", "VM resumed".
+/// A set `stop` flag abandons the eager wait.
+pub fn resume_vm(
+    home: &Path,
+    base: &Base,
+    overlay: OverlaySource,
+    early_start: bool,
+    hostfwd: &[HostFwd],
+    stop: &std::sync::atomic::AtomicBool,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<RunningVm> {
     let run = RunDir::new(home, "synthesis")?;
-    let mounted = mount_vm(&base, OverlaySource::parse(&req.overlay), &run, true)?;
-    emit(req.json, t0, "overlay opened", None);
-    if !req.early_start {
+    let mounted = mount_vm(base, overlay, &run, true)?;
+    on_event("overlay opened");
+    if !early_start {
         while !mounted.wait_filled(Some(Duration::from_millis(250))) {
             if stop.load(Ordering::Relaxed) {
                 bail!(Interrupted);
             }
         }
-        emit(req.json, t0, "overlay fetched (eager)", None);
+        on_event("overlay fetched (eager)");
     }
     let mnt = mounted.mountpoint().to_path_buf();
     let args = QemuArgs::new(
         &base.record.config,
         &base_paths(
-            &base,
+            base,
             mnt.join("disk/image"),
             mnt.join("memory/image"),
             run.join("run"),
@@ -302,49 +334,76 @@ pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
         &LaunchOptions {
             memory: MemoryMode::Resume,
             incoming: true,
-            hostfwd: req.hostfwd.clone(),
+            hostfwd: hostfwd.to_vec(),
             accel: Accel::detect()?,
             vnc: None,
         },
     )?;
     let mut vm = Vm::spawn(&args)?;
     vm.resume_from(&mnt.join("device-state"))?;
+    on_event("VM resumed");
+    Ok(RunningVm {
+        vm,
+        mounted,
+        serial_log: args.serial_log().to_path_buf(),
+        run,
+    })
+}
+
+/// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is
+/// in), prints the timeline, and runs until SIGINT/SIGTERM (or `exit_after`).
+pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
+    let stop = interrupt_flag()?;
+    let t0 = Instant::now();
+    let registry = Registry::open(home)?;
+    let base = registry.get(&req.base)?;
     let ports: Vec<String> = req
         .hostfwd
         .iter()
         .map(|h| format!("{}:{} -> guest {}", h.host_addr, h.host_port, h.guest_port))
         .collect();
-    emit(
-        req.json,
-        t0,
-        "VM resumed",
-        Some(serde_json::json!({ "ports": ports, "serial_log": args.serial_log() })),
-    );
+    let json = req.json;
+    let mut on_event = |e: &str| {
+        let detail = (e == "VM resumed").then(|| serde_json::json!({ "ports": ports }));
+        emit(json, t0, e, detail);
+    };
+    let running = resume_vm(
+        home,
+        &base,
+        OverlaySource::parse(&req.overlay),
+        req.early_start,
+        &req.hostfwd,
+        &stop,
+        &mut on_event,
+    )?;
+    log::info!("serial console log: {}", running.serial_log.display());
     let mut filled = !req.early_start;
     let deadline = req.exit_after.map(|d| Instant::now() + d);
     loop {
         if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        if !filled && mounted.wait_filled(Some(Duration::from_millis(200))) {
+        if !filled
+            && running
+                .mounted
+                .wait_filled(Some(Duration::from_millis(200)))
+        {
             filled = true;
             emit(req.json, t0, "background fill done", None);
         } else if filled {
             std::thread::sleep(Duration::from_millis(200));
         }
-        if !mounted.is_alive() {
+        if !running.mounted.is_alive() {
             bail!("cloudletfs went away");
         }
     }
-    let stats = mounted.stats();
-    drop(vm);
+    let stats = running.stop()?;
     emit(
         req.json,
         t0,
         "VM stopped",
         Some(serde_json::to_value(&stats).unwrap_or_default()),
     );
-    mounted.unmount().context("unmounting cloudletfs")?;
     Ok(())
 }
 
