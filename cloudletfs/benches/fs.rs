@@ -232,7 +232,7 @@ fn latency() {
     let (_reg, base) = add_base(dir.path(), &disk, &mem);
     let mut seed = 10;
     for codec in [Codec::Xz, Codec::Zstd] {
-        for segment in [1usize << 20, 4 << 20] {
+        for segment in [256usize << 10, 1 << 20, 16 << 20] {
             seed += 1;
             // 6144 new chunks per image (~48 MiB in all): about 12 (4 MiB) or 48 (1 MiB) segments.
             let overlay = make_overlay(dir.path(), &base, 6_144, codec, segment, seed);
@@ -279,9 +279,9 @@ fn latency() {
             );
             let max = samples.last().copied().unwrap_or(0.0);
             println!(
-                "| {} | {} MiB | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |",
+                "| {} | {} KiB | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |",
                 codec.name(),
-                segment >> 20
+                segment >> 10
             );
             drop(files);
             drop(m);

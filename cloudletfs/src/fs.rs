@@ -394,7 +394,15 @@ impl fuser::Filesystem for CloudletFs {
         };
         match n {
             Node::Image(k) => match self.core.read(k, offset, u64::from(size)) {
-                Ok(out) => reply.data(out.as_slice()),
+                Ok(out) => {
+                    reply.data(out.as_slice());
+                    if let crate::serve::ReadOut::Borrowed(b) = &out {
+                        // The reply is sent: the daemon need not keep those base pages mapped.
+                        if let Ok(start) = usize::try_from(offset) {
+                            self.core.base.release(k, start, b.len());
+                        }
+                    }
+                }
                 Err(e) => {
                     warn!(
                         "read of {} at {offset}+{size} failed: {}",

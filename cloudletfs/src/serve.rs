@@ -77,6 +77,37 @@ impl BaseImages {
         let n = out.len().min(b.len() - start);
         out[..n].copy_from_slice(&b[start..start + n]);
         out[n..].fill(0);
+        self.release(image, start, n);
+    }
+
+    /// Drops the daemon's page mappings of `start..start+len` of a base image once its bytes
+    /// have been copied out, so that serving a large base does not grow the daemon's RSS:
+    /// the pages stay in the page cache and are mapped again on the next access.
+    pub fn release(&self, image: ImageKind, start: usize, len: usize) {
+        let m = match image {
+            ImageKind::Disk => &self.disk,
+            ImageKind::Memory => &self.memory,
+        };
+        let Some(m) = m else { return };
+        const PAGE: usize = 4096;
+        let lo = start / PAGE * PAGE;
+        let hi = start
+            .saturating_add(len)
+            .div_ceil(PAGE)
+            .saturating_mul(PAGE)
+            .min(m.len());
+        if hi <= lo {
+            return;
+        }
+        // SAFETY: the mapping is of an immutable, read-only file (see `map_file`). MADV_DONTNEED
+        // on a shared file mapping only drops page-table entries: any slice into this range,
+        // here or in another thread, reads the same bytes again from the page cache on its
+        // next access, so no live reference observes a change.
+        let r =
+            unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+        if let Err(e) = r {
+            log::debug!("madvise(DONTNEED) on the base mapping failed: {e}");
+        }
     }
 }
 

@@ -34,8 +34,10 @@ const BATCH_CHUNKS: usize = 256;
 /// independent segments cost compression (BENCHMARKS.md: +7% at 1 MiB vs 16 MiB with xz).
 pub const DEFAULT_SEGMENT_SIZE: usize = 16 << 20;
 /// Default decoded size of the segments holding the working set (`CreateOptions::order`):
-/// small, since these are fetched on demand while the VM waits (xz decodes 1 MiB in ~10 ms).
-pub const DEFAULT_FIRST_SEGMENT_SIZE: usize = 1 << 20;
+/// small, since these are fetched on demand while the VM waits. Measured through cloudletfs
+/// (BENCHMARKS.md), a first read of a pending chunk took p99 9.8 ms with 256 KiB xz segments
+/// against 36 ms with 1 MiB ones.
+pub const DEFAULT_FIRST_SEGMENT_SIZE: usize = 256 << 10;
 
 /// Options of overlay creation.
 #[derive(Debug, Clone)]
