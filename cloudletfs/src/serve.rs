@@ -32,6 +32,8 @@ const LOCK_STRIPES: usize = 256;
 pub struct BaseImages {
     disk: Option<Mmap>,
     memory: Option<Mmap>,
+    /// Bytes read through each mapping since its pages were last released.
+    read_since_release: [std::sync::atomic::AtomicU64; 2],
 }
 
 fn map_file(path: &Path) -> Result<Option<Mmap>, MountError> {
@@ -58,6 +60,7 @@ impl BaseImages {
         Ok(BaseImages {
             disk: map_file(disk)?,
             memory: map_file(memory)?,
+            read_since_release: Default::default(),
         })
     }
 
@@ -80,36 +83,35 @@ impl BaseImages {
         self.release(image, start, n);
     }
 
-    /// Drops the daemon's page mappings of `start..start+len` of a base image once its bytes
-    /// have been copied out, so that serving a large base does not grow the daemon's RSS:
-    /// the pages stay in the page cache and are mapped again on the next access.
-    pub fn release(&self, image: ImageKind, start: usize, len: usize) {
-        let m = match image {
-            ImageKind::Disk => &self.disk,
-            ImageKind::Memory => &self.memory,
+    /// Accounts `len` bytes of a base image as read through the mapping; every
+    /// [`RELEASE_EVERY`] bytes, drops the daemon's page mappings of the whole image so that
+    /// serving a large base does not grow the daemon's RSS. The pages stay in the page cache and
+    /// are mapped again on the next access. One call per 32 MiB rather than one per read keeps
+    /// the cost (a TLB shootdown across the FUSE threads) off the read path.
+    pub fn release(&self, image: ImageKind, _start: usize, len: usize) {
+        let (m, counter) = match image {
+            ImageKind::Disk => (&self.disk, &self.read_since_release[0]),
+            ImageKind::Memory => (&self.memory, &self.read_since_release[1]),
         };
         let Some(m) = m else { return };
-        const PAGE: usize = 4096;
-        let lo = start / PAGE * PAGE;
-        let hi = start
-            .saturating_add(len)
-            .div_ceil(PAGE)
-            .saturating_mul(PAGE)
-            .min(m.len());
-        if hi <= lo {
+        let before = counter.fetch_add(len as u64, Ordering::Relaxed);
+        if before.saturating_add(len as u64) < RELEASE_EVERY {
             return;
         }
+        counter.store(0, Ordering::Relaxed);
         // SAFETY: the mapping is of an immutable, read-only file (see `map_file`). MADV_DONTNEED
-        // on a shared file mapping only drops page-table entries: any slice into this range,
-        // here or in another thread, reads the same bytes again from the page cache on its
-        // next access, so no live reference observes a change.
-        let r =
-            unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+        // on a shared file mapping only drops page-table entries: any slice into it, here or in
+        // another thread, reads the same bytes again from the page cache on its next access,
+        // so no live reference observes a change.
+        let r = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
         if let Err(e) = r {
             log::debug!("madvise(DONTNEED) on the base mapping failed: {e}");
         }
     }
 }
+
+/// Bytes read from a base mapping between two releases of its pages.
+pub const RELEASE_EVERY: u64 = 32 << 20;
 
 impl BaseReader for BaseImages {
     fn read_chunk(&self, image: ImageKind, chunk: u64, out: &mut [u8]) -> std::io::Result<()> {
