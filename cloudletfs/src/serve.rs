@@ -86,7 +86,7 @@ impl BaseImages {
     /// Accounts `len` bytes of a base image as read through the mapping; every
     /// [`RELEASE_EVERY`] bytes, drops the daemon's page mappings of the whole image so that
     /// serving a large base does not grow the daemon's RSS. The pages stay in the page cache and
-    /// are mapped again on the next access. One call per 32 MiB rather than one per read keeps
+    /// are mapped again on the next access. One call per 8 MiB rather than one per read keeps
     /// the cost (a TLB shootdown across the FUSE threads) off the read path.
     pub fn release(&self, image: ImageKind, _start: usize, len: usize) {
         let (m, counter) = match image {
@@ -111,7 +111,7 @@ impl BaseImages {
 }
 
 /// Bytes read from a base mapping between two releases of its pages.
-pub const RELEASE_EVERY: u64 = 32 << 20;
+pub const RELEASE_EVERY: u64 = 8 << 20;
 
 impl BaseReader for BaseImages {
     fn read_chunk(&self, image: ImageKind, chunk: u64, out: &mut [u8]) -> std::io::Result<()> {
