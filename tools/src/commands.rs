@@ -299,6 +299,58 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve synthesis sessions over TCP (docs/protocol.md): clients send an overlay (or a
+    /// URL), the server resumes the VM on one of its bases and forwards the guest ports.
+    ///
+    /// Runs until SIGINT/SIGTERM, then ends every session (VMs stopped, mounts removed).
+    Server {
+        /// Address and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:8021", value_name = "ADDR:PORT")]
+        listen: String,
+        /// Require this pre-shared token (the file's content, without surrounding whitespace).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Sessions at once; further clients are refused as busy.
+        #[arg(long, default_value_t = 4)]
+        max_sessions: u32,
+        /// URL prefix the server may fetch overlays from (flow 2); none by default.
+        #[arg(long, value_name = "PREFIX")]
+        allow_url_prefix: Vec<String>,
+        /// Address reported to clients for the forwarded guest ports.
+        #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+        public_addr: String,
+    },
+    /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
+    /// fetch), print where the guest ports are reachable, keep the session until Ctrl-C.
+    Client {
+        /// Server as HOST or HOST:PORT (default port 8021).
+        #[arg(long)]
+        server: String,
+        /// Overlay file to send.
+        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        overlay: Option<PathBuf>,
+        /// http(s):// URL the server fetches the overlay from.
+        #[arg(long)]
+        url: Option<String>,
+        /// Resume as soon as the metadata is in; segments follow on demand.
+        #[arg(long)]
+        early_start: bool,
+        /// Guest TCP port to reach (repeatable).
+        #[arg(long = "port", value_name = "GUESTPORT")]
+        ports: Vec<u16>,
+        /// Pre-shared token file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Throttle the overlay upload to this many bytes per second.
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        rate_limit: Option<u64>,
+        /// End the session right after the fill instead of holding it until Ctrl-C.
+        #[arg(long)]
+        finish: bool,
+        /// Print events as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Maps an error to the process exit code.
@@ -618,6 +670,45 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                     report.diff_seconds
                 );
             }
+        }
+        Command::Server {
+            listen,
+            token_file,
+            max_sessions,
+            allow_url_prefix,
+            public_addr,
+        } => {
+            let opts = crate::server::ServerOptions {
+                listen,
+                token_file,
+                max_sessions,
+                allow_url_prefix,
+                public_addr,
+            };
+            crate::server::serve(&ctx.home, opts)?;
+        }
+        Command::Client {
+            server,
+            overlay,
+            url,
+            early_start,
+            ports,
+            token_file,
+            rate_limit,
+            finish,
+            json,
+        } => {
+            crate::client_cmd::client(crate::client_cmd::ClientRequest {
+                server,
+                overlay,
+                url,
+                early_start,
+                ports,
+                token_file,
+                rate_limit,
+                finish,
+                json,
+            })?;
         }
         Command::Synthesis {
             base,

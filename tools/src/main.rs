@@ -3,8 +3,10 @@
 //! This binary is the only place with `anyhow`: it parses arguments, calls the libraries
 //! (`synth`, `cloudletfs`), prints results (text or `--json`) and maps failures to exit codes.
 
+mod client_cmd;
 mod commands;
 mod progress;
+mod server;
 mod synth_cmds;
 mod vm_cmds;
 

@@ -11,4 +11,5 @@ mod cli;
 mod format_errors;
 mod golden;
 mod roundtrip;
+mod server;
 mod synthesis;
