@@ -305,6 +305,16 @@ fn run_segment(core: &Core, seg: u32, demand: bool) {
     );
     let outcome = match core.overlay.read_segment(i) {
         Ok(data) => {
+            // Chunks a reader is blocked on first (self references resolve through the same
+            // payload, so the decoded segment serves them too), then the whole segment.
+            for (kind, chunk) in core.take_wanted(seg) {
+                if let Some(e) = core.meta.image(kind).find(chunk) {
+                    if let Err(err) = core.rebuild(kind, e, Some(&data), demand) {
+                        debug!("segment {seg}: {} chunk {chunk}: {err}", kind.name());
+                    }
+                }
+            }
+            core.waiter.notify();
             for &(kind, chunk) in &entry.chunks {
                 let targets = std::iter::once((kind, chunk)).chain(
                     core.referrers

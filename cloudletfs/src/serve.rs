@@ -228,7 +228,12 @@ pub struct Core {
     /// Chunks of both images in the order they were first read or written (the working set
     /// a new overlay stores first), up to [`FIRST_TOUCH_MAX`] entries.
     first_touch: Mutex<Vec<(ImageKind, u64)>>,
+    /// Chunks that readers wait for, by segment: rebuilt first when the segment arrives.
+    wanted: Mutex<HashMap<u32, Vec<(ImageKind, u64)>>>,
 }
+
+/// Waiting chunks remembered per segment (one per waiting FUSE thread is typical).
+const MAX_WANTED_PER_SEGMENT: usize = 64;
 
 /// Most first touches recorded (4 MiB of memory).
 pub const FIRST_TOUCH_MAX: usize = 1 << 18;
@@ -334,10 +339,31 @@ impl Core {
             shutdown: AtomicBool::new(false),
             referrers,
             first_touch: Mutex::new(Vec::new()),
+            wanted: Mutex::new(HashMap::new()),
         })
     }
 
     /// The image of `kind`.
+    /// Notes that a reader waits for `chunk`, so the worker decoding `segment` rebuilds it
+    /// before the rest of the segment.
+    fn want(&self, segment: u32, kind: ImageKind, chunk: u64) {
+        if let Ok(mut w) = self.wanted.lock() {
+            let list = w.entry(segment).or_default();
+            if list.len() < MAX_WANTED_PER_SEGMENT {
+                list.push((kind, chunk));
+            }
+        }
+    }
+
+    /// The chunks readers wait for in `segment` (and forgets them).
+    pub fn take_wanted(&self, segment: u32) -> Vec<(ImageKind, u64)> {
+        self.wanted
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(&segment))
+            .unwrap_or_default()
+    }
+
     fn first_touched(&self, kind: ImageKind, chunk: u64) {
         if let Ok(mut v) = self.first_touch.lock() {
             if v.len() < FIRST_TOUCH_MAX {
@@ -513,6 +539,7 @@ impl Core {
                 None => {
                     debug!("{} chunk {chunk}: waiting for segment {seg}", kind.name());
                     let fails = self.queue.failures(seg);
+                    self.want(seg, kind, chunk);
                     self.queue.demand(seg);
                     waiting = Some((Instant::now(), seg, fails));
                 }
