@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# net-bench.sh: synthesis over the network (`cloudlet server` + `cloudlet client`) on the real
+# test guest (QEMU, TCG here), with the client's upload throttled to WAN/WiFi-like rates.
+#
+# Measures, for one 256 MiB-RAM guest and one overlay, the client-side time from starting
+# `cloudlet client` to the first HTTP 200 of the page the customization created, fetched
+# through the host port the client reports for guest port 8080:
+#   * --rate-limit 10, 38 (the MobiSys'13 paper's WiFi) and 100 Mbit/s;
+#   * early start (`--early-start`: VM resumes once the metadata is in, segments on demand)
+#     vs full transfer first (no --early-start: the VM resumes after every segment is in);
+#   * median of N runs, the two modes alternated per repetition so drift hits both.
+# For early start it also reports the segments the server asked for on demand up to the first
+# 200 (the client's `closed` event after we end the session there) and, cheaply, the server's
+# RSS growth per session (VmRSS of `cloudlet server` at the first 200 minus idle; the VM's
+# RAM lives in QEMU, so this is the server's own cost: buffers, cloudletfs caches, threads).
+#
+# The customization follows bench/vm-bench.sh but is kept moderate so that a 10 Mbit/s
+# transfer stays under a minute: 4 MiB of random assets + a page on disk, and a 32 MiB tmpfs
+# "heap" from /dev/urandom that stays resident (incompressible memory), overlay ~50 MiB.
+#
+# One QEMU at a time (one session at a time): the bench is meant for a shared 2-core box.
+# shellcheck disable=SC2155,SC2016
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+
+usage() {
+  cat <<EOF
+usage: net-bench.sh [-n REPS] [-r RATES] [-w WORKDIR] [-k]
+  -n REPS     repetitions per rate and mode (default 3; median reported)
+  -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
+  -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
+              base and overlay are reused when the same WORKDIR is given again
+  -k          keep WORKDIR afterwards (default: removed)
+env: CLOUDLET_BIN (default target/release/cloudlet), GUEST_DIR (256 MiB-disk test guest,
+     default ~/.cache/cloudlet-guest, built by tools/guest/build-guest.sh if missing),
+     HTTP_TIMEOUT (s per run, default 300).
+Build first: cargo build --release --workspace
+EOF
+}
+
+REPS=3 RATES="10 38 100" WORK='' KEEP=0
+while getopts "n:r:w:kh" opt; do
+  case $opt in
+    n) REPS=$OPTARG ;;
+    r) RATES=$OPTARG ;;
+    w) WORK=$OPTARG ;;
+    k) KEEP=1 ;;
+    h) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -n needs a positive integer" >&2; exit 2; }
+
+CLOUDLET=${CLOUDLET_BIN:-$REPO/target/release/cloudlet}
+GUEST_DIR=${GUEST_DIR:-$HOME/.cache/cloudlet-guest}
+HTTP_TIMEOUT=${HTTP_TIMEOUT:-300}
+[[ -x $CLOUDLET ]] || { echo "net-bench: $CLOUDLET missing; cargo build --release --workspace" >&2; exit 1; }
+for t in jq curl python3 fusermount3; do
+  command -v $t >/dev/null || { echo "net-bench: missing tool: $t" >&2; exit 1; }
+done
+
+if [[ -z $WORK ]]; then WORK=$(mktemp -d /var/tmp/cloudlet-net-bench.XXXXXX); fi
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+# A private registry: the server only sees the base made here.
+export CLOUDLET_HOME=$WORK/home
+T0=$(date +%s)
+
+log() { printf '[net-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}'; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"} else if (NR%2) {print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b/1048576}'; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ------------------------------------------------------------------ cleanup
+# Only the processes started here, by pid (other people's VMs may run on this box).  The
+# server ends its sessions (VMs stopped, mounts removed) on SIGTERM; clients on SIGINT.
+SERVER_PID='' CLIENT_PIDS=()
+stop_pid() { # $1 pid, $2 signal; waits up to 30 s, then SIGKILL
+  local p=$1
+  kill -0 "$p" 2>/dev/null || return 0
+  kill "-$2" "$p" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? p m
+  for p in "${CLIENT_PIDS[@]}"; do stop_pid "$p" INT; done
+  [[ -n $SERVER_PID ]] && stop_pid "$SERVER_PID" TERM
+  # A server killed hard can leave a stale FUSE mount, which would make rm -rf fail.
+  for m in "$CLOUDLET_HOME"/tmp/*/mnt; do
+    [[ -d $m ]] && mountpoint -q "$m" 2>/dev/null && { fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true; }
+  done
+  if (( KEEP )); then log "work dir kept: $WORK"; else rm -rf "$WORK" 2>/dev/null || log "could not remove $WORK"; fi
+  log "total wall time: $(( $(date +%s) - T0 )) s"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------ base + overlay
+[[ -s $GUEST_DIR/disk.img ]] || bash "$REPO/tools/guest/build-guest.sh" "$GUEST_DIR" >&2
+if [[ ! -s $WORK/base.id || ! -d $CLOUDLET_HOME/bases/$(cat "$WORK/base.id") ]]; then
+  log "base: 256 MiB RAM, 256 MiB disk"
+  t=$(now)
+  "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb 256 --kernel "$GUEST_DIR/vmlinuz" \
+    --initrd "$GUEST_DIR/initrd.img" --append "$(jq -r .cmdline "$GUEST_DIR/guest.json")" \
+    --ready CLOUDLET-GUEST-READY | tail -n1 >"$WORK/base.id"
+  log "base took $(elapsed "$t") s"
+fi
+BASE=$(cat "$WORK/base.id")
+OV=$WORK/app.overlay
+if [[ ! -s $WORK/app.report.json || ! -s $OV ]]; then
+  # Each line runs on the guest's serial console.  fstrim + the deleted scratch mirror
+  # vm-bench's TRIM variant; the sleep lets the writes settle before the capture.
+  cat >"$WORK/custom.sh" <<'EOF'
+mkdir -p /srv/www/app
+dd if=/dev/urandom of=/srv/www/app/assets.bin bs=1M count=4
+echo "<html><body>app-ready-$((6*7))</body></html>" > /srv/www/app/index.html
+mkdir -p /app-heap
+mount -t tmpfs -o size=64m tmpfs /app-heap
+dd if=/dev/urandom of=/app-heap/heap bs=1M count=32
+wget -qO- http://127.0.0.1:8080/app/index.html
+sync
+fstrim /
+sleep 4
+EOF
+  log "overlay: customizing"
+  t=$(now)
+  "$CLOUDLET" overlay "$BASE" -o "$OV" --run "$WORK/custom.sh" --json >"$WORK/app.report.json"
+  log "overlay: $(mib "$(stat -c %s "$OV")") MiB, $(elapsed "$t") s"
+fi
+OV_MIB=$(mib "$(stat -c %s "$OV")")
+
+# ------------------------------------------------------------------ server
+TOKEN=$WORK/token
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"
+SPORT=$(free_port)
+"$CLOUDLET" server --listen "127.0.0.1:$SPORT" --token-file "$TOKEN" --max-sessions 1 \
+  >"$WORK/server.out" 2>"$WORK/server.err" &
+SERVER_PID=$!
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$SPORT") 2>/dev/null && break
+  kill -0 "$SERVER_PID" 2>/dev/null || { log "server died: $(tail -n3 "$WORK/server.err")"; exit 1; }
+  sleep 0.1
+done
+
+# run_once MBIT MODE(early|full) PREFIX: writes "seconds demand_requests rss_delta_MiB" to
+# PREFIX.res (not stdout: called in the main shell so the trap knows the client's pid).
+run_once() {
+  local mbit=$1 mode=$2 pre=$3
+  local rate=$(( mbit * 1000000 / 8 ))
+  local flag=(); [[ $mode == early ]] && flag=(--early-start)
+  # Idle RSS right before the session (the server's steady state between sessions).
+  local idle=$(rss_kib "$SERVER_PID")
+  local t0=$(now)
+  "$CLOUDLET" client --server "127.0.0.1:$SPORT" --overlay "$OV" "${flag[@]}" --port 8080 \
+    --token-file "$TOKEN" --rate-limit "$rate" --json >"$pre.out" 2>"$pre.err" &
+  local pid=$! port='' ok=0 t1='' peak=0 r
+  CLIENT_PIDS+=("$pid")
+  # The reported host port comes with the `resumed` event; polling before it would only
+  # measure slirp's SYN retransmit against a paused guest (see vm-bench.sh).
+  while [[ -z $port ]]; do
+    # A half-written last line makes jq fail; just try again.
+    port=$(jq -r 'select(.event=="resumed") | .ports[0].port' "$pre.out" 2>/dev/null | head -n1) || port=''
+    r=$(rss_kib "$SERVER_PID"); (( r > peak )) && peak=$r
+    kill -0 "$pid" 2>/dev/null || break
+    awk -v a="$t0" -v b="$(now)" -v l="$HTTP_TIMEOUT" 'BEGIN{exit !(b-a>l)}' && break
+    sleep 0.02
+  done
+  while [[ -n $port ]]; do
+    r=$(rss_kib "$SERVER_PID"); (( r > peak )) && peak=$r
+    if curl -s -o "$pre.body" -m 2 -w '%{http_code}' "http://127.0.0.1:$port/app/index.html" 2>/dev/null | grep -q '^200$'; then
+      t1=$(now); ok=1; break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    awk -v a="$t0" -v b="$(now)" -v l="$HTTP_TIMEOUT" 'BEGIN{exit !(b-a>l)}' && break
+    sleep 0.05
+  done
+  r=$(rss_kib "$SERVER_PID"); (( r > peak )) && peak=$r
+  # End the session at the first 200: the `closed` event then counts the segments asked on
+  # demand up to that moment (early start); full-first asks for none by construction.
+  stop_pid "$pid" INT
+  if (( ! ok )) || ! grep -q 'app-ready-42' "$pre.body"; then
+    log "no HTTP 200 ($mbit Mbit/s, $mode), see $pre.err"; echo "nan nan nan" >"$pre.res"; return
+  fi
+  local dem=$(jq -r 'select(.event=="closed") | .demand_requests' "$pre.out" 2>/dev/null | tail -n1)
+  awk -v a="$t0" -v b="$t1" -v d="${dem:-nan}" -v p="$peak" -v i="$idle" \
+    'BEGIN {printf "%.2f %s %.1f\n", b-a, d, (p-i)/1024}' >"$pre.res"
+}
+
+echo "# cloudlet net bench ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(qemu-system-x86_64 --version 2>/dev/null | head -n1), reps=$REPS)"
+echo
+: >"$WORK/net.tsv"
+# One uncounted warm-up (cold QEMU binary / overlay pages made the first run slower in vm-bench).
+run_once 100 full "$WORK/warmup"
+for mbit in $RATES; do
+  for r in $(seq "$REPS"); do
+    if (( r % 2 )); then modes="early full"; else modes="full early"; fi
+    for mode in $modes; do
+      run_once "$mbit" "$mode" "$WORK/run-$mbit-$mode-$r"
+      res=$(cat "$WORK/run-$mbit-$mode-$r.res")
+      log "$mbit Mbit/s $mode rep $r: $res (s, demand requests, server RSS delta MiB)"
+      echo "$mbit $mode $r $res" >>"$WORK/net.tsv"
+    done
+  done
+done
+
+col() { awk -v r="$1" -v m="$2" -v c="$3" '$1==r && $2==m && $4!="nan" {print $c}' "$WORK/net.tsv" | median; }
+runs() { awk -v r="$1" -v m="$2" '$1==r && $2==m {printf "%s%s", s, $4; s=" "}' "$WORK/net.tsv"; }
+echo "## Time to first HTTP 200 of /app/index.html via \`cloudlet client\` (median of $REPS)"
+echo
+echo "Clock starts at the launch of \`cloudlet client\`; server on loopback, upload throttled by --rate-limit."
+echo "Demand = segments the server asked for on demand before the first 200 (early start; median)."
+echo "Server RSS = peak VmRSS of \`cloudlet server\` during the session minus idle before it (median, MiB)."
+echo
+echo "| rate Mbit/s | overlay MiB | early s | full-first s | full / early | demand segs | server RSS MiB early | server RSS MiB full | runs early | runs full |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for mbit in $RATES; do
+  e=$(col "$mbit" early 4) f=$(col "$mbit" full 4)
+  echo "| $mbit | $OV_MIB | $e | $f | $(awk -v e="$e" -v f="$f" 'BEGIN{ if (e>0) printf "%.2f", f/e; else print "nan"}')" \
+    "| $(col "$mbit" early 5) | $(col "$mbit" early 6) | $(col "$mbit" full 6) | $(runs "$mbit" early) | $(runs "$mbit" full) |"
+done
+echo
+echo "_script wall time: $(( $(date +%s) - T0 )) s_"
