@@ -144,19 +144,24 @@ fn lines(child: &mut Child) -> Receiver<String> {
     rx
 }
 
-/// The next JSON line whose `event` is `event`, within `timeout`.
-fn wait_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> serde_json::Value {
+/// The next JSON line whose `event` is `event`, or `None` if the client ended or `timeout`
+/// passed first.
+fn next_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> Option<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("no {event:?} event within {timeout:?}: {e}"));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let line = rx.recv_timeout(left).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
         if v["event"] == event {
-            return v;
+            return Some(v);
         }
     }
+}
+
+/// The next JSON line whose `event` is `event`, within `timeout`.
+fn wait_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> serde_json::Value {
+    next_event(rx, event, timeout)
+        .unwrap_or_else(|| panic!("no {event:?} event within {timeout:?}"))
 }
 
 /// A threaded HTTP/1.1 server of one file with Range support, on a free loopback port; it
@@ -476,9 +481,20 @@ fn server_sessions_resume_refuse_and_clean_up() {
         "8080",
         "--json",
     ];
-    let mut c = client(&h, &server, &token, &hold);
-    let rx = lines(c.child());
-    wait_event(&rx, "resumed", Duration::from_secs(180));
+    // The slot of the killed client's session is freed just after its cleanup (checked above):
+    // a client arriving in between is refused as busy, so try again until one is served.
+    let mut c = (0..40)
+        .find_map(|_| {
+            let mut c = client(&h, &server, &token, &hold);
+            let rx = lines(c.child());
+            if next_event(&rx, "resumed", Duration::from_secs(180)).is_some() {
+                return Some(c);
+            }
+            let _ = c.child().wait();
+            std::thread::sleep(Duration::from_millis(250));
+            None
+        })
+        .expect("no client was served after the previous session ended");
     let log_path = server.log.clone();
     assert!(
         server.proc.stop("TERM", Duration::from_secs(60)),
