@@ -32,7 +32,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // fuser logs every request it does not implement (poll, getxattr) and replies to requests
+    // the kernel already dropped; none of that is the user's business unless RUST_LOG asks.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=off"))
+        .init();
     let cli = Cli::parse();
     let ctx = commands::Context {
         home: cli

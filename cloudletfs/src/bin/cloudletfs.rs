@@ -125,7 +125,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser=off"))
+        .init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("cloudletfs: {e:#}");
         std::process::exit(1);
