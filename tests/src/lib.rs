@@ -100,24 +100,32 @@ pub fn mutate(
     memory: &mut [u8],
     m: Mutations,
 ) {
-    fn pick<'a>(rng: &mut Rng, a: &'a mut [u8], b: &'a mut [u8]) -> &'a mut [u8] {
+    /// A random whole chunk of `a` or `b`; `None` when neither holds a whole chunk.
+    fn pick<'a>(rng: &mut Rng, a: &'a mut [u8], b: &'a mut [u8]) -> Option<&'a mut [u8]> {
         let (na, nb) = (a.len() / CHUNK_SIZE, b.len() / CHUNK_SIZE);
-        if nb == 0 || (na > 0 && rng.below(2) == 0) {
+        if na == 0 && nb == 0 {
+            return None;
+        }
+        Some(if nb == 0 || (na > 0 && rng.below(2) == 0) {
             let i = rng.below(na as u64) as usize * CHUNK_SIZE;
             &mut a[i..i + CHUNK_SIZE]
         } else {
             let i = rng.below(nb as u64) as usize * CHUNK_SIZE;
             &mut b[i..i + CHUNK_SIZE]
-        }
+        })
     }
     for _ in 0..m.new {
         let mut c = vec![0u8; CHUNK_SIZE];
         fill_chunk(rng, &mut c);
         c[0] = c[0].wrapping_add(1) | 1;
-        pick(rng, disk, memory).copy_from_slice(&c);
+        if let Some(dst) = pick(rng, disk, memory) {
+            dst.copy_from_slice(&c);
+        }
     }
     for _ in 0..m.zero {
-        pick(rng, disk, memory).fill(0);
+        if let Some(dst) = pick(rng, disk, memory) {
+            dst.fill(0);
+        }
     }
     for _ in 0..m.from_base {
         let src = if rng.below(2) == 0 && base_disk.len() >= CHUNK_SIZE {
@@ -129,11 +137,17 @@ pub fn mutate(
         } else {
             continue;
         };
-        pick(rng, disk, memory).copy_from_slice(&src);
+        if let Some(dst) = pick(rng, disk, memory) {
+            dst.copy_from_slice(&src);
+        }
     }
     for _ in 0..m.repeated {
-        let src = pick(rng, disk, memory).to_vec();
-        pick(rng, disk, memory).copy_from_slice(&src);
+        let Some(src) = pick(rng, disk, memory).map(|c| c.to_vec()) else {
+            break;
+        };
+        if let Some(dst) = pick(rng, disk, memory) {
+            dst.copy_from_slice(&src);
+        }
     }
 }
 
@@ -372,4 +386,63 @@ pub fn parse_counter(body: &str) -> (u64, String) {
             .to_owned()
     };
     (field("count=").parse().expect("count"), field("boot_id="))
+}
+
+/// A scratch folder whose `home/` is a cloudlet registry, for tests that drive the real binary.
+pub struct Scratch {
+    /// The folder (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    /// A fresh scratch folder.
+    pub fn new() -> Self {
+        Scratch {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// The registry folder (`$CLOUDLET_HOME`).
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// A path inside the scratch folder, as a string for command lines.
+    pub fn p(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// Runs `cloudlet ARGS`, asserts success, returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = cloudlet(&self.home(), args);
+        assert_eq!(code, 0, "cloudlet {args:?} failed:\n{err}");
+        out
+    }
+
+    /// `cloudlet base` of the test guest with a `disk_mb` MiB disk and 256 MiB of RAM; the id.
+    pub fn guest_base(&self, disk_mb: u64) -> String {
+        let g = guest(disk_mb);
+        let d = |f: &str| g.dir.join(f).display().to_string();
+        let args = [
+            "base",
+            &d("disk.img"),
+            "--memory-mb",
+            "256",
+            "--kernel",
+            &d("vmlinuz"),
+            "--initrd",
+            &d("initrd.img"),
+            "--append",
+            &g.cmdline,
+            "--ready",
+            "CLOUDLET-GUEST-READY",
+        ];
+        self.ok(&args).trim().to_string()
+    }
 }

@@ -8,7 +8,7 @@
 //! Everything runs in one test so that a single base and overlay serve every check and at
 //! most one QEMU of this module runs at a time.
 
-use cloudlet_e2e::{cloudlet, guest, http_get, require_fuse, require_qemu, workspace_bin};
+use cloudlet_e2e::{http_get, require_fuse, require_qemu, workspace_bin, Scratch};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,60 +25,18 @@ dd if=/dev/urandom of=/srv/bulk.bin bs=4096 count=1024
 sync
 ";
 
-struct Home {
-    dir: tempfile::TempDir,
+/// `cloudlet overlay` of `base` customized by [`CUSTOMIZE`]; returns the overlay's path.
+fn overlay(h: &Scratch, base: &str) -> String {
+    let script = h.p("customize.sh");
+    std::fs::write(&script, CUSTOMIZE).unwrap();
+    let out = h.p("vm.overlay");
+    h.ok(&["overlay", base, "-o", &out, "--run", &script, "--json"]);
+    out
 }
 
-impl Home {
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-
-    fn p(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (code, out, err) = cloudlet(&self.home(), args);
-        assert_eq!(code, 0, "cloudlet {args:?} failed:\n{err}");
-        out
-    }
-
-    /// `cloudlet base` of the test guest; returns the base id.
-    fn base(&self) -> String {
-        let g = guest(256);
-        let d = |f: &str| g.dir.join(f).display().to_string();
-        self.ok(&[
-            "base",
-            &d("disk.img"),
-            "--memory-mb",
-            "256",
-            "--kernel",
-            &d("vmlinuz"),
-            "--initrd",
-            &d("initrd.img"),
-            "--append",
-            &g.cmdline,
-            "--ready",
-            "CLOUDLET-GUEST-READY",
-        ])
-        .trim()
-        .to_string()
-    }
-
-    /// `cloudlet overlay` of `base` customized by [`CUSTOMIZE`]; returns the overlay's path.
-    fn overlay(&self, base: &str) -> String {
-        let script = self.p("customize.sh");
-        std::fs::write(&script, CUSTOMIZE).unwrap();
-        let out = self.p("vm.overlay");
-        self.ok(&["overlay", base, "-o", &out, "--run", &script, "--json"]);
-        out
-    }
-
-    /// The folder every session's run folder (mount point, QEMU sockets) lives in.
-    fn tmp(&self) -> String {
-        self.home().join("tmp").display().to_string()
-    }
+/// The folder every session's run folder (mount point, QEMU sockets) lives in.
+fn tmp(h: &Scratch) -> String {
+    h.home().join("tmp").display().to_string()
 }
 
 /// A child process killed (SIGTERM) on drop.
@@ -210,7 +168,7 @@ struct Server {
     log: PathBuf,
 }
 
-fn start_server(h: &Home, token: &str, allow: &str) -> Server {
+fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
     let port = synth::vm::free_tcp_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let log = PathBuf::from(h.p("server.log"));
@@ -237,7 +195,7 @@ fn start_server(h: &Home, token: &str, allow: &str) -> Server {
     }
 }
 
-fn client(h: &Home, server: &Server, token: &str, args: &[&str]) -> Proc {
+fn client(h: &Scratch, server: &Server, token: &str, args: &[&str]) -> Proc {
     let child = Command::new(workspace_bin("cloudlet"))
         .arg("--home")
         .arg(h.home())
@@ -307,11 +265,9 @@ fn server_sessions_resume_refuse_and_clean_up() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let h = Home {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let base = h.base();
-    let overlay = h.overlay(&base);
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    let overlay = overlay(&h, &base);
     let token = h.p("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
     let bad_token = h.p("bad-token");
@@ -363,10 +319,10 @@ fn server_sessions_resume_refuse_and_clean_up() {
     let resumed = wait_event(&rx, "resumed", Duration::from_secs(180));
     let port = mapped_port(&resumed);
     let running = Command::new("pgrep")
-        .args(["-f", &h.tmp()])
+        .args(["-f", &tmp(&h)])
         .output()
         .unwrap();
-    assert!(running.status.success(), "no QEMU under {}", h.tmp());
+    assert!(running.status.success(), "no QEMU under {}", tmp(&h));
     let body = http_get(port, "/custom.txt", Duration::from_secs(120));
     assert_eq!(body.trim(), "overlay-made-42");
     wait_event(&rx, "fill_done", Duration::from_secs(180));
@@ -375,7 +331,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("busy"), "{err}");
     assert!(c.stop("INT", Duration::from_secs(60)), "client failed");
-    let (procs, mounts) = leftovers(&h.tmp());
+    let (procs, mounts) = leftovers(&tmp(&h));
     assert!(procs.is_empty(), "QEMU left running: {procs}");
     assert!(mounts.is_empty(), "mounts left: {mounts}");
 
@@ -420,7 +376,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
     assert!(closed["demand_requests"].as_u64().unwrap() > 0, "{closed}");
     let status = c.child().wait().unwrap();
     assert!(status.success(), "throttled client failed: {status}");
-    let (procs, mounts) = leftovers(&h.tmp());
+    let (procs, mounts) = leftovers(&tmp(&h));
     assert!(procs.is_empty(), "QEMU left running: {procs}");
     assert!(mounts.is_empty(), "mounts left: {mounts}");
 
@@ -446,7 +402,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
         "{fill}"
     );
     assert!(c.stop("INT", Duration::from_secs(60)), "URL client failed");
-    let (procs, mounts) = leftovers(&h.tmp());
+    let (procs, mounts) = leftovers(&tmp(&h));
     assert!(procs.is_empty(), "QEMU left running: {procs}");
     assert!(mounts.is_empty(), "mounts left: {mounts}");
 
@@ -466,7 +422,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
     );
     assert_eq!(body.trim(), "overlay-made-42");
     let _ = c.stop("KILL", Duration::from_secs(10));
-    let (procs, mounts) = leftovers(&h.tmp());
+    let (procs, mounts) = leftovers(&tmp(&h));
     assert!(procs.is_empty(), "QEMU left running: {procs}");
     assert!(mounts.is_empty(), "mounts left: {mounts}");
 
@@ -503,7 +459,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
     );
     let status = c.child().wait().unwrap();
     assert!(!status.success(), "client survived the server's end");
-    let (procs, mounts) = leftovers(&h.tmp());
+    let (procs, mounts) = leftovers(&tmp(&h));
     assert!(procs.is_empty(), "QEMU left running: {procs}");
     assert!(mounts.is_empty(), "mounts left: {mounts}");
     let log = std::fs::read_to_string(&log_path).unwrap();

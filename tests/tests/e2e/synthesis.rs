@@ -4,8 +4,7 @@
 //! One QEMU at a time: every test here holds `VM_LOCK`.
 
 use cloudlet_e2e::{
-    cloudlet, guest, http_get, parse_counter, require_fuse, require_qemu, try_http_get,
-    workspace_bin,
+    http_get, parse_counter, require_fuse, require_qemu, try_http_get, workspace_bin, Scratch,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,59 +33,17 @@ sync
 fstrim /
 ";
 
-struct Home {
-    dir: tempfile::TempDir,
+/// `cloudlet overlay` with a customization script; returns the JSON report.
+fn overlay(h: &Scratch, base: &str, script: &str, out: &str, extra: &[&str]) -> serde_json::Value {
+    let s = h.p(&format!("{out}.sh"));
+    std::fs::write(&s, script).unwrap();
+    let o = h.p(out);
+    let mut args = vec!["overlay", base, "-o", &o, "--run", &s, "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&h.ok(&args)).unwrap()
 }
 
-impl Home {
-    fn new() -> Self {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-    fn p(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let (code, out, err) = cloudlet(&self.home(), args);
-        assert_eq!(code, 0, "cloudlet {args:?} failed:\n{err}");
-        out
-    }
-    /// `cloudlet base` of the test guest with a `disk_mb` disk; returns the base id.
-    fn base(&self, disk_mb: u64) -> String {
-        let g = guest(disk_mb);
-        let d = |f: &str| g.dir.join(f).display().to_string();
-        let out = self.ok(&[
-            "base",
-            &d("disk.img"),
-            "--memory-mb",
-            "256",
-            "--kernel",
-            &d("vmlinuz"),
-            "--initrd",
-            &d("initrd.img"),
-            "--append",
-            &g.cmdline,
-            "--ready",
-            "CLOUDLET-GUEST-READY",
-        ]);
-        out.trim().to_string()
-    }
-    /// `cloudlet overlay` with a customization script; returns the JSON report.
-    fn overlay(&self, base: &str, script: &str, out: &str, extra: &[&str]) -> serde_json::Value {
-        let s = self.p(&format!("{out}.sh"));
-        std::fs::write(&s, script).unwrap();
-        let o = self.p(out);
-        let mut args = vec!["overlay", base, "-o", &o, "--run", &s, "--json"];
-        args.extend_from_slice(extra);
-        serde_json::from_str(&self.ok(&args)).unwrap()
-    }
-}
-
-fn info(home: &Home, overlay: &str) -> serde_json::Value {
+fn info(home: &Scratch, overlay: &str) -> serde_json::Value {
     serde_json::from_str(&home.ok(&["info-overlay", &home.p(overlay), "--json"])).unwrap()
 }
 
@@ -101,7 +58,7 @@ fn terminate(child: &Child) {
 }
 
 impl Synthesis {
-    fn start(home: &Home, base: &str, overlay: &str, port: u16, early: bool) -> Self {
+    fn start(home: &Scratch, base: &str, overlay: &str, port: u16, early: bool) -> Self {
         let fwd = format!("tcp:127.0.0.1:{port}-:8080");
         let mut cmd = Command::new(workspace_bin("cloudlet"));
         cmd.env("CLOUDLET_HOME", home.home())
@@ -158,9 +115,9 @@ fn synthesis_early_start_serves_customized_guest() {
         return;
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let h = Home::new();
-    let base = h.base(256);
-    let report = h.overlay(&base, CUSTOMIZE, "vm.overlay", &[]);
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    let report = overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
     assert!(
         report["working_set_chunks"].as_u64().unwrap() > 0,
         "{report}"
@@ -188,9 +145,9 @@ fn mount_after_fill_equals_reconstruct() {
         return;
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let h = Home::new();
-    let base = h.base(256);
-    h.overlay(&base, CUSTOMIZE, "vm.overlay", &[]);
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
     h.ok(&[
         "reconstruct",
         &base,
@@ -228,11 +185,12 @@ fn overlay_memory_trace_matches_full_scan() {
         return;
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let h = Home::new();
-    let base = h.base(256);
+    let h = Scratch::new();
+    let base = h.guest_base(256);
     // The same captured VM, overlaid twice: memory candidates from the trace, and from a
     // full hash compare of the whole memory image. Both must rebuild the same memory.
-    let traced = h.overlay(
+    let traced = overlay(
+        &h,
         &base,
         CUSTOMIZE,
         "traced.overlay",
@@ -275,10 +233,10 @@ fn overlay_trimmed_file_leaves_no_chunks() {
         return;
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let h = Home::new();
-    let base = h.base(256);
-    h.overlay(&base, CUSTOMIZE, "plain.overlay", &[]);
-    let trimmed = h.overlay(&base, CUSTOMIZE_AND_TRIM, "trim.overlay", &[]);
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    overlay(&h, &base, CUSTOMIZE, "plain.overlay", &[]);
+    let trimmed = overlay(&h, &base, CUSTOMIZE_AND_TRIM, "trim.overlay", &[]);
     assert!(
         trimmed["disk_discarded"].as_u64().unwrap() >= 512,
         "{trimmed}"
@@ -298,11 +256,11 @@ fn overlay_disk_from_trace_alone_is_independent_of_disk_size() {
         return;
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let h = Home::new();
-    let small = h.base(256);
-    let large = h.base(2048);
-    let a = h.overlay(&small, CUSTOMIZE, "small.overlay", &[]);
-    let b = h.overlay(&large, CUSTOMIZE, "large.overlay", &[]);
+    let h = Scratch::new();
+    let small = h.guest_base(256);
+    let large = h.guest_base(2048);
+    let a = overlay(&h, &small, CUSTOMIZE, "small.overlay", &[]);
+    let b = overlay(&h, &large, CUSTOMIZE, "large.overlay", &[]);
     let cand = |v: &serde_json::Value| v["disk_candidates"].as_u64().unwrap();
     let examined = |v: &serde_json::Value| v["stats"]["examined_chunks"].as_u64().unwrap();
     // An 8x larger disk: the capture examines only traced chunks, so about the same number.
