@@ -398,9 +398,7 @@ impl fuser::Filesystem for CloudletFs {
                     reply.data(out.as_slice());
                     if let crate::serve::ReadOut::Borrowed(b) = &out {
                         // The reply is sent: the daemon need not keep those base pages mapped.
-                        if let Ok(start) = usize::try_from(offset) {
-                            self.core.base.release(k, start, b.len());
-                        }
+                        self.core.base.release(k, b.len());
                     }
                 }
                 Err(e) => {

@@ -80,7 +80,7 @@ impl BaseImages {
         let n = out.len().min(b.len() - start);
         out[..n].copy_from_slice(&b[start..start + n]);
         out[n..].fill(0);
-        self.release(image, start, n);
+        self.release(image, n);
     }
 
     /// Accounts `len` bytes of a base image as read through the mapping; every
@@ -88,7 +88,7 @@ impl BaseImages {
     /// serving a large base does not grow the daemon's RSS. The pages stay in the page cache and
     /// are mapped again on the next access. One call per 8 MiB rather than one per read keeps
     /// the cost (a TLB shootdown across the FUSE threads) off the read path.
-    pub fn release(&self, image: ImageKind, _start: usize, len: usize) {
+    pub fn release(&self, image: ImageKind, len: usize) {
         let (m, counter) = match image {
             ImageKind::Disk => (&self.disk, &self.read_since_release[0]),
             ImageKind::Memory => (&self.memory, &self.read_since_release[1]),
