@@ -4,10 +4,50 @@
 //! Every range read is retried with exponential backoff when a connection drops or a body
 //! comes back short, but never past [`HttpOptions::total_timeout`]: a server that stops
 //! answering makes the read fail (EIO upstream) instead of hanging.
+//!
+//! Redirects are followed here, not by the HTTP library, so that every hop is vetted by the
+//! [`RedirectPolicy`] (the synthesis server's `--allow-url-prefix` list, or by default any
+//! well-formed http(s) URL without a downgrade from https), at most [`MAX_REDIRECTS`] hops.
+//! A permanent redirect (301, 308) is remembered; a temporary one is followed again each time.
 
 use log::{debug, warn};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use synth::source::{check_range, ByteSource, SourceError};
+
+/// Most redirects one request follows.
+pub const MAX_REDIRECTS: u32 = 5;
+
+type RedirectFn = dyn Fn(&str, &str) -> Result<String, String> + Send + Sync;
+
+/// Decides where a redirect may lead: given the URL that answered and its `Location`, the
+/// absolute URL to follow, or why not.
+#[derive(Clone)]
+pub struct RedirectPolicy(Arc<RedirectFn>);
+
+impl RedirectPolicy {
+    /// A policy from a function `(current URL, Location) → URL to follow`.
+    pub fn new(f: impl Fn(&str, &str) -> Result<String, String> + Send + Sync + 'static) -> Self {
+        RedirectPolicy(Arc::new(f))
+    }
+
+    /// Any well-formed http(s) target, never from https down to http
+    /// ([`synth::protocol::url::resolve_redirect`]).
+    pub fn any_http() -> Self {
+        RedirectPolicy::new(synth::protocol::url::resolve_redirect)
+    }
+
+    /// Follows no redirect at all.
+    pub fn none() -> Self {
+        RedirectPolicy::new(|_, _| Err("redirects are not followed".into()))
+    }
+}
+
+impl std::fmt::Debug for RedirectPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedirectPolicy")
+    }
+}
 
 /// Timeouts and retries of HTTP reads.
 #[derive(Debug, Clone)]
@@ -18,6 +58,8 @@ pub struct HttpOptions {
     pub total_timeout: Duration,
     /// First backoff between attempts (doubles, capped at 2 s).
     pub backoff: Duration,
+    /// Where redirects may lead.
+    pub redirects: RedirectPolicy,
 }
 
 impl Default for HttpOptions {
@@ -26,6 +68,7 @@ impl Default for HttpOptions {
             attempt_timeout: Duration::from_secs(20),
             total_timeout: Duration::from_secs(60),
             backoff: Duration::from_millis(50),
+            redirects: RedirectPolicy::any_http(),
         }
     }
 }
@@ -47,7 +90,10 @@ pub enum HttpError {
 #[derive(Debug)]
 pub struct HttpSource {
     agent: ureq::Agent,
+    /// The URL as given (for messages).
     url: String,
+    /// Where requests go: the URL as given, or the target of a permanent redirect.
+    target: Mutex<String>,
     size: u64,
     opts: HttpOptions,
 }
@@ -61,10 +107,12 @@ impl HttpSource {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(opts.attempt_timeout))
             .http_status_as_error(false)
+            .max_redirects(0)
             .build();
         let mut s = HttpSource {
             agent: config.new_agent(),
             url: url.to_string(),
+            target: Mutex::new(url.to_string()),
             size: 0,
             opts,
         };
@@ -79,13 +127,49 @@ impl HttpSource {
         Ok(s)
     }
 
+    fn target(&self) -> String {
+        match self.target.lock() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// One GET with a Range header, following vetted redirects.
+    fn get(&self, range: &str) -> Attempt<ureq::http::Response<ureq::Body>> {
+        let mut url = self.target();
+        let mut permanent = true;
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self
+                .agent
+                .get(&url)
+                .header("Range", range)
+                .call()
+                .map_err(|e| (true, e.to_string()))?;
+            let status = resp.status().as_u16();
+            if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                if permanent && url != self.target() {
+                    if let Ok(mut t) = self.target.lock() {
+                        *t = url;
+                    }
+                }
+                return Ok(resp);
+            }
+            permanent &= matches!(status, 301 | 308);
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .ok_or((false, format!("HTTP {status} redirect without a Location")))?;
+            let next = (self.opts.redirects.0)(&url, location)
+                .map_err(|why| (false, format!("redirect to {location:?} refused: {why}")))?;
+            debug!("HTTP {status}: {url} redirects to {next}");
+            url = next;
+        }
+        Err((false, format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
     fn probe(&self) -> Attempt<u64> {
-        let mut resp = self
-            .agent
-            .get(&self.url)
-            .header("Range", "bytes=0-0")
-            .call()
-            .map_err(|e| (true, e.to_string()))?;
+        let mut resp = self.get("bytes=0-0")?;
         let status = resp.status().as_u16();
         if status == 206 {
             let cr = resp
@@ -109,12 +193,7 @@ impl HttpSource {
 
     fn get_range(&self, offset: u64, len: u64) -> Attempt<Vec<u8>> {
         let last = offset + len - 1;
-        let mut resp = self
-            .agent
-            .get(&self.url)
-            .header("Range", format!("bytes={offset}-{last}"))
-            .call()
-            .map_err(|e| (true, e.to_string()))?;
+        let mut resp = self.get(&format!("bytes={offset}-{last}"))?;
         let status = resp.status().as_u16();
         if status != 206 && !(status == 200 && offset == 0 && len == self.size) {
             return Err((retryable_status(status), format!("HTTP status {status}")));

@@ -42,6 +42,6 @@ pub mod store;
 pub mod streams;
 
 pub use error::{MountError, ServeError};
-pub use http::{HttpOptions, HttpSource};
+pub use http::{HttpOptions, HttpSource, RedirectPolicy};
 pub use mount::{mount, MountOptions, Mounted, OverlaySource, Trace};
 pub use stats::{ImageStats, Stats};

@@ -18,7 +18,7 @@
 use crate::synth_cmds::{resume_vm, RunningVm};
 use crate::vm_cmds::{interrupt_flag, RunDir};
 use anyhow::{Context as _, Result};
-use cloudletfs::{HttpOptions, HttpSource, OverlaySource};
+use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -753,8 +753,15 @@ fn url_session(conn: &Arc<Conn>, stream: &TcpStream, req: &Start, url: &str) -> 
 }
 
 fn url_vm(conn: &Arc<Conn>, req: &Start, url: &str) -> Result<(), End> {
-    let http = HttpSource::open(url, HttpOptions::default())
-        .map_err(|e| internal("fetching the overlay", e))?;
+    // Every redirect must stay under the operator's prefixes, like the URL itself.
+    let policy = conn.srv.policy.clone();
+    let opts = HttpOptions {
+        redirects: RedirectPolicy::new(move |cur, loc| {
+            policy.check_redirect(cur, loc).map_err(|r| r.to_string())
+        }),
+        ..HttpOptions::default()
+    };
+    let http = HttpSource::open(url, opts).map_err(|e| internal("fetching the overlay", e))?;
     if conn.stopped() {
         return Err(End::Gone("ended while probing the URL".into()));
     }

@@ -2,11 +2,12 @@
 //! answering) and, when installed, nginx.
 
 use crate::*;
-use cloudletfs::HttpOptions;
+use cloudletfs::{HttpOptions, HttpSource, RedirectPolicy};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
+use synth::source::ByteSource;
 
 /// A threaded HTTP/1.1 server of one file with Range support.
 struct Server {
@@ -119,6 +120,7 @@ fn fast_http() -> HttpOptions {
         attempt_timeout: Duration::from_millis(1500),
         total_timeout: Duration::from_secs(4),
         backoff: Duration::from_millis(20),
+        ..HttpOptions::default()
     }
 }
 
@@ -209,7 +211,8 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(root: &Path) -> Option<Nginx> {
+/// nginx serving `root`, with `locations` added to its server block (e.g. redirects).
+fn start_nginx(root: &Path, locations: &str) -> Option<Nginx> {
     let bin = Path::new("/usr/sbin/nginx");
     if !bin.exists() {
         assert_ne!(
@@ -235,7 +238,7 @@ fn start_nginx(root: &Path) -> Option<Nginx> {
              events {{ worker_connections 64; }}\n\
              http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
              uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+             server {{ listen 127.0.0.1:{port}; root {}; {locations} }} }}\n",
             root.display()
         ),
     )
@@ -271,7 +274,7 @@ fn http_nginx_overlay_matches_reconstruct() {
     }
     let s = Setup::new(12, Shape::default());
     let root = s.overlay.parent().expect("parent").to_path_buf();
-    let Some(ngx) = start_nginx(&root) else {
+    let Some(ngx) = start_nginx(&root, "") else {
         return;
     };
     let url = format!("http://127.0.0.1:{}/overlay.cld", ngx.port);
@@ -281,5 +284,74 @@ fn http_nginx_overlay_matches_reconstruct() {
     assert_eq!(
         first_diff(&read_all(&g.path("memory/image")), &s.memory),
         None
+    );
+}
+
+#[test]
+fn http_redirect_followed_matches_reconstruct() {
+    if !fuse_ok() {
+        return;
+    }
+    let s = Setup::new(13, Shape::default());
+    let root = s.overlay.parent().expect("parent").to_path_buf();
+    let Some(ngx) = start_nginx(&root, "location = /moved.cld { return 302 /overlay.cld; }") else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{}/moved.cld", ngx.port);
+    let g = mount_with(&s, OverlaySource::Url(url), |o| o.http = fast_http());
+    assert_eq!(first_diff(&read_all(&g.path("disk/image")), &s.disk), None);
+    assert!(g.mounted().wait_filled(Some(Duration::from_secs(60))));
+    assert_eq!(
+        first_diff(&read_all(&g.path("memory/image")), &s.memory),
+        None
+    );
+}
+
+/// Opens `path` on `ngx` with the redirects the synthesis server allows under `prefix`.
+fn open_under_prefix(ngx: &Nginx, prefix: &str, path: &str) -> String {
+    let prefix = format!("http://127.0.0.1:{}{prefix}", ngx.port);
+    let policy = synth::protocol::UrlPolicy::new(vec![prefix]).expect("policy");
+    let opts = HttpOptions {
+        redirects: RedirectPolicy::new(move |cur, loc| {
+            policy.check_redirect(cur, loc).map_err(|r| r.to_string())
+        }),
+        ..fast_http()
+    };
+    let url = format!("http://127.0.0.1:{}{path}", ngx.port);
+    match HttpSource::open(&url, opts) {
+        Ok(src) => panic!("{url} opened ({} bytes) despite its redirect", src.size()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn http_redirect_outside_allowed_prefix_refused() {
+    let s = Setup::new(14, Shape::default());
+    let root = s.overlay.parent().expect("parent").to_path_buf();
+    let Some(ngx) = start_nginx(
+        &root,
+        "location = /allowed/moved.cld { return 302 /overlay.cld; }",
+    ) else {
+        return;
+    };
+    let err = open_under_prefix(&ngx, "/allowed/", "/allowed/moved.cld");
+    assert!(err.contains("redirect"), "{err}");
+    assert!(err.contains("not under an allowed prefix"), "{err}");
+}
+
+#[test]
+fn http_redirect_loop_refused_after_max_hops() {
+    let s = Setup::new(15, Shape::default());
+    let root = s.overlay.parent().expect("parent").to_path_buf();
+    let Some(ngx) = start_nginx(&root, "location = /loop.cld { return 302 /loop.cld; }") else {
+        return;
+    };
+    let err = open_under_prefix(&ngx, "/", "/loop.cld");
+    assert!(
+        err.contains(&format!(
+            "more than {} redirects",
+            cloudletfs::http::MAX_REDIRECTS
+        )),
+        "{err}"
     );
 }

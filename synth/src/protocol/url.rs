@@ -179,29 +179,43 @@ impl UrlPolicy {
     /// Resolves a redirect's `Location` against the URL that answered it, then checks the
     /// result. Returns the absolute URL to follow.
     pub fn check_redirect(&self, current: &str, location: &str) -> Result<String, RefuseReason> {
-        let refuse = |why: &str| RefuseReason::UrlNotAllowed {
-            url: super::clip_text(location.chars().take(512).collect()),
-            why: why.into(),
-        };
-        let cur = parse(current).map_err(|w| refuse(&w))?;
-        let scheme = if cur.https { "https" } else { "http" };
-        let lower = location.to_ascii_lowercase();
-        let target = if lower.starts_with("http://") || lower.starts_with("https://") {
-            location.to_string()
-        } else if let Some(rest) = location.strip_prefix("//") {
-            format!("{scheme}://{rest}")
-        } else if location.starts_with('/') {
-            format!("{scheme}://{}:{}{location}", cur.host, cur.port)
-        } else if location.contains(':') {
-            return Err(refuse("redirect to another scheme"));
-        } else {
-            let path = cur.path.split('?').next().unwrap_or("/");
-            let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-            format!("{scheme}://{}:{}{dir}{location}", cur.host, cur.port)
-        };
+        let target =
+            resolve_redirect(current, location).map_err(|why| RefuseReason::UrlNotAllowed {
+                url: super::clip_text(location.chars().take(512).collect()),
+                why,
+            })?;
         self.check(&target)?;
         Ok(target)
     }
+}
+
+/// Resolves a redirect's `Location` against the URL that answered it (absolute,
+/// scheme-relative, absolute-path or relative-path forms) into an absolute URL that passes the
+/// strict parse of this module. Refuses other schemes and a move from https to http. This is
+/// the whole check where no operator policy applies (a user mounting a URL of their choice);
+/// [`UrlPolicy::check_redirect`] adds the prefix check.
+pub fn resolve_redirect(current: &str, location: &str) -> Result<String, String> {
+    let cur = parse(current)?;
+    let scheme = if cur.https { "https" } else { "http" };
+    let lower = location.to_ascii_lowercase();
+    let target = if lower.starts_with("http://") || lower.starts_with("https://") {
+        location.to_string()
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{}:{}{location}", cur.host, cur.port)
+    } else if location.contains(':') {
+        return Err("redirect to another scheme".into());
+    } else {
+        let path = cur.path.split('?').next().unwrap_or("/");
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{scheme}://{}:{}{dir}{location}", cur.host, cur.port)
+    };
+    let t = parse(&target)?;
+    if cur.https && !t.https {
+        return Err("redirect from https to http".into());
+    }
+    Ok(target)
 }
 
 fn under(u: &ParsedUrl, p: &ParsedUrl) -> bool {
@@ -223,6 +237,30 @@ fn under(u: &ParsedUrl, p: &ParsedUrl) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolve_redirect_relative_forms_resolved() {
+        let cur = "http://h:8080/a/b.cld?x=1";
+        assert_eq!(
+            resolve_redirect(cur, "c.cld").unwrap(),
+            "http://h:8080/a/c.cld"
+        );
+        assert_eq!(
+            resolve_redirect(cur, "/z.cld").unwrap(),
+            "http://h:8080/z.cld"
+        );
+        assert_eq!(
+            resolve_redirect(cur, "//g/y.cld").unwrap(),
+            "http://g/y.cld"
+        );
+    }
+
+    #[test]
+    fn resolve_redirect_downgrade_or_other_scheme_refused() {
+        assert!(resolve_redirect("https://h/a", "http://h/a").is_err());
+        assert!(resolve_redirect("http://h/a", "file:///etc/passwd").is_err());
+        assert!(resolve_redirect("http://h/a", "http://u@h/a").is_err());
+    }
 
     #[test]
     fn url_parse_default_port_filled() {
