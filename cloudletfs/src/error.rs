@@ -86,7 +86,7 @@ pub enum MountError {
         source: std::io::Error,
     },
     /// The state directory belongs to another VM.
-    #[error("State directory {0} was made for another base or image size")]
+    #[error("State directory {0} was made for another base, overlay or image size")]
     StateMismatch(PathBuf),
     /// Mounting failed.
     #[error("Mounting on {path} failed")]

@@ -9,7 +9,7 @@ use crate::chunkmap::{ChunkMap, ChunkState, Waiter};
 use crate::error::{MountError, ServeError};
 use crate::fetch::FetchQueue;
 use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
-use crate::store::Store;
+use crate::store::{StateOwner, Store};
 use crate::streams::Stream;
 use log::{debug, error};
 use memmap2::Mmap;
@@ -245,7 +245,7 @@ pub struct CoreParts<'a> {
     pub overlay: Overlay,
     /// Mapped base images.
     pub base: BaseImages,
-    /// Base id (for the state journal).
+    /// Base id (the state journal is keyed to it and to the overlay's id).
     pub base_id: synth::Digest,
     /// Persistent state directory.
     pub state_dir: Option<&'a Path>,
@@ -263,6 +263,10 @@ impl Core {
     /// Builds the chunk maps (restoring persistent state) and the cache files.
     pub fn new(p: CoreParts<'_>) -> Result<Core, MountError> {
         let meta = p.overlay.metadata_arc();
+        let owner = StateOwner {
+            base: p.base_id,
+            overlay: p.overlay.id(),
+        };
         let make = |kind: ImageKind| -> Result<Image, MountError> {
             let map_meta = meta.image(kind);
             let size = map_meta.size;
@@ -283,7 +287,7 @@ impl Core {
                     source,
                 })?;
             let (store, restored) =
-                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &p.base_id)?;
+                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner)?;
             let n = chunk_count(size);
             let img = Image {
                 kind,

@@ -6,14 +6,16 @@
 //!
 //! | offset | size | field |
 //! |--------|------|-------|
-//! | 0  | 8  | magic `b"CLDFSJ01"` |
+//! | 0  | 8  | magic `b"CLDFSJ02"` |
 //! | 8  | 8  | image size (LE) |
 //! | 16 | 32 | base id |
-//! | 48 | 16 | reserved (zero) |
-//! | 64 | one byte per chunk | `0` untouched, `3` modified, `4` discarded |
+//! | 48 | 32 | overlay id ([`synth::format::Overlay::id`]) |
+//! | 80 | 16 | reserved (zero) |
+//! | 96 | one byte per chunk | `0` untouched, `3` modified, `4` discarded |
 //!
-//! A chunk's data is written before its journal byte; `fsync` syncs the data file, then the
-//! journal.
+//! Writes only make sense on top of the VM they were made to, so a journal is refused unless
+//! base, overlay and image size all match. A chunk's data is written before its journal byte;
+//! `fsync` syncs the data file, then the journal.
 
 use crate::chunkmap::ChunkState;
 use crate::error::MountError;
@@ -24,9 +26,18 @@ use std::path::Path;
 use synth::chunk::CHUNK_SIZE_U64;
 use synth::{Digest, ImageKind};
 
-const MAGIC: [u8; 8] = *b"CLDFSJ01";
-const HEADER_LEN: u64 = 64;
-const HEADER_BYTES: usize = 64;
+const MAGIC: [u8; 8] = *b"CLDFSJ02";
+const HEADER_LEN: u64 = 96;
+const HEADER_BYTES: usize = 96;
+
+/// The VM a state directory belongs to: its writes apply to this base + overlay only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateOwner {
+    /// Base id.
+    pub base: Digest,
+    /// Overlay id ([`synth::format::Overlay::id`]).
+    pub overlay: Digest,
+}
 
 /// The copy-on-write store of one image.
 #[derive(Debug)]
@@ -52,7 +63,7 @@ impl Store {
         tmp: &Path,
         image: ImageKind,
         size: u64,
-        base_id: &Digest,
+        owner: &StateOwner,
     ) -> Result<(Store, Vec<(u64, ChunkState)>), MountError> {
         let Some(dir) = state_dir else {
             let data = tempfile::tempfile_in(tmp).map_err(io("Creating a state file in", tmp))?;
@@ -82,7 +93,8 @@ impl Store {
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(&MAGIC);
         header[8..16].copy_from_slice(&size.to_le_bytes());
-        header[16..48].copy_from_slice(base_id);
+        header[16..48].copy_from_slice(&owner.base);
+        header[48..80].copy_from_slice(&owner.overlay);
         let jlen = journal
             .metadata()
             .map_err(io("Reading", &journal_path))?
@@ -192,6 +204,13 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn owner(base: u8, overlay: u8) -> StateOwner {
+        StateOwner {
+            base: [base; 32],
+            overlay: [overlay; 32],
+        }
+    }
+
     #[test]
     fn journal_reopened_returns_recorded_chunks() {
         let dir = tempfile::tempdir().unwrap();
@@ -200,7 +219,7 @@ mod tests {
             dir.path(),
             ImageKind::Disk,
             1 << 20,
-            &[1; 32],
+            &owner(1, 1),
         )
         .unwrap();
         assert!(r.is_empty());
@@ -212,7 +231,7 @@ mod tests {
             dir.path(),
             ImageKind::Disk,
             1 << 20,
-            &[1; 32],
+            &owner(1, 1),
         )
         .unwrap();
         assert_eq!(
@@ -229,7 +248,7 @@ mod tests {
             dir.path(),
             ImageKind::Disk,
             1 << 20,
-            &[1; 32],
+            &owner(1, 1),
         )
         .unwrap();
         let r = Store::open(
@@ -237,7 +256,28 @@ mod tests {
             dir.path(),
             ImageKind::Disk,
             1 << 20,
-            &[2; 32],
+            &owner(2, 1),
+        );
+        assert!(matches!(r, Err(MountError::StateMismatch(_))));
+    }
+
+    #[test]
+    fn journal_of_other_overlay_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(
+            Some(dir.path()),
+            dir.path(),
+            ImageKind::Disk,
+            1 << 20,
+            &owner(1, 1),
+        )
+        .unwrap();
+        let r = Store::open(
+            Some(dir.path()),
+            dir.path(),
+            ImageKind::Disk,
+            1 << 20,
+            &owner(1, 2),
         );
         assert!(matches!(r, Err(MountError::StateMismatch(_))));
     }

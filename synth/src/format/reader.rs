@@ -168,6 +168,7 @@ pub struct Overlay {
     source: Arc<dyn ByteSource>,
     data_start: u64,
     metadata_len: u64,
+    metadata_digest: Digest,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -235,7 +236,8 @@ impl Overlay {
             });
         }
         let bytes = source.read_range(HEADER_LEN, metadata_len)?;
-        if sha256(&bytes) != header[32..64] {
+        let metadata_digest = sha256(&bytes);
+        if metadata_digest != header[32..64] {
             return Err(FormatError::MetadataDigest);
         }
         let bytes = match meta_codec {
@@ -258,7 +260,14 @@ impl Overlay {
             source,
             data_start,
             metadata_len,
+            metadata_digest,
         })
+    }
+
+    /// The overlay's identity: the SHA-256 of its metadata block, which pins every chunk's
+    /// digest and so the whole reconstructed VM.
+    pub fn id(&self) -> Digest {
+        self.metadata_digest
     }
 
     /// The validated metadata.
