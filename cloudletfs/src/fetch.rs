@@ -10,6 +10,11 @@
 //! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`], then
 //!   rebuilds and verifies every chunk in it (and every self reference to them) into the cache
 //!   file via [`crate::serve::Core::rebuild`]. Decoded segments are dropped right after.
+//! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
+//!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, rebuild the chunks
+//!   readers wait for, then hand the rest of the segment to a worker as a *rest* job and go
+//!   back to its reader. That spares the two thread hand-offs (reader → worker → reader) that
+//!   made the tail of the first-read latency on a busy machine.
 //!
 //! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
 
@@ -40,6 +45,8 @@ struct Sched {
     status: Vec<SegStatus>,
     failures: Vec<u32>,
     demand: VecDeque<u32>,
+    /// Decoded segments whose waited-for chunks are in; the rest is still to rebuild.
+    rest: VecDeque<(u32, Vec<u8>)>,
     next_bg: usize,
     passes: u32,
     shutdown: bool,
@@ -69,6 +76,7 @@ impl FetchQueue {
                 status: vec![SegStatus::Idle; segments],
                 failures: vec![0; segments],
                 demand: VecDeque::new(),
+                rest: VecDeque::new(),
                 next_bg: 0,
                 passes: 0,
                 shutdown: false,
@@ -101,6 +109,28 @@ impl FetchQueue {
             drop(s);
             self.cv.notify_all();
         }
+    }
+
+    /// Takes `segment` for the calling thread if no worker has it yet (idle or only queued):
+    /// the caller must then run [`run_claimed`]. False if it is in flight, done or corrupt.
+    pub fn claim(&self, segment: u32) -> bool {
+        let mut s = self.lock();
+        let Ok(i) = usize::try_from(segment) else {
+            return false;
+        };
+        match s.status.get(i) {
+            Some(SegStatus::Idle) => {}
+            Some(SegStatus::Queued) => s.demand.retain(|&d| d != segment),
+            _ => return false,
+        }
+        s.status[i] = SegStatus::InFlight;
+        true
+    }
+
+    /// Queues the rest of a decoded, claimed segment for a worker.
+    fn push_rest(&self, segment: u32, data: Vec<u8>) {
+        self.lock().rest.push_back((segment, data));
+        self.cv.notify_all();
     }
 
     /// Failed fetch attempts of `segment` so far.
@@ -148,8 +178,8 @@ impl FetchQueue {
         }
     }
 
-    /// Next segment for a worker, blocking; `None` on shutdown. The bool says "demand".
-    fn next(&self, role: Role) -> Option<(u32, bool)> {
+    /// Next job for a worker, blocking; `None` on shutdown.
+    fn next(&self, role: Role) -> Option<Job> {
         let mut s = self.lock();
         loop {
             if s.shutdown {
@@ -159,7 +189,10 @@ impl FetchQueue {
                 if let Some(st) = usize::try_from(seg).ok().and_then(|i| s.status.get_mut(i)) {
                     *st = SegStatus::InFlight;
                 }
-                return Some((seg, true));
+                return Some(Job::Fetch { seg, demand: true });
+            }
+            if let Some((seg, data)) = s.rest.pop_front() {
+                return Some(Job::Rest { seg, data });
             }
             if role == Role::Filler && !s.stats.filler_done {
                 let n = s.status.len();
@@ -171,7 +204,7 @@ impl FetchQueue {
                     s.status[i] = SegStatus::InFlight;
                     s.next_bg += 1;
                     if let Ok(seg) = u32::try_from(i) {
-                        return Some((seg, false));
+                        return Some(Job::Fetch { seg, demand: false });
                     }
                     continue;
                 }
@@ -226,6 +259,14 @@ impl FetchQueue {
         drop(s);
         self.cv.notify_all();
     }
+}
+
+/// Work for a fetch worker.
+enum Job {
+    /// Fetch, decode and rebuild a whole segment.
+    Fetch { seg: u32, demand: bool },
+    /// Rebuild the rest of a segment a reader decoded (see [`run_claimed`]).
+    Rest { seg: u32, data: Vec<u8> },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,55 +329,41 @@ fn fill_local(core: &Core) {
 }
 
 fn worker(core: &Core, role: Role) {
-    while let Some((seg, demand)) = core.queue.next(role) {
-        run_segment(core, seg, demand);
+    while let Some(job) = core.queue.next(role) {
+        match job {
+            Job::Fetch { seg, demand } => {
+                if let Some(data) = fetch_segment(core, seg, demand) {
+                    rebuild_wanted(core, seg, &data, demand);
+                    rebuild_rest(core, seg, &data, demand);
+                }
+            }
+            Job::Rest { seg, data } => rebuild_rest(core, seg, &data, true),
+        }
     }
 }
 
-fn run_segment(core: &Core, seg: u32, demand: bool) {
-    let Ok(i) = usize::try_from(seg) else { return };
-    let Some(entry) = core.meta.segments.get(i) else {
-        return;
-    };
+/// Runs a segment the calling reader claimed with [`FetchQueue::claim`]: fetches and decodes
+/// it, rebuilds the chunks readers wait for (the caller's among them, registered with
+/// `want` before the claim), and leaves the rest of the segment to a worker.
+pub(crate) fn run_claimed(core: &Core, seg: u32) {
+    if let Some(data) = fetch_segment(core, seg, true) {
+        rebuild_wanted(core, seg, &data, true);
+        core.queue.push_rest(seg, data);
+    }
+}
+
+/// Fetches, verifies and decodes a segment; on failure marks it failed or corrupt (finishing
+/// it) and returns `None`.
+fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Vec<u8>> {
+    let i = usize::try_from(seg).ok()?;
+    let entry = core.meta.segments.get(i)?;
     debug!(
         "fetching segment {seg} ({} bytes, {})",
         entry.length,
         if demand { "demand" } else { "background" }
     );
     let outcome = match core.overlay.read_segment(i) {
-        Ok(data) => {
-            // Chunks a reader is blocked on first (self references resolve through the same
-            // payload, so the decoded segment serves them too), then the whole segment.
-            for (kind, chunk) in core.take_wanted(seg) {
-                if let Some(e) = core.meta.image(kind).find(chunk) {
-                    if let Err(err) = core.rebuild(kind, e, Some(&data), demand) {
-                        debug!("segment {seg}: {} chunk {chunk}: {err}", kind.name());
-                    }
-                }
-            }
-            core.waiter.notify();
-            for &(kind, chunk) in &entry.chunks {
-                let targets = std::iter::once((kind, chunk)).chain(
-                    core.referrers
-                        .get(&(kind, chunk))
-                        .into_iter()
-                        .flatten()
-                        .copied(),
-                );
-                for (k, c) in targets {
-                    if let Some(e) = core.meta.image(k).find(c) {
-                        if let Err(err) = core.rebuild(k, e, Some(&data), demand) {
-                            debug!("segment {seg}: {} chunk {c}: {err}", k.name());
-                        }
-                        // A reader waits on one chunk: let it go as soon as that one is in.
-                        if demand {
-                            core.waiter.notify();
-                        }
-                    }
-                }
-            }
-            Outcome::Done
-        }
+        Ok(data) => return Some(data),
         Err(e @ FormatError::Source(_)) => {
             warn!("fetching segment {seg} failed: {}", chain(&e));
             Outcome::Failed
@@ -348,5 +375,52 @@ fn run_segment(core: &Core, seg: u32, demand: bool) {
         }
     };
     core.queue.finish(seg, outcome, entry.length);
+    core.waiter.notify();
+    None
+}
+
+/// Rebuilds the chunks readers are blocked on first (self references resolve through the
+/// same payload, so the decoded segment serves them too) and wakes the readers.
+fn rebuild_wanted(core: &Core, seg: u32, data: &[u8], demand: bool) {
+    for (kind, chunk) in core.take_wanted(seg) {
+        if let Some(e) = core.meta.image(kind).find(chunk) {
+            if let Err(err) = core.rebuild(kind, e, Some(data), demand) {
+                debug!("segment {seg}: {} chunk {chunk}: {err}", kind.name());
+            }
+        }
+    }
+    core.waiter.notify();
+}
+
+/// Rebuilds every chunk of a decoded segment (and every self reference to them) that is still
+/// pending, then marks the segment done.
+fn rebuild_rest(core: &Core, seg: u32, data: &[u8], demand: bool) {
+    let Some(entry) = usize::try_from(seg)
+        .ok()
+        .and_then(|i| core.meta.segments.get(i))
+    else {
+        return;
+    };
+    for &(kind, chunk) in &entry.chunks {
+        let targets = std::iter::once((kind, chunk)).chain(
+            core.referrers
+                .get(&(kind, chunk))
+                .into_iter()
+                .flatten()
+                .copied(),
+        );
+        for (k, c) in targets {
+            if let Some(e) = core.meta.image(k).find(c) {
+                if let Err(err) = core.rebuild(k, e, Some(data), demand) {
+                    debug!("segment {seg}: {} chunk {c}: {err}", k.name());
+                }
+                // A reader waits on one chunk: let it go as soon as that one is in.
+                if demand {
+                    core.waiter.notify();
+                }
+            }
+        }
+    }
+    core.queue.finish(seg, Outcome::Done, entry.length);
     core.waiter.notify();
 }

@@ -501,13 +501,10 @@ impl Core {
             .ok_or(ServeError::Inconsistent { image: kind, chunk })
     }
 
-    /// Asks for the segment of a pending chunk without waiting.
-    fn prefetch(&self, kind: ImageKind, chunk: u64) {
-        if let Ok(e) = self.entry(kind, chunk) {
-            if let Some(seg) = Resolver::new(&self.meta, &self.base).needed_segment(kind, e) {
-                self.queue.demand(seg);
-            }
-        }
+    /// The segment a pending chunk needs, if any.
+    fn needed_segment(&self, kind: ImageKind, chunk: u64) -> Option<u32> {
+        let e = self.entry(kind, chunk).ok()?;
+        Resolver::new(&self.meta, &self.base).needed_segment(kind, e)
     }
 
     /// Waits until `chunk` is no longer pending (asking for its segment at top priority).
@@ -541,11 +538,17 @@ impl Core {
             }
             match waiting {
                 None => {
-                    debug!("{} chunk {chunk}: waiting for segment {seg}", kind.name());
                     let fails = self.queue.failures(seg);
                     self.want(seg, kind, chunk);
-                    self.queue.demand(seg);
                     waiting = Some((Instant::now(), seg, fails));
+                    // Nobody has the segment yet: fetch and decode it in this thread.
+                    if self.queue.claim(seg) {
+                        debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());
+                        crate::fetch::run_claimed(self, seg);
+                        continue;
+                    }
+                    debug!("{} chunk {chunk}: waiting for segment {seg}", kind.name());
+                    self.queue.demand(seg);
                 }
                 Some((_, s, fails)) => {
                     if self.queue.failures(s) != fails {
@@ -584,6 +587,9 @@ impl Core {
             return Ok(ReadOut::Owned(Vec::new()));
         };
         let mut all_base = true;
+        // The first pending chunk's segment is decoded by this thread (`ensure_ready`); the
+        // segments of the others are asked of the workers now, to decode meanwhile.
+        let mut own_segment = None;
         for c in first..=last {
             if img.accessed.add(c) {
                 self.first_touched(img.kind, c);
@@ -592,7 +598,13 @@ impl Core {
                 ChunkState::Base => {}
                 ChunkState::Pending => {
                     all_base = false;
-                    self.prefetch(kind, c);
+                    if let Some(seg) = self.needed_segment(kind, c) {
+                        match own_segment {
+                            None => own_segment = Some(seg),
+                            Some(s) if s != seg => self.queue.demand(seg),
+                            Some(_) => {}
+                        }
+                    }
                 }
                 _ => all_base = false,
             }
