@@ -123,16 +123,17 @@ fn handshake_other_version_refused_with_both_versions() {
 fn handshake_future_hello_layout_still_gets_bad_version() {
     let (addr, h) = serve_one(handshake_then_close);
     let mut s = raw_connect(&addr);
-    // Variant 0, version 2, then fields this version does not know.
-    let payload = [0u8, 2, 0xde, 0xad, 0xbe, 0xef];
+    // Variant 0, the next version (a one-byte varint), then fields this version does not know.
+    let future = PROTOCOL_VERSION + 1;
+    let payload = [0u8, u8::try_from(future).unwrap(), 0xde, 0xad, 0xbe, 0xef];
     s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
     s.write_all(&payload).unwrap();
     let reply = read_reply(&mut s);
     assert!(matches!(
         reply,
         ServerMsg::Refused {
-            reason: RefuseReason::BadVersion { client: 2, .. }
-        }
+            reason: RefuseReason::BadVersion { client, .. }
+        } if client == future
     ));
     assert!(h.join().unwrap().is_err());
 }
@@ -336,8 +337,14 @@ impl Rng {
 
 /// Builds a real overlay with one changed (random) chunk per segment: `segments` segments.
 fn build_overlay(dir: &Path, segments: usize) -> PathBuf {
+    build_overlay_with(dir, segments, 1)
+}
+
+/// Builds a real overlay of `segments` segments of `per_segment` changed (random) chunks each.
+fn build_overlay_with(dir: &Path, segments: usize, per_segment: usize) -> PathBuf {
     let mut rng = Rng(7);
-    let chunks = segments + 8;
+    let changed = segments * per_segment;
+    let chunks = changed + 8;
     let base_disk = rng.image(chunks * CHUNK_SIZE);
     let base_memory = rng.image(8 * CHUNK_SIZE);
     let (d, m) = (dir.join("base-disk"), dir.join("base-memory"));
@@ -352,7 +359,7 @@ fn build_overlay(dir: &Path, segments: usize) -> PathBuf {
     };
     let base = registry.add(&req, &Default::default()).unwrap();
     let mut disk = base_disk.clone();
-    disk[..segments * CHUNK_SIZE].copy_from_slice(&rng.image(segments * CHUNK_SIZE));
+    disk[..changed * CHUNK_SIZE].copy_from_slice(&rng.image(changed * CHUNK_SIZE));
     let custom = CustomImages {
         disk: dir.join("custom-disk"),
         memory: dir.join("custom-memory"),
@@ -364,7 +371,7 @@ fn build_overlay(dir: &Path, segments: usize) -> PathBuf {
     let opts = CreateOptions {
         codec: Codec::Zstd,
         level: 1,
-        segment_size: CHUNK_SIZE,
+        segment_size: per_segment * CHUNK_SIZE,
         ..Default::default()
     };
     let index = base.index().unwrap();
@@ -383,7 +390,13 @@ struct Seen {
 
 /// Flow 1, server side: head, then segments; asks for the last segment as soon as the first
 /// one arrived; resumes after the head; reports `FillDone` when complete.
-fn overlay_server(mut s: TcpStream) -> Result<Seen, ProtoError> {
+fn overlay_server(s: TcpStream) -> Result<Seen, ProtoError> {
+    overlay_server_asking(s, false)
+}
+
+/// [`overlay_server`], asking for the last segment as soon as the first *part* of a segment
+/// arrived (`on_first_part`) rather than the first whole segment.
+fn overlay_server_asking(mut s: TcpStream, on_first_part: bool) -> Result<Seen, ProtoError> {
     server::handshake(&mut s, Some(&token()), 7, secs(5))?;
     let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
     let ClientMsg::StartOverlay {
@@ -439,13 +452,14 @@ fn overlay_server(mut s: TcpStream) -> Result<Seen, ProtoError> {
                 offset,
                 bytes,
             } => {
-                if let Some((i, _)) = segs.push(index, offset, &bytes).unwrap() {
-                    seen.order.push(i);
-                    if seen.demanded.is_none() {
-                        seen.demanded = Some(n - 1);
-                        seen.demanded_after = seen.order.len();
-                        server::send(&mut s, &ServerMsg::NeedSegment { index: n - 1 })?;
-                    }
+                let done = segs.push(index, offset, &bytes).unwrap();
+                if let Some((i, _)) = &done {
+                    seen.order.push(*i);
+                }
+                if (done.is_some() || on_first_part) && seen.demanded.is_none() {
+                    seen.demanded = Some(n - 1);
+                    seen.demanded_after = seen.order.len();
+                    server::send(&mut s, &ServerMsg::NeedSegment { index: n - 1 })?;
                 }
             }
             ClientMsg::Keepalive => {}
@@ -505,6 +519,31 @@ fn overlay_demand_for_last_segment_jumps_the_queue() {
         events[0],
         ClientEvent::Accepted { segments: 40, .. }
     ));
+}
+
+#[test]
+fn overlay_demand_sent_inside_a_large_segment_completes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 segments of 8 random chunks: each goes out as 8 or 9 parts of 4 KiB.
+    let path = build_overlay_with(dir.path(), 4, 8);
+    let (addr, h) = serve_one(|s| overlay_server_asking(s, true));
+    let opts = ClientOptions {
+        part_len: 4096,
+        rate_limit_bytes_per_sec: Some(64 << 10),
+        ..Default::default()
+    };
+    let mut c = Client::connect_with(&addr, TOKEN, opts).unwrap();
+    let req = SessionRequest {
+        early_start: true,
+        guest_ports: vec![],
+    };
+    let out = c.send_overlay_file(&path, &req, &mut |_| {}).unwrap();
+    c.finish().unwrap();
+    let seen = h.join().unwrap().unwrap();
+    // Asked for while segment 0 was under way: segment 3 completes first, then 0, 1, 2.
+    assert_eq!(seen.order, vec![3, 0, 1, 2]);
+    assert_eq!(out.transfer.segments_sent, 4);
+    assert_eq!(out.transfer.demand_requests, 1);
 }
 
 #[test]
@@ -663,6 +702,27 @@ fn assembled(path: &Path) -> (synth::format::Overlay, Vec<u8>) {
 }
 
 #[test]
+fn segment_assembler_demand_segment_inside_another_completes_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ov, bytes) = assembled(&build_overlay(dir.path(), 3));
+    let seg = |i: usize| {
+        let e = &ov.metadata().segments[i];
+        let start = (ov.data_start() + e.offset) as usize;
+        bytes[start..start + e.length as usize].to_vec()
+    };
+    let mut a = SegmentAssembler::new(ov.metadata_arc());
+    let (s0, s2) = (seg(0), seg(2));
+    let half = s0.len() / 2;
+    assert_eq!(a.push(0, 0, &s0[..half]).unwrap(), None);
+    assert_eq!(a.push(2, 0, &s2).unwrap(), Some((2, s2)));
+    assert_eq!(
+        a.push(0, half as u64, &s0[half..]).unwrap(),
+        Some((0, s0.clone()))
+    );
+    assert!(a.has(0) && a.has(2) && !a.has(1));
+}
+
+#[test]
 fn segment_assembler_corrupt_or_interleaved_parts_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ov, bytes) = assembled(&build_overlay(dir.path(), 3));
@@ -679,11 +739,12 @@ fn segment_assembler_corrupt_or_interleaved_parts_refused() {
         a.push(0, 0, &s0),
         Err(RefuseReason::BadOverlay(_))
     ));
-    // Interleaved segments.
+    // A third segment while two are unfinished.
     let mut a = SegmentAssembler::new(ov.metadata_arc());
-    let s1 = seg(1);
+    let (s0, s1) = (seg(0), seg(1));
     assert_eq!(a.push(1, 0, &s1[..10]).unwrap(), None);
-    assert!(a.push(0, 0, &seg(0)).is_err());
+    assert_eq!(a.push(0, 0, &s0[..10]).unwrap(), None);
+    assert!(a.push(2, 0, &seg(2)[..10]).is_err());
     // Whole, then twice.
     let mut a = SegmentAssembler::new(ov.metadata_arc());
     assert_eq!(a.push(2, 0, &seg(2)).unwrap().map(|x| x.0), Some(2));

@@ -4,7 +4,8 @@
 //!  Client::connect ── handshake ──► reader thread ──ServerMsg──► channel ──┐
 //!                                                                          ▼
 //!  send_overlay: StartOverlay, Head parts, then per segment: demand queue first
-//!                (NeedSegment jumps the queue), else the next in file order
+//!                (NeedSegment jumps the queue), else the next in file order; between two
+//!                parts of a segment, a segment asked for meanwhile is sent whole
 //!  hold: keepalives until stop or the server ends; finish: Finish ─► Closed
 //! ```
 //!
@@ -184,7 +185,26 @@ struct Schedule {
     next: usize,
 }
 
+/// What sending segments carries from one to the next.
+struct SendState {
+    part: usize,
+    throttle: Option<Throttle>,
+    sched: Schedule,
+}
+
 impl Schedule {
+    /// A requested segment, not sent yet and not `current` (the one being sent, which a
+    /// request for is answered by going on).
+    fn pick_demand(&mut self, current: u32) -> Option<u32> {
+        while let Some(i) = self.demand.pop_front() {
+            let sent = self.sent.get(i as usize).copied().unwrap_or(true);
+            if !sent && i != current {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     fn pick(&mut self) -> Option<u32> {
         while let Some(i) = self.demand.pop_front() {
             if !self.sent[i as usize] {
@@ -347,18 +367,20 @@ impl Client {
             file_len: overlay.file_len(),
             head_len,
         })?;
-        let part = self.part_len();
-        let mut throttle = self.throttle();
-        let mut sched = Schedule {
-            sent: vec![false; n],
-            demand: VecDeque::new(),
-            next: 0,
+        let mut st = SendState {
+            part: self.part_len(),
+            throttle: self.throttle(),
+            sched: Schedule {
+                sent: vec![false; n],
+                demand: VecDeque::new(),
+                next: 0,
+            },
         };
         let mut offset = 0u64;
         while offset < head_len {
-            let len = (head_len - offset).min(part as u64);
+            let len = (head_len - offset).min(st.part as u64);
             let bytes = source.read_range(offset, len)?;
-            if self.pace(&mut throttle, len, &mut sched, events)? {
+            if self.pace(&mut st.throttle, len, &mut st.sched, events)? {
                 return self.stopped();
             }
             self.send(&ClientMsg::Head { offset, bytes })?;
@@ -367,41 +389,67 @@ impl Client {
             events(&ClientEvent::Progress(self.outcome.transfer));
         }
         loop {
-            if self.pump(Duration::ZERO, &mut sched, events)? {
+            if self.pump(Duration::ZERO, &mut st.sched, events)? {
                 return self.stopped();
             }
             if self.outcome.fill_done.is_some() {
                 return Ok(self.outcome.clone());
             }
-            let Some(index) = sched.pick() else {
+            let Some(index) = st.sched.pick() else {
                 // Everything sent: wait for FillDone, keeping the connection alive.
-                if self.pump(TICK, &mut sched, events)? {
+                if self.pump(TICK, &mut st.sched, events)? {
                     return self.stopped();
                 }
                 self.keepalive()?;
                 continue;
             };
-            let bytes = overlay.read_segment_compressed(index as usize)?;
-            let mut seg_off = 0usize;
-            while seg_off < bytes.len() {
-                let end = (seg_off + part).min(bytes.len());
-                let len = (end - seg_off) as u64;
-                if self.pace(&mut throttle, len, &mut sched, events)? {
-                    return self.stopped();
-                }
-                self.send(&ClientMsg::Segment {
-                    index,
-                    offset: seg_off as u64,
-                    bytes: bytes[seg_off..end].to_vec(),
-                })?;
-                seg_off = end;
-                self.outcome.transfer.bytes_sent += len;
-                events(&ClientEvent::Progress(self.outcome.transfer));
+            if self.send_segment(&overlay, index, true, &mut st, events)? {
+                return self.stopped();
             }
-            sched.sent[index as usize] = true;
-            self.outcome.transfer.segments_sent += 1;
-            log::debug!("Sent segment {index}");
         }
+    }
+
+    /// Sends segment `index` as parts. With `preempt`, a segment the server asks for meanwhile
+    /// is sent whole between two parts (the server holds two partial segments), so a demand
+    /// never waits behind the rest of a large segment on a slow link. Returns `true` if
+    /// stopped.
+    fn send_segment(
+        &mut self,
+        overlay: &Overlay,
+        index: u32,
+        preempt: bool,
+        st: &mut SendState,
+        events: &mut dyn FnMut(&ClientEvent),
+    ) -> Result<bool, ProtoError> {
+        let bytes = overlay.read_segment_compressed(index as usize)?;
+        let mut seg_off = 0usize;
+        while seg_off < bytes.len() {
+            while let Some(d) = preempt.then(|| st.sched.pick_demand(index)).flatten() {
+                log::debug!("Segment {d} asked for: sent inside segment {index}");
+                if self.send_segment(overlay, d, false, st, events)? {
+                    return Ok(true);
+                }
+            }
+            let end = (seg_off + st.part).min(bytes.len());
+            let len = (end - seg_off) as u64;
+            if self.pace(&mut st.throttle, len, &mut st.sched, events)? {
+                return Ok(true);
+            }
+            self.send(&ClientMsg::Segment {
+                index,
+                offset: seg_off as u64,
+                bytes: bytes[seg_off..end].to_vec(),
+            })?;
+            seg_off = end;
+            self.outcome.transfer.bytes_sent += len;
+            events(&ClientEvent::Progress(self.outcome.transfer));
+        }
+        if let Some(s) = st.sched.sent.get_mut(index as usize) {
+            *s = true;
+        }
+        self.outcome.transfer.segments_sent += 1;
+        log::debug!("Sent segment {index}");
+        Ok(false)
     }
 
     /// Flow 2: asks the server to fetch the overlay from `url`. Returns once the server

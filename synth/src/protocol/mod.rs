@@ -52,7 +52,7 @@ pub use url::UrlPolicy;
 use std::time::Duration;
 
 /// Version of this protocol. A server refuses a `Hello` carrying any other version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// TCP port the server listens on by default (the original elijah-provisioning's).
 pub const DEFAULT_PORT: u16 = 8021;
 /// Largest frame payload accepted before authentication (`Hello`, `HelloOk`, `Refused`).

@@ -299,14 +299,19 @@ impl HeadAssembler {
     }
 }
 
-/// Reassembles `Segment` parts: one segment at a time, in order, each at most once, each
-/// checked against its SHA-256 when complete.
+/// Partial segments the server holds at once: one sent in file order, and one the client sent
+/// on demand in between its parts.
+pub const MAX_OPEN_SEGMENTS: usize = 2;
+
+/// Reassembles `Segment` parts: each segment's parts in order, at most
+/// [`MAX_OPEN_SEGMENTS`] segments in progress, each segment at most once, each checked against
+/// its SHA-256 when complete.
 #[derive(Debug)]
 pub struct SegmentAssembler {
     meta: Arc<Metadata>,
     received: Vec<bool>,
     count: usize,
-    current: Option<(u32, Vec<u8>)>,
+    open: Vec<(u32, Vec<u8>)>,
 }
 
 impl SegmentAssembler {
@@ -317,7 +322,7 @@ impl SegmentAssembler {
             meta,
             received: vec![false; n],
             count: 0,
-            current: None,
+            open: Vec::with_capacity(MAX_OPEN_SEGMENTS),
         }
     }
 
@@ -344,14 +349,14 @@ impl SegmentAssembler {
                 bytes.len()
             )));
         }
-        let mut buf = match self.current.take() {
-            Some((cur, buf)) if cur == index => buf,
-            Some((cur, _)) => {
+        let mut buf = match self.open.iter().position(|(cur, _)| *cur == index) {
+            Some(at) => self.open.swap_remove(at).1,
+            None if self.open.len() < MAX_OPEN_SEGMENTS => Vec::new(),
+            None => {
                 return Err(RefuseReason::Invalid(format!(
-                    "segment {index} started before segment {cur} was finished"
+                    "segment {index} started while {MAX_OPEN_SEGMENTS} others are unfinished"
                 )))
             }
-            None => Vec::new(),
         };
         if offset != buf.len() as u64 {
             return Err(RefuseReason::Invalid(format!(
@@ -368,7 +373,7 @@ impl SegmentAssembler {
         }
         buf.extend_from_slice(bytes);
         if end < entry.length {
-            self.current = Some((index, buf));
+            self.open.push((index, buf));
             return Ok(None);
         }
         if sha256(&buf) != entry.digest {
