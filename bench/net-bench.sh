@@ -2,7 +2,7 @@
 # net-bench.sh: synthesis over the network (`cloudlet server` + `cloudlet client`) on the real
 # test guest (QEMU, TCG here), with the client's upload throttled to WAN/WiFi-like rates.
 #
-# Measures, for one 256 MiB-RAM guest and one overlay, the client-side time from starting
+# Measures, for one guest (256 MiB RAM, or -m) and one overlay, the client-side time from starting
 # `cloudlet client` to the first HTTP 200 of the page the customization created, fetched
 # through the host port the client reports for guest port 8080:
 #   * --rate-limit 10, 38 (the MobiSys'13 paper's WiFi) and 100 Mbit/s;
@@ -27,8 +27,9 @@ REPO=$(cd "$HERE/.." && pwd)
 
 usage() {
   cat <<EOF
-usage: net-bench.sh [-n REPS] [-r RATES] [-w WORKDIR] [-k]
+usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-w WORKDIR] [-k]
   -n REPS     repetitions per rate and mode (default 3; median reported)
+  -m MEM_MB   guest RAM in MiB (default 256)
   -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
               base and overlay are reused when the same WORKDIR is given again
@@ -40,10 +41,11 @@ Build first: cargo build --release --workspace
 EOF
 }
 
-REPS=3 RATES="10 38 100" WORK='' KEEP=0
-while getopts "n:r:w:kh" opt; do
+REPS=3 RATES="10 38 100" MEM_MB=256 WORK='' KEEP=0
+while getopts "n:r:m:w:kh" opt; do
   case $opt in
     n) REPS=$OPTARG ;;
+    m) MEM_MB=$OPTARG ;;
     r) RATES=$OPTARG ;;
     w) WORK=$OPTARG ;;
     k) KEEP=1 ;;
@@ -52,6 +54,7 @@ while getopts "n:r:w:kh" opt; do
   esac
 done
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -n needs a positive integer" >&2; exit 2; }
+[[ $MEM_MB =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -m needs a positive integer" >&2; exit 2; }
 
 CLOUDLET=${CLOUDLET_BIN:-$REPO/target/release/cloudlet}
 GUEST_DIR=${GUEST_DIR:-$HOME/.cache/cloudlet-guest}
@@ -106,9 +109,9 @@ trap 'exit 130' INT TERM
 # ------------------------------------------------------------------ base + overlay
 [[ -s $GUEST_DIR/disk.img ]] || bash "$REPO/tools/guest/build-guest.sh" "$GUEST_DIR" >&2
 if [[ ! -s $WORK/base.id || ! -d $CLOUDLET_HOME/bases/$(cat "$WORK/base.id") ]]; then
-  log "base: 256 MiB RAM, 256 MiB disk"
+  log "base: $MEM_MB MiB RAM, 256 MiB disk"
   t=$(now)
-  "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb 256 --kernel "$GUEST_DIR/vmlinuz" \
+  "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb "$MEM_MB" --kernel "$GUEST_DIR/vmlinuz" \
     --initrd "$GUEST_DIR/initrd.img" --append "$(jq -r .cmdline "$GUEST_DIR/guest.json")" \
     --ready CLOUDLET-GUEST-READY | tail -n1 >"$WORK/base.id"
   log "base took $(elapsed "$t") s"
