@@ -11,7 +11,7 @@
 //! | [`url`]     | [`UrlPolicy`]: which URLs (and redirects) the server may fetch                |
 //! | [`server`]  | server-side pieces: handshake, head and segment assemblers                    |
 //! | [`client`]  | [`Client`]: the library behind `cloudlet client`                             |
-//! | [`discovery`] | mDNS/DNS-SD: [`discovery::Advertiser`] (server), [`discovery::discover`] (client) |
+//! | [`discovery`]| mDNS/DNS-SD: [`discovery::Advertiser`] and [`discovery::discover`]          |
 //!
 //! The flow of an overlay session:
 //!
