@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl; do
+for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
 qemu_ok=false

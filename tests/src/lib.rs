@@ -446,3 +446,64 @@ impl Scratch {
         self.ok(&args).trim().to_string()
     }
 }
+
+/// A private network namespace with only a loopback interface, up and with multicast on, so
+/// that what a test sends (mDNS to 224.0.0.251 and ff02::fb included) never leaves this
+/// machine. A `sleep` process holds the namespace; it goes away when this value is dropped.
+pub struct Netns {
+    holder: std::process::Child,
+}
+
+impl Netns {
+    /// A command running `program` inside the namespace (through `nsenter`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.holder.id()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// A fresh [`Netns`] (needs root, `unshare`, `nsenter` and `ip`); `None` skips a test, except
+/// under `CI=true` where it fails.
+pub fn require_netns() -> Option<Netns> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let setup = "ip link set dev lo up multicast on && echo ready && exec sleep 1000000";
+    let made = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", setup])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("unshare: {e}"))
+        .and_then(|mut holder| {
+            let mut line = String::new();
+            let out = holder.stdout.take().expect("piped stdout");
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+            if line.trim() == "ready" {
+                return Ok(Netns { holder });
+            }
+            let _ = holder.kill();
+            let out = holder.wait_with_output().map_err(|e| e.to_string())?;
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        });
+    match made {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "a network namespace is required when CI=true: {e}"
+            );
+            eprintln!("skipping: cannot make a network namespace: {e}");
+            None
+        }
+    }
+}

@@ -319,15 +319,26 @@ pub enum Command {
         /// Address reported to clients for the forwarded guest ports.
         #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
         public_addr: String,
+        /// Announce this cloudlet on the local network (mDNS/DNS-SD, `_cloudlet._tcp`).
+        #[arg(long)]
+        advertise: bool,
+        /// Instance name announced (default: "cloudlet on HOSTNAME").
+        #[arg(long, value_name = "NAME", requires = "advertise")]
+        advertise_name: Option<String>,
     },
     /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
     /// fetch), print where the guest ports are reachable, keep the session until Ctrl-C.
     Client {
-        /// Server as HOST or HOST:PORT (default port 8021).
-        #[arg(long)]
-        server: String,
+        /// Server as HOST or HOST:PORT (default port 8021), or `auto`: the first cloudlet
+        /// discovered on the local network.
+        #[arg(long, required_unless_present = "discover")]
+        server: Option<String>,
         /// Overlay file to send.
-        #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+        #[arg(
+            long,
+            conflicts_with = "url",
+            required_unless_present_any = ["url", "discover"]
+        )]
         overlay: Option<PathBuf>,
         /// http(s):// URL the server fetches the overlay from.
         #[arg(long)]
@@ -347,7 +358,14 @@ pub enum Command {
         /// End the session right after the fill instead of holding it until Ctrl-C.
         #[arg(long)]
         finish: bool,
-        /// Print events as JSON lines.
+        /// List the cloudlets announced on the local network (mDNS/DNS-SD) and exit.
+        #[arg(long, conflicts_with_all = ["server", "overlay", "url"])]
+        discover: bool,
+        /// How long --discover (and --server auto) listens for announcements.
+        #[arg(long, value_name = "SECS", default_value = "3",
+              value_parser = crate::discovery::parse_secs)]
+        timeout: std::time::Duration,
+        /// Print events as JSON lines (--discover: the list as a JSON array).
         #[arg(long)]
         json: bool,
     },
@@ -677,6 +695,8 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             max_sessions,
             allow_url_prefix,
             public_addr,
+            advertise,
+            advertise_name,
         } => {
             let opts = crate::server::ServerOptions {
                 listen,
@@ -684,6 +704,9 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 max_sessions,
                 allow_url_prefix,
                 public_addr,
+                advertise: advertise.then_some(crate::discovery::AdvertiseOptions {
+                    name: advertise_name,
+                }),
             };
             crate::server::serve(&ctx.home, opts)?;
         }
@@ -696,8 +719,18 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             token_file,
             rate_limit,
             finish,
+            discover,
+            timeout,
             json,
         } => {
+            if discover {
+                return crate::discovery::discover(timeout, json);
+            }
+            let server = match server.as_deref() {
+                Some("auto") => crate::discovery::auto_server(timeout)?,
+                Some(s) => s.to_string(),
+                None => bail!("give --server or --discover"),
+            };
             crate::client_cmd::client(crate::client_cmd::ClientRequest {
                 server,
                 overlay,

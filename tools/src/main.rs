@@ -5,6 +5,7 @@
 
 mod client_cmd;
 mod commands;
+mod discovery;
 mod progress;
 mod server;
 mod synth_cmds;

@@ -66,6 +66,8 @@ pub struct ServerOptions {
     pub allow_url_prefix: Vec<String>,
     /// Address reported to clients for the forwarded guest ports.
     pub public_addr: String,
+    /// Announce the server over mDNS/DNS-SD (`--advertise`).
+    pub advertise: Option<crate::discovery::AdvertiseOptions>,
 }
 
 /// State shared by the accept loop and every connection.
@@ -156,6 +158,13 @@ pub fn serve(home: &Path, opts: ServerOptions) -> Result<()> {
         srv.max_sessions
     );
     eprintln!("cloudlet server listening on {local}");
+    let advert = crate::discovery::advertise(
+        opts.advertise.as_ref(),
+        home,
+        local,
+        srv.max_sessions,
+        srv.token.is_some(),
+    )?;
     while !shutdown.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, peer)) => accept(&srv, stream, peer),
@@ -167,6 +176,7 @@ pub fn serve(home: &Path, opts: ServerOptions) -> Result<()> {
         }
     }
     drop(listener);
+    drop(advert); // Goodbye first: no new client should pick a server that is going away.
     log::info!("shutting down: ending every session");
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while srv.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {

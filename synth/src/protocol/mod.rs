@@ -11,6 +11,7 @@
 //! | [`url`]     | [`UrlPolicy`]: which URLs (and redirects) the server may fetch                |
 //! | [`server`]  | server-side pieces: handshake, head and segment assemblers                    |
 //! | [`client`]  | [`Client`]: the library behind `cloudlet client`                             |
+//! | [`discovery`]| mDNS/DNS-SD: [`discovery::Advertiser`] and [`discovery::discover`]          |
 //!
 //! The flow of an overlay session:
 //!
@@ -33,6 +34,7 @@
 //! allocated for it, and authentication happens before any large frame is accepted.
 
 pub mod client;
+pub mod discovery;
 pub mod frame;
 pub mod messages;
 pub mod server;

@@ -8,6 +8,7 @@
 )]
 
 mod cli;
+mod discovery;
 mod format_errors;
 mod golden;
 mod roundtrip;
