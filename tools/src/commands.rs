@@ -122,6 +122,12 @@ pub enum Command {
         /// Also copy the captured disk, memory and device state into this folder.
         #[arg(long, value_name = "DIR")]
         keep_capture: Option<PathBuf>,
+        /// Profile the working set: resume the new overlay as a synthesis would, wait for
+        /// a 200 from this URL (reached through --hostfwd), and write the overlay again with
+        /// the chunks touched by then first. Without it, the working set is what the
+        /// customization touched.
+        #[arg(long, value_name = "http://HOST:PORT/PATH")]
+        profile_url: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -653,6 +659,7 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             level,
             full_memory_scan,
             keep_capture,
+            profile_url,
             json,
         } => {
             let req = crate::synth_cmds::OverlayRequest {
@@ -670,19 +677,21 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 },
                 full_memory_scan,
                 keep_capture,
+                profile_url,
             };
             let report = crate::synth_cmds::make_overlay(&ctx.home, ctx.threads, req)?;
             if json {
                 print_json(&report)?;
             } else {
                 println!(
-                    "wrote {} ({} bytes): {} disk chunks traced ({} discarded), {} memory chunks, working set {} chunks; resume {:.2}s, capture {:.2}s, diff {:.2}s",
+                    "wrote {} ({} bytes): {} disk chunks traced ({} discarded), {} memory chunks, working set {} chunks (from the {}); resume {:.2}s, capture {:.2}s, diff {:.2}s",
                     report.overlay.display(),
                     report.overlay_bytes,
                     report.disk_candidates,
                     report.disk_discarded,
                     report.memory_candidates,
                     report.working_set_chunks,
+                    report.working_set_from,
                     report.resume_seconds,
                     report.capture_seconds,
                     report.diff_seconds

@@ -84,6 +84,8 @@ pub struct OverlayRequest {
     pub create: CreateOptions,
     pub full_memory_scan: bool,
     pub keep_capture: Option<PathBuf>,
+    /// Profile the working set: resume the new overlay and wait for a 200 from this URL.
+    pub profile_url: Option<String>,
 }
 
 /// What `cloudlet overlay` did.
@@ -94,7 +96,14 @@ pub struct OverlayReport {
     pub disk_candidates: u64,
     pub disk_discarded: u64,
     pub memory_candidates: u64,
+    /// Chunks (disk and memory, base ones included) touched while customizing.
+    pub customization_accessed_chunks: u64,
+    /// Chunks stored first, in first-touch order, as the working set.
     pub working_set_chunks: u64,
+    /// Where the working set comes from: "profile" (`--profile-url`) or "customization".
+    pub working_set_from: &'static str,
+    /// With `--profile-url`: seconds from resuming the overlay to the first 200.
+    pub profile_first_response_seconds: Option<f64>,
     pub resume_seconds: f64,
     pub capture_seconds: f64,
     pub diff_seconds: f64,
@@ -218,7 +227,40 @@ pub fn make_overlay(home: &Path, threads: usize, req: OverlayRequest) -> Result<
         &opts,
         &Default::default(),
     )?;
-    let diff_seconds = diff_start.elapsed().as_secs_f64();
+    let mut diff_seconds = diff_start.elapsed().as_secs_f64();
+    let mut stats = stats;
+    let mut profile = None;
+    if let Some(url) = &req.profile_url {
+        eprintln!("profiling the working set: resuming the overlay until {url} answers 200");
+        let (ws, secs) = profile_working_set(
+            home,
+            &base,
+            &req.output,
+            &req.hostfwd,
+            url,
+            req.timeout,
+            &stop,
+        )?;
+        eprintln!(
+            "first response after {secs:.2}s; {} chunks touched; writing the overlay again",
+            ws.len()
+        );
+        opts.order = ws;
+        let again = Instant::now();
+        let tmp = req.output.with_extension("profiled.tmp");
+        stats = synth::create::create_overlay(
+            &base,
+            &index,
+            &custom,
+            &tmp,
+            &opts,
+            &Default::default(),
+        )?;
+        std::fs::rename(&tmp, &req.output)
+            .with_context(|| format!("replacing {}", req.output.display()))?;
+        diff_seconds += again.elapsed().as_secs_f64();
+        profile = Some(secs);
+    }
     drop(custom);
     mounted.unmount().context("unmounting cloudletfs")?;
     Ok(OverlayReport {
@@ -227,7 +269,14 @@ pub fn make_overlay(home: &Path, threads: usize, req: OverlayRequest) -> Result<
         disk_candidates: disk_chunks.len() as u64,
         disk_discarded: disk_discarded.len() as u64,
         memory_candidates: memory_chunks.map_or(base.record.memory_size / 4096, |m| m.len() as u64),
-        working_set_chunks: order.len() as u64,
+        customization_accessed_chunks: order.len() as u64,
+        working_set_chunks: opts.order.len() as u64,
+        working_set_from: if profile.is_some() {
+            "profile"
+        } else {
+            "customization"
+        },
+        profile_first_response_seconds: profile,
         resume_seconds,
         capture_seconds,
         diff_seconds,
@@ -348,6 +397,75 @@ pub fn resume_vm(
         serial_log: args.serial_log().to_path_buf(),
         run,
     })
+}
+
+/// Resumes the VM from `overlay` as a synthesis does (early start), waits for the first HTTP
+/// 200 from `url`, and returns the chunks the VM read or wrote until then in the order it first
+/// touched them (what a synthesis asks for first), and the seconds that took. Readahead is in
+/// the trace as it will be in a synthesis, since both read through the same cloudletfs.
+fn profile_working_set(
+    home: &Path,
+    base: &Base,
+    overlay: &Path,
+    hostfwd: &[HostFwd],
+    url: &str,
+    timeout: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(Vec<(ImageKind, u64)>, f64)> {
+    let start = Instant::now();
+    let running = resume_vm(
+        home,
+        base,
+        OverlaySource::Path(overlay.to_path_buf()),
+        true,
+        hostfwd,
+        stop,
+        &mut |_| {},
+    )?;
+    wait_http_ok(url, start + timeout, stop)?;
+    let secs = start.elapsed().as_secs_f64();
+    let order = running.mounted.access_order(MAX_ORDER);
+    running.stop()?;
+    Ok((order, secs))
+}
+
+/// Polls `url` (plain `http://HOST:PORT/PATH`) until it answers 200, `deadline` passes or
+/// `stop` is set.
+fn wait_http_ok(url: &str, deadline: Instant, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--profile-url {url:?}: expected http://HOST:PORT/PATH"))?;
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if stop.load(Ordering::Relaxed) {
+            bail!(Interrupted);
+        }
+        let attempt = || -> std::io::Result<String> {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
+                .next()
+                .ok_or_else(|| std::io::Error::other("no address"))?;
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(c, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+            let mut head = [0u8; 64];
+            let n = c.read(&mut head)?;
+            Ok(String::from_utf8_lossy(&head[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string())
+        };
+        match attempt() {
+            Ok(status) if status.split_whitespace().nth(1) == Some("200") => return Ok(()),
+            Ok(status) => last = status,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("--profile-url {url}: no 200 before the timeout (last: {last})")
 }
 
 /// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is

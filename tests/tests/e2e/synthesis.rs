@@ -117,9 +117,26 @@ fn synthesis_early_start_serves_customized_guest() {
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let h = Scratch::new();
     let base = h.guest_base(256);
-    let report = overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
+    // The working set is profiled: the overlay is resumed once and written again with what
+    // the VM touched up to its first answer stored first.
+    let fwd = free_port();
+    let report = overlay(
+        &h,
+        &base,
+        CUSTOMIZE,
+        "vm.overlay",
+        &[
+            "--hostfwd",
+            &format!("tcp:127.0.0.1:{fwd}-:8080"),
+            "--profile-url",
+            &format!("http://127.0.0.1:{fwd}/custom.txt"),
+        ],
+    );
+    assert_eq!(report["working_set_from"], "profile", "{report}");
+    let ws = report["working_set_chunks"].as_u64().unwrap();
+    assert!(ws > 0, "{report}");
     assert!(
-        report["working_set_chunks"].as_u64().unwrap() > 0,
+        report["profile_first_response_seconds"].as_f64().unwrap() > 0.0,
         "{report}"
     );
     let port = free_port();
