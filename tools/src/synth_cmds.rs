@@ -583,6 +583,20 @@ mod tests {
     }
 
     #[test]
+    fn backend_check_libvirt_follows_the_build() {
+        let r = Backend::Libvirt {
+            uri: synth::vm::DEFAULT_LIBVIRT_URI.into(),
+        }
+        .check();
+        assert_eq!(r.is_ok(), cfg!(feature = "libvirt"));
+        if let Err(e) = r {
+            assert!(e.to_string().contains("--features libvirt"), "{e}");
+            assert_eq!(crate::commands::exit_code(&e), 2);
+        }
+        assert!(Backend::Qemu.check().is_ok());
+    }
+
+    #[test]
     fn parse_hostfwd_garbage_is_refused() {
         for bad in [
             "",
