@@ -4,9 +4,11 @@
 set -euo pipefail
 
 need_apt=()
-for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip; do
+for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
+# libvirt-dev: headers and pkg-config file the `libvirt` cargo feature builds against.
+[ -e /usr/include/libvirt/libvirt.h ] || need_apt+=(libvirt-dev)
 qemu_ok=false
 if command -v qemu-system-x86_64 >/dev/null 2>&1 &&
   qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'; then
@@ -33,5 +35,19 @@ SRC
     iproute2 >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-utils >/dev/null
+  # The optional libvirt backend (tests run it). Without recommends it pulls in no QEMU of
+  # its own; the check below makes sure QEMU is still the backports one.
+  apt-get install -y -qq --no-install-recommends \
+    libvirt-daemon-system libvirt-dev libvirt-clients >/dev/null
+fi
+# Debian's udev rule gives /dev/kvm to group kvm, mode 0660. Without udev (containers) it stays
+# root-only; libvirt 9 then sees KVM usable when probing QEMU but not for its libvirt-qemu
+# user, and re-probes QEMU on every domain start (about 45 s each). Apply the udev default.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %a /dev/kvm)" = 600 ]; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 fi
 qemu-system-x86_64 --version | head -1
+if ! qemu-system-x86_64 --version | grep -Eq 'version (9|1[0-9])\.'; then
+  echo "error: qemu-system-x86_64 is older than 9 (installing libvirt replaced it?)" >&2
+  exit 1
+fi

@@ -338,6 +338,81 @@ pub fn require_fuse() -> bool {
     ok
 }
 
+/// libvirt connection URI the tests use.
+pub const LIBVIRT_URI: &str = "qemu:///system";
+
+/// Skips (returns `false`, or fails under `CI=true`) with `why`.
+fn skip(why: &str) -> bool {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{why} (required when CI=true)"
+    );
+    eprintln!("skipping: {why}");
+    false
+}
+
+/// Whether `virsh` reaches libvirtd at [`LIBVIRT_URI`].
+fn libvirtd_answers() -> bool {
+    std::process::Command::new("virsh")
+        .args(["-c", LIBVIRT_URI, "version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the libvirt backend can run here: the `cloudlet` binary was built with the
+/// `libvirt` feature and libvirtd answers, started here (`virtlogd -d`, `libvirtd -d`) if it
+/// was not running. `false` skips a test, except under `CI=true` where it fails.
+pub fn require_libvirt(home: &Path) -> bool {
+    // The backend check comes before anything else, so a made-up base is enough.
+    let (code, _, err) = cloudlet(
+        home,
+        &["synthesis", "none", "none.overlay", "--backend", "libvirt"],
+    );
+    if code == 2 && err.contains("without libvirt support") {
+        return skip("cloudlet was built without the libvirt feature (--features libvirt)");
+    }
+    if libvirtd_answers() {
+        return true;
+    }
+    // No service manager assumed: start the daemons by hand, as root.
+    let _ = std::fs::create_dir_all("/run/libvirt");
+    for daemon in ["virtlogd", "libvirtd"] {
+        // Fails harmlessly when the daemon is already running.
+        let started = std::process::Command::new(daemon)
+            .arg("-d")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if started.is_err() {
+            return skip(&format!(
+                "{daemon} not found (install libvirt-daemon-system)"
+            ));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if libvirtd_answers() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    skip(&format!(
+        "libvirtd did not answer at {LIBVIRT_URI} after starting it"
+    ))
+}
+
+/// Whether libvirt at [`LIBVIRT_URI`] knows a domain called `name`.
+pub fn libvirt_domain_exists(name: &str) -> bool {
+    std::process::Command::new("virsh")
+        .args(["-c", LIBVIRT_URI, "domstate", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// One HTTP/1.0 GET on 127.0.0.1:`port`; the body of a 200 reply.
 pub fn try_http_get(port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};

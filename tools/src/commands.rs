@@ -152,6 +152,13 @@ pub enum Command {
         /// Print the timeline as JSON lines.
         #[arg(long)]
         json: bool,
+        /// What runs the VM: QEMU directly, or a transient libvirt domain (needs a cloudlet
+        /// built with `--features libvirt` and a running libvirtd).
+        #[arg(long, value_enum, default_value = "qemu")]
+        backend: BackendArg,
+        /// libvirt connection URI (with --backend libvirt).
+        #[arg(long, default_value = synth::vm::DEFAULT_LIBVIRT_URI)]
+        libvirt_uri: String,
     },
     /// Mount base + overlay as files (disk/image, memory/image, device-state, stats, traces).
     ///
@@ -396,11 +403,27 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 ))
             )
     });
+    let unavailable = e.chain().any(|c| {
+        c.downcast_ref::<crate::synth_cmds::LibvirtNotBuilt>()
+            .is_some()
+    });
     if invalid {
         crate::EXIT_INVALID
+    } else if unavailable {
+        // An option this build cannot honour: a usage error, like clap's own.
+        2
     } else {
         1
     }
+}
+
+/// `--backend` of `cloudlet synthesis`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// QEMU started and driven directly.
+    Qemu,
+    /// A transient libvirt domain.
+    Libvirt,
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
@@ -759,8 +782,15 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             hostfwd,
             exit_after,
             json,
+            backend,
+            libvirt_uri,
         } => {
+            let backend = match backend {
+                BackendArg::Qemu => crate::synth_cmds::Backend::Qemu,
+                BackendArg::Libvirt => crate::synth_cmds::Backend::Libvirt { uri: libvirt_uri },
+            };
             let req = crate::synth_cmds::SynthesisRequest {
+                backend,
                 base,
                 overlay,
                 early_start,

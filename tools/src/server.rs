@@ -15,7 +15,7 @@
 //! session's end, or no segment byte for [`IDLE_TIMEOUT`]); a demand read sends `NeedSegment`
 //! once, so the client sends that segment next.
 
-use crate::synth_cmds::{resume_vm, RunningVm};
+use crate::synth_cmds::{resume_vm, Backend, ResumeOptions, RunningVm};
 use crate::vm_cmds::{interrupt_flag, RunDir};
 use anyhow::{Context as _, Result};
 use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
@@ -589,8 +589,12 @@ fn run_vm(
         &conn.srv.home,
         base,
         OverlaySource::Source(source),
-        req.early_start,
-        &fwds,
+        &ResumeOptions {
+            early_start: req.early_start,
+            hostfwd: &fwds,
+            // The server runs its sessions on QEMU directly.
+            backend: &Backend::Qemu,
+        },
         &conn.stop,
         &mut |e: &str| log::info!("session {id}: {e}"),
     );
@@ -603,9 +607,10 @@ fn run_vm(
         Err(e) => return internal("resuming the VM", format!("{e:#}")),
     };
     lock(&conn.timings).resumed_ms = conn.ms();
+    let vm = running.vm.describe();
     let pid = running.vm.pid();
     log::info!(
-        "session {id}: VM resumed (QEMU pid {pid}, ports {:?})",
+        "session {id}: VM resumed ({vm}, ports {:?})",
         maps.iter()
             .map(|m| format!("{}->{}", m.guest, m.host_port))
             .collect::<Vec<_>>()
@@ -628,7 +633,7 @@ fn run_vm(
                 stats: stats(&running),
             }));
         }
-        if !qemu_alive(pid) {
+        if pid.is_some_and(|p| !qemu_alive(p)) {
             break Some(internal("the VM exited", "see the server log"));
         }
         if !running.mounted.is_alive() {

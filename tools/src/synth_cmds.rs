@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use synth::create::{CreateOptions, CustomImages};
 use synth::registry::{Base, Registry};
-use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Timings, Vm, VmPaths};
 use synth::ImageKind;
 
 /// Chunks of the working set recorded for segment ordering, at most.
@@ -284,6 +284,83 @@ pub fn make_overlay(home: &Path, threads: usize, req: OverlayRequest) -> Result<
     })
 }
 
+/// Which VM manager runs a synthesized VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU started and driven directly (the default).
+    Qemu,
+    /// A transient libvirt domain on the libvirt daemon at `uri`.
+    Libvirt {
+        /// Connection URI, e.g. `qemu:///system`.
+        uri: String,
+    },
+}
+
+/// `--backend libvirt` on a `cloudlet` built without the `libvirt` feature.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this cloudlet was built without libvirt support; rebuild it with \
+     `cargo build --release --features libvirt` (needs libvirt-dev), or use --backend qemu"
+)]
+pub struct LibvirtNotBuilt;
+
+impl Backend {
+    /// Fails when this build cannot run the backend.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Backend::Qemu => Ok(()),
+            Backend::Libvirt { .. } if cfg!(feature = "libvirt") => Ok(()),
+            Backend::Libvirt { .. } => Err(LibvirtNotBuilt.into()),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Libvirt { .. } => "libvirt",
+        }
+    }
+}
+
+/// A resumed VM on one of the backends; dropping it stops the VM.
+#[derive(Debug)]
+pub enum ResumedVm {
+    /// A QEMU process of ours.
+    Qemu(Vm),
+    /// A libvirt domain (destroyed on drop).
+    #[cfg(feature = "libvirt")]
+    Libvirt(synth::vm::libvirt::LibvirtVm),
+}
+
+impl ResumedVm {
+    /// "QEMU pid N" or "libvirt domain NAME", for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ResumedVm::Qemu(vm) => format!("QEMU pid {}", vm.pid()),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(vm) => format!("libvirt domain {}", vm.name()),
+        }
+    }
+
+    /// QEMU's pid when this process started it.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            ResumedVm::Qemu(vm) => Some(vm.pid()),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(_) => None,
+        }
+    }
+
+    /// Step durations (for libvirt, `qmp_connected` is the domain start).
+    pub fn timings(&self) -> Timings {
+        match self {
+            ResumedVm::Qemu(vm) => vm.timings(),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(vm) => vm.timings(),
+        }
+    }
+}
+
 /// What `cloudlet synthesis` is asked to do.
 pub struct SynthesisRequest {
     pub base: String,
@@ -292,6 +369,7 @@ pub struct SynthesisRequest {
     pub hostfwd: Vec<HostFwd>,
     pub json: bool,
     pub exit_after: Option<Duration>,
+    pub backend: Backend,
 }
 
 /// One line of the synthesis timeline.
@@ -324,8 +402,8 @@ fn emit(json: bool, t0: Instant, event: &str, detail: Option<serde_json::Value>)
 /// A synthesized VM: QEMU running over a cloudletfs mount of base + overlay. Dropping it stops
 /// QEMU, then unmounts, then removes the run folder (fields drop in declaration order).
 pub struct RunningVm {
-    /// The QEMU process.
-    pub vm: Vm,
+    /// The VM (QEMU process or libvirt domain).
+    pub vm: ResumedVm,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -348,6 +426,16 @@ impl RunningVm {
     }
 }
 
+/// How [`resume_vm`] runs the VM.
+pub struct ResumeOptions<'a> {
+    /// Resume before every chunk is in.
+    pub early_start: bool,
+    /// Host ports forwarded into the guest.
+    pub hostfwd: &'a [HostFwd],
+    /// What runs the VM.
+    pub backend: &'a Backend,
+}
+
 /// Mounts `overlay` over `base` and resumes the VM: early (right away) or eager (once every
 /// chunk is in). `on_event` hears "overlay opened", "overlay fetched (eager)", "VM resumed".
 /// A set `stop` flag abandons the eager wait.
@@ -355,11 +443,16 @@ pub fn resume_vm(
     home: &Path,
     base: &Base,
     overlay: OverlaySource,
-    early_start: bool,
-    hostfwd: &[HostFwd],
+    how: &ResumeOptions<'_>,
     stop: &std::sync::atomic::AtomicBool,
     on_event: &mut dyn FnMut(&str),
 ) -> Result<RunningVm> {
+    let ResumeOptions {
+        early_start,
+        hostfwd,
+        backend,
+    } = *how;
+    backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
     let mounted = mount_vm(base, overlay, &run, true)?;
     on_event("overlay opened");
@@ -372,29 +465,40 @@ pub fn resume_vm(
         on_event("overlay fetched (eager)");
     }
     let mnt = mounted.mountpoint().to_path_buf();
-    let args = QemuArgs::new(
-        &base.record.config,
-        &base_paths(
-            base,
-            mnt.join("disk/image"),
-            mnt.join("memory/image"),
-            run.join("run"),
-        ),
-        &LaunchOptions {
-            memory: MemoryMode::Resume,
-            incoming: true,
-            hostfwd: hostfwd.to_vec(),
-            accel: Accel::detect()?,
-            vnc: None,
-        },
-    )?;
-    let mut vm = Vm::spawn(&args)?;
-    vm.resume_from(&mnt.join("device-state"))?;
+    let paths = base_paths(
+        base,
+        mnt.join("disk/image"),
+        mnt.join("memory/image"),
+        run.join("run"),
+    );
+    let options = LaunchOptions {
+        memory: MemoryMode::Resume,
+        incoming: true,
+        hostfwd: hostfwd.to_vec(),
+        accel: Accel::detect()?,
+        vnc: None,
+    };
+    let device_state = mnt.join("device-state");
+    let (vm, serial_log) = match backend {
+        Backend::Qemu => {
+            let args = QemuArgs::new(&base.record.config, &paths, &options)?;
+            let mut vm = Vm::spawn(&args)?;
+            vm.resume_from(&device_state)?;
+            (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
+        }
+        Backend::Libvirt { uri } => {
+            let name = format!(
+                "cloudlet-{}",
+                run.0.file_name().unwrap_or_default().to_string_lossy()
+            );
+            resume_libvirt(uri, &name, base, &paths, &options, &device_state)?
+        }
+    };
     on_event("VM resumed");
     Ok(RunningVm {
         vm,
         mounted,
-        serial_log: args.serial_log().to_path_buf(),
+        serial_log,
         run,
     })
 }
@@ -417,8 +521,12 @@ fn profile_working_set(
         home,
         base,
         OverlaySource::Path(overlay.to_path_buf()),
-        true,
-        hostfwd,
+        &ResumeOptions {
+            early_start: true,
+            hostfwd,
+            // The overlay is profiled the way `cloudlet overlay` runs VMs: on QEMU directly.
+            backend: &Backend::Qemu,
+        },
         stop,
         &mut |_| {},
     )?;
@@ -468,9 +576,40 @@ fn wait_http_ok(url: &str, deadline: Instant, stop: &std::sync::atomic::AtomicBo
     bail!("--profile-url {url}: no 200 before the timeout (last: {last})")
 }
 
+/// Starts the VM as a transient libvirt domain and loads its device state.
+#[cfg(feature = "libvirt")]
+fn resume_libvirt(
+    uri: &str,
+    name: &str,
+    base: &Base,
+    paths: &VmPaths,
+    options: &LaunchOptions,
+    device_state: &Path,
+) -> Result<(ResumedVm, PathBuf)> {
+    let launch = synth::vm::DomainLaunch::new(&base.record.config, paths, options)?;
+    let mut vm = synth::vm::libvirt::LibvirtVm::start(uri, name, launch)?;
+    vm.resume_from(device_state)?;
+    let log = vm.serial_log().to_path_buf();
+    Ok((ResumedVm::Libvirt(vm), log))
+}
+
+/// Without the `libvirt` feature: refused ([`Backend::check`] normally says so earlier).
+#[cfg(not(feature = "libvirt"))]
+fn resume_libvirt(
+    _uri: &str,
+    _name: &str,
+    _base: &Base,
+    _paths: &VmPaths,
+    _options: &LaunchOptions,
+    _device_state: &Path,
+) -> Result<(ResumedVm, PathBuf)> {
+    Err(LibvirtNotBuilt.into())
+}
+
 /// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is
 /// in), prints the timeline, and runs until SIGINT/SIGTERM (or `exit_after`).
 pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
+    req.backend.check()?;
     let stop = interrupt_flag()?;
     let t0 = Instant::now();
     let registry = Registry::open(home)?;
@@ -482,18 +621,38 @@ pub fn synthesis(home: &Path, req: SynthesisRequest) -> Result<()> {
         .collect();
     let json = req.json;
     let mut on_event = |e: &str| {
-        let detail = (e == "VM resumed").then(|| serde_json::json!({ "ports": ports }));
-        emit(json, t0, e, detail);
+        if e != "VM resumed" {
+            emit(json, t0, e, None);
+        }
     };
     let running = resume_vm(
         home,
         &base,
         OverlaySource::parse(&req.overlay),
-        req.early_start,
-        &req.hostfwd,
+        &ResumeOptions {
+            early_start: req.early_start,
+            hostfwd: &req.hostfwd,
+            backend: &req.backend,
+        },
         &stop,
         &mut on_event,
     )?;
+    let timings = running.vm.timings();
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    emit(
+        json,
+        t0,
+        "VM resumed",
+        Some(serde_json::json!({
+            "ports": ports,
+            "backend": req.backend.name(),
+            "vm": running.vm.describe(),
+            // Start of QEMU (or of the libvirt domain) to the guest running.
+            "start_to_running_seconds": secs(timings.spawn_to_running),
+            // Loading the device state, to `cont`.
+            "device_state_seconds": secs(timings.resume),
+        })),
+    );
     log::info!("serial console log: {}", running.serial_log.display());
     let mut filled = !req.early_start;
     let deadline = req.exit_after.map(|d| Instant::now() + d);
@@ -543,6 +702,20 @@ mod tests {
         );
         let h = parse_hostfwd("8081:8080").unwrap();
         assert_eq!((h.host_port, h.guest_port), (8081, 8080));
+    }
+
+    #[test]
+    fn backend_check_libvirt_follows_the_build() {
+        let r = Backend::Libvirt {
+            uri: synth::vm::DEFAULT_LIBVIRT_URI.into(),
+        }
+        .check();
+        assert_eq!(r.is_ok(), cfg!(feature = "libvirt"));
+        if let Err(e) = r {
+            assert!(e.to_string().contains("--features libvirt"), "{e}");
+            assert_eq!(crate::commands::exit_code(&e), 2);
+        }
+        assert!(Backend::Qemu.check().is_ok());
     }
 
     #[test]

@@ -107,6 +107,14 @@ pub enum LaunchError {
     /// [`ACCEL_ENV`] holds something other than `tcg` or `kvm`.
     #[error("{ACCEL_ENV} must be tcg or kvm, not {0:?}")]
     AccelEnv(String),
+    /// A path or argument cannot be written into libvirt's XML (it is not UTF-8).
+    #[error("The {what} {value} is not valid UTF-8, which libvirt's XML needs")]
+    NonUtf8 {
+        /// What it is.
+        what: &'static str,
+        /// It, lossily decoded.
+        value: String,
+    },
     /// No QEMU binary was found.
     #[error(
         "QEMU not found ({0}); install qemu-system-x86 (10.0 or newer) or set {QEMU_ENV} \
@@ -316,16 +324,7 @@ impl QemuArgs {
         paths: &VmPaths,
         options: &LaunchOptions,
     ) -> Result<QemuArgs, LaunchError> {
-        let machine = checked_word("machine", &config.machine, false)?;
-        let cpu = checked_word("cpu", &config.cpu, true)?;
-        if config.vcpus == 0 {
-            return Err(config_error("vcpus", "must be at least 1"));
-        }
-        let memory_bytes = config
-            .memory_mb
-            .checked_mul(MIB)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| config_error("memory_mb", "must be between 1 and 2^44"))?;
+        let checked = Checked::new(config)?;
         let mb = config.memory_mb;
 
         let run_dir = absolute(&paths.run_dir)?;
@@ -337,22 +336,11 @@ impl QemuArgs {
         let mut a = Args::default();
         a.push("-accel").push(options.accel.as_str());
         a.push("-machine")
-            .push(format!("{machine},memory-backend={MEMORY_ID}"));
-        a.push("-cpu").push(cpu);
+            .push(format!("{},memory-backend={MEMORY_ID}", checked.machine));
+        a.push("-cpu").push(checked.cpu);
         a.push("-smp").push(config.vcpus.to_string());
         a.push("-m").push(format!("{mb}M"));
-
-        let memory = absolute(&paths.memory)?;
-        check_memory_image(&memory, memory_bytes, options.memory)?;
-        let mode = match options.memory {
-            MemoryMode::Capture => "share=on",
-            MemoryMode::Resume => "share=off,readonly=on,rom=off",
-        };
-        a.push("-object").push_opts(&[
-            format!("memory-backend-file,id={MEMORY_ID},size={mb}M,mem-path=").into(),
-            escape_option_value(memory.as_os_str()),
-            format!(",{mode}").into(),
-        ]);
+        push_memory_object(&mut a, config, paths, options.memory, checked.memory_bytes)?;
         a.push("-nodefaults").push("-no-user-config");
         match &options.vnc {
             Some(addr) => {
@@ -376,46 +364,31 @@ impl QemuArgs {
         }
         a.push("-no-reboot");
 
-        match (&config.kernel, &paths.kernel) {
-            (Some(_), Some(k)) => {
-                let k = existing_file("kernel", k)?;
-                a.push("-kernel").push(k);
-            }
-            (None, None) => {}
-            (Some(_), None) => return Err(mismatch("the config names a kernel, no path given")),
-            (None, Some(_)) => return Err(mismatch("a kernel path given, the config has none")),
+        let boot = Boot::new(config, paths)?;
+        if let Some(k) = boot.kernel {
+            a.push("-kernel").push(k);
         }
-        match (&config.initrd, &paths.initrd) {
-            (Some(_), Some(i)) => {
-                let i = existing_file("initrd", i)?;
-                a.push("-initrd").push(i);
-            }
-            (None, None) => {}
-            (Some(_), None) => return Err(mismatch("the config names an initrd, no path given")),
-            (None, Some(_)) => return Err(mismatch("an initrd path given, the config has none")),
+        if let Some(i) = boot.initrd {
+            a.push("-initrd").push(i);
         }
-        if let Some(append) = &config.append {
-            if config.kernel.is_none() {
-                return Err(config_error("append", "needs a kernel"));
-            }
+        if let Some(append) = boot.append {
             // -append is taken verbatim, no option parsing.
             a.push("-append").push(append);
         }
 
-        add_devices(&mut a, &config.devices, paths, &options.hostfwd)?;
+        add_devices(
+            &mut a,
+            &config.devices,
+            paths,
+            &options.hostfwd,
+            Placement::Implicit,
+        )?;
         // The operator's own arguments, recorded in the base when it was made. Overlays carry
         // no launch config, so nothing a user sends can add to this list.
         for extra in &config.extra_args {
             a.push(extra);
         }
-
-        a.push("-chardev").push_opts(&[
-            "socket,id=ser0,path=".into(),
-            escape_option_value(serial_socket.as_os_str()),
-            ",server=on,wait=off,logfile=".into(),
-            escape_option_value(serial_log.as_os_str()),
-        ]);
-        a.push("-serial").push("chardev:ser0");
+        push_serial(&mut a, &serial_socket, &serial_log);
         a.push("-chardev").push_opts(&[
             "socket,id=qmp0,path=".into(),
             escape_option_value(qmp_socket.as_os_str()),
@@ -473,6 +446,132 @@ impl QemuArgs {
     }
 }
 
+/// The disk of a libvirt domain: the image and the PCI slot a direct QEMU would give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDisk {
+    /// The raw image (absolute).
+    pub path: PathBuf,
+    /// Pass guest TRIM to the image.
+    pub discard: bool,
+    /// PCI slot on `pcie.0`.
+    pub slot: usize,
+}
+
+/// A launch config split for a libvirt domain (rendered by [`super::domain`]): what the
+/// domain XML can say, and the QEMU arguments it cannot, which go into `qemu:commandline`.
+#[derive(Debug, Clone)]
+pub struct DomainLaunch {
+    /// Machine type (q35 family).
+    pub machine: String,
+    /// Guest RAM in MiB.
+    pub memory_mb: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Accelerator (domain type `qemu` or `kvm`).
+    pub accel: Accel,
+    /// Kernel (absolute), if any.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (absolute), if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: Option<String>,
+    /// The disk, if the config has one.
+    pub disk: Option<DomainDisk>,
+    /// Arguments appended to libvirt's own command line.
+    pub qemu_args: Vec<OsString>,
+    /// Run folder (absolute).
+    pub run_dir: PathBuf,
+    /// Serial console socket.
+    pub serial_socket: PathBuf,
+    /// Serial console log.
+    pub serial_log: PathBuf,
+    /// Whether QEMU waits for device state (`-incoming defer`).
+    pub incoming: bool,
+}
+
+impl DomainLaunch {
+    /// Splits `config` for a libvirt domain, with the same checks as [`QemuArgs::new`].
+    ///
+    /// Only q35 machines are supported: the devices must land at the PCI addresses a direct
+    /// QEMU gives them (see `Placement::Q35Slots`), and VNC is not offered.
+    pub fn new(
+        config: &LaunchConfig,
+        paths: &VmPaths,
+        options: &LaunchOptions,
+    ) -> Result<DomainLaunch, LaunchError> {
+        let checked = Checked::new(config)?;
+        if !(checked.machine == "q35" || checked.machine.starts_with("pc-q35-")) {
+            return Err(config_error(
+                "machine",
+                "the libvirt backend supports q35 machines only",
+            ));
+        }
+        if options.vnc.is_some() {
+            return Err(config_error("vnc", "not offered by the libvirt backend"));
+        }
+        let run_dir = absolute(&paths.run_dir)?;
+        let serial_socket = socket_path(run_dir.join("serial.sock"))?;
+        let serial_log = run_dir.join("serial.log");
+
+        let mut a = Args::default();
+        // libvirt already passes -machine with its own RAM backend (`pc.ram`); a second
+        // -machine overrides just that property, so guest RAM is ours, under the id the
+        // device state was saved with.
+        a.push("-machine")
+            .push(format!("memory-backend={MEMORY_ID}"));
+        push_memory_object(&mut a, config, paths, options.memory, checked.memory_bytes)?;
+        // The last -cpu wins over the one libvirt passes.
+        a.push("-cpu").push(checked.cpu);
+        add_devices(
+            &mut a,
+            &config.devices,
+            paths,
+            &options.hostfwd,
+            Placement::Q35Slots,
+        )?;
+        for extra in &config.extra_args {
+            a.push(extra);
+        }
+        push_serial(&mut a, &serial_socket, &serial_log);
+        if options.incoming {
+            a.push("-incoming").push("defer");
+        }
+
+        let disk = match config
+            .devices
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| match d {
+                Device::VirtioBlk { discard } => Some((i, *discard)),
+                _ => None,
+            }) {
+            Some((index, discard)) => Some(DomainDisk {
+                path: existing_file("disk", &paths.disk)?,
+                discard,
+                slot: q35_slot(index)?,
+            }),
+            None => None,
+        };
+        let boot = Boot::new(config, paths)?;
+        debug!("libvirt domain QEMU arguments: {:?}", a.0);
+        Ok(DomainLaunch {
+            machine: checked.machine.to_owned(),
+            memory_mb: config.memory_mb,
+            vcpus: config.vcpus,
+            accel: options.accel,
+            kernel: boot.kernel,
+            initrd: boot.initrd,
+            append: boot.append.map(str::to_owned),
+            disk,
+            qemu_args: a.0,
+            run_dir,
+            serial_socket,
+            serial_log,
+            incoming: options.incoming,
+        })
+    }
+}
+
 /// Argument list under construction.
 #[derive(Default)]
 struct Args(Vec<OsString>);
@@ -493,11 +592,142 @@ impl Args {
     }
 }
 
+/// The config fields every command line needs, checked.
+struct Checked<'a> {
+    machine: &'a str,
+    cpu: &'a str,
+    memory_bytes: u64,
+}
+
+impl<'a> Checked<'a> {
+    fn new(config: &'a LaunchConfig) -> Result<Checked<'a>, LaunchError> {
+        let machine = checked_word("machine", &config.machine, false)?;
+        let cpu = checked_word("cpu", &config.cpu, true)?;
+        if config.vcpus == 0 {
+            return Err(config_error("vcpus", "must be at least 1"));
+        }
+        let memory_bytes = config
+            .memory_mb
+            .checked_mul(MIB)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| config_error("memory_mb", "must be between 1 and 2^44"))?;
+        Ok(Checked {
+            machine,
+            cpu,
+            memory_bytes,
+        })
+    }
+}
+
+/// `-object memory-backend-file` over the memory image, after checking its size.
+fn push_memory_object(
+    a: &mut Args,
+    config: &LaunchConfig,
+    paths: &VmPaths,
+    mode: MemoryMode,
+    memory_bytes: u64,
+) -> Result<(), LaunchError> {
+    let memory = absolute(&paths.memory)?;
+    check_memory_image(&memory, memory_bytes, mode)?;
+    let mode = match mode {
+        MemoryMode::Capture => "share=on",
+        MemoryMode::Resume => "share=off,readonly=on,rom=off",
+    };
+    let mb = config.memory_mb;
+    a.push("-object").push_opts(&[
+        format!("memory-backend-file,id={MEMORY_ID},size={mb}M,mem-path=").into(),
+        escape_option_value(memory.as_os_str()),
+        format!(",{mode}").into(),
+    ]);
+    Ok(())
+}
+
+/// The serial console: a socket (for commands) whose output is also logged to a file.
+fn push_serial(a: &mut Args, socket: &Path, log: &Path) {
+    a.push("-chardev").push_opts(&[
+        "socket,id=ser0,path=".into(),
+        escape_option_value(socket.as_os_str()),
+        ",server=on,wait=off,logfile=".into(),
+        escape_option_value(log.as_os_str()),
+    ]);
+    a.push("-serial").push("chardev:ser0");
+}
+
+/// Kernel, initrd and command line, checked against each other and the runtime paths.
+struct Boot<'a> {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    append: Option<&'a str>,
+}
+
+impl<'a> Boot<'a> {
+    fn new(config: &'a LaunchConfig, paths: &VmPaths) -> Result<Boot<'a>, LaunchError> {
+        let kernel = match (&config.kernel, &paths.kernel) {
+            (Some(_), Some(k)) => Some(existing_file("kernel", k)?),
+            (None, None) => None,
+            (Some(_), None) => return Err(mismatch("the config names a kernel, no path given")),
+            (None, Some(_)) => return Err(mismatch("a kernel path given, the config has none")),
+        };
+        let initrd = match (&config.initrd, &paths.initrd) {
+            (Some(_), Some(i)) => Some(existing_file("initrd", i)?),
+            (None, None) => None,
+            (Some(_), None) => return Err(mismatch("the config names an initrd, no path given")),
+            (None, Some(_)) => return Err(mismatch("an initrd path given, the config has none")),
+        };
+        if config.append.is_some() && config.kernel.is_none() {
+            return Err(config_error("append", "needs a kernel"));
+        }
+        Ok(Boot {
+            kernel,
+            initrd,
+            append: config.append.as_deref(),
+        })
+    }
+}
+
+/// Where [`add_devices`] puts the devices on the PCI bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// QEMU picks each slot (the next free one, in command-line order).
+    Implicit,
+    /// Every device gets, explicitly, the slot QEMU would have picked for it on a q35
+    /// machine started by [`QemuArgs`] (slot 1 onwards on `pcie.0`, in config order), and
+    /// the disk is left out: the libvirt domain XML attaches it at its slot. Device state
+    /// saved by a direct QEMU then loads into the libvirt one, because the same devices sit
+    /// at the same PCI addresses.
+    Q35Slots,
+}
+
+/// First PCI slot QEMU hands out on a q35 machine with `-nodefaults` (0 is the host bridge).
+const Q35_FIRST_SLOT: usize = 1;
+/// Last usable PCI slot on q35's `pcie.0` (0x1f is the ICH9 LPC/SATA/SMBus function block).
+const Q35_LAST_SLOT: usize = 0x1e;
+
+/// The `,bus=…,addr=…` suffix of the device at `index` in the config.
+fn slot_opts(placement: Placement, index: usize) -> Result<String, LaunchError> {
+    match placement {
+        Placement::Implicit => Ok(String::new()),
+        Placement::Q35Slots => {
+            let slot = q35_slot(index)?;
+            Ok(format!(",bus=pcie.0,addr={slot:#x}"))
+        }
+    }
+}
+
+/// The PCI slot of the device at `index` in the config on a q35 machine.
+fn q35_slot(index: usize) -> Result<usize, LaunchError> {
+    index
+        .checked_add(Q35_FIRST_SLOT)
+        .filter(|&s| s <= Q35_LAST_SLOT)
+        .ok_or_else(|| config_error("devices", "more devices than free PCI slots"))
+}
+
 fn add_devices(
     a: &mut Args,
     devices: &[Device],
     paths: &VmPaths,
     hostfwd: &[HostFwd],
+    placement: Placement,
 ) -> Result<(), LaunchError> {
     let blk_count = devices
         .iter()
@@ -520,8 +750,10 @@ fn add_devices(
         }
     }
     let (mut nets, mut balloons) = (0u32, 0u32);
-    for dev in devices {
+    for (index, dev) in devices.iter().enumerate() {
+        let at = slot_opts(placement, index)?;
         match dev {
+            Device::VirtioBlk { .. } if placement == Placement::Q35Slots => {}
             Device::VirtioBlk { discard } => {
                 let disk = existing_file("disk", &paths.disk)?;
                 let discard = if *discard { "unmap" } else { "ignore" };
@@ -542,7 +774,7 @@ fn add_devices(
                 }
                 a.push("-netdev").push(netdev);
                 a.push("-device")
-                    .push(format!("virtio-net-pci,netdev=net{nets}"));
+                    .push(format!("virtio-net-pci,netdev=net{nets}{at}"));
                 nets += 1;
             }
             Device::VirtioBalloon {
@@ -550,7 +782,7 @@ fn add_devices(
             } => {
                 let fpr = if *free_page_reporting { "on" } else { "off" };
                 a.push("-device").push(format!(
-                    "virtio-balloon-pci,id=balloon{balloons},free-page-reporting={fpr}"
+                    "virtio-balloon-pci,id=balloon{balloons},free-page-reporting={fpr}{at}"
                 ));
                 balloons += 1;
             }

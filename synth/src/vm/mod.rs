@@ -20,17 +20,23 @@
 //!   Resuming with [`MemoryMode::Capture`] on a writable copy instead keeps guest RAM in that
 //!   copy, so the resumed VM can be captured again (`cloudlet overlay`).
 //!
+//! The libvirt backend (`libvirt` feature) resumes the same way through a libvirt domain:
+//! [`domain`] writes its XML from the launch config, `libvirt::LibvirtVm` drives it.
+//!
 //! A [`Vm`] owns its QEMU process: dropping it kills and reaps QEMU. When QEMU exits on its own
 //! while a step waits for it, the error carries the tail of QEMU's output
 //! ([`VmError::Exited`]).
 
+pub mod domain;
 pub mod launch;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod qmp;
 pub mod serial;
 
 pub use launch::{
-    escape_option_value, qemu_binary, Accel, HostFwd, LaunchError, LaunchOptions, MemoryMode,
-    QemuArgs, VmPaths,
+    escape_option_value, qemu_binary, Accel, DomainDisk, DomainLaunch, HostFwd, LaunchError,
+    LaunchOptions, MemoryMode, QemuArgs, VmPaths,
 };
 pub use qmp::{Qmp, QmpError};
 pub use serial::{CMD_DONE_MARKER, READY_MARKER};
@@ -49,12 +55,14 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a QMP command may take to answer.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// libvirt connection URI used when none is given: the system QEMU driver.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 /// How long a migration (save or resume of device state) may take.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long QEMU gets to exit after `quit`.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause between polls of the serial log.
-const POLL: Duration = Duration::from_millis(20);
+/// Pause between polls of the serial log or a migration.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// How long a lost QMP connection waits for QEMU to exit, to report why.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Lines of QEMU output quoted when it exits early.
@@ -552,7 +560,7 @@ pub fn free_tcp_port() -> io::Result<u16> {
 }
 
 /// The QMP `channels` argument for a `file:` migration to or from `path`.
-fn file_channels(path: &Path) -> Result<Value, VmError> {
+pub(crate) fn file_channels(path: &Path) -> Result<Value, VmError> {
     let abs = std::path::absolute(path)
         .map_err(|e| VmError::Launch(LaunchError::Absolute(path.to_owned(), e)))?;
     let name = abs

@@ -4,7 +4,8 @@
 //! One QEMU at a time: every test here holds `VM_LOCK`.
 
 use cloudlet_e2e::{
-    http_get, parse_counter, require_fuse, require_qemu, try_http_get, workspace_bin, Scratch,
+    http_get, libvirt_domain_exists, parse_counter, require_fuse, require_libvirt, require_qemu,
+    try_http_get, workspace_bin, Scratch, LIBVIRT_URI,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,7 +59,14 @@ fn terminate(child: &Child) {
 }
 
 impl Synthesis {
-    fn start(home: &Scratch, base: &str, overlay: &str, port: u16, early: bool) -> Self {
+    fn start(
+        home: &Scratch,
+        base: &str,
+        overlay: &str,
+        port: u16,
+        early: bool,
+        extra: &[&str],
+    ) -> Self {
         let fwd = format!("tcp:127.0.0.1:{port}-:8080");
         let mut cmd = Command::new(workspace_bin("cloudlet"));
         cmd.env("CLOUDLET_HOME", home.home())
@@ -75,6 +83,7 @@ impl Synthesis {
         if early {
             cmd.arg("--early-start");
         }
+        cmd.args(extra);
         Synthesis(Some(cmd.spawn().unwrap()))
     }
 
@@ -109,6 +118,32 @@ fn free_port() -> u16 {
     synth::vm::free_tcp_port().unwrap()
 }
 
+/// `cloudlet synthesis --early-start EXTRA` of `vm.overlay`: the customized page answers
+/// within `first_timeout`, the guest's counter continues from the customization (two requests
+/// made there), and after SIGTERM the port is closed. Returns what synthesis printed.
+fn synthesize_customized(
+    h: &Scratch,
+    base: &str,
+    extra: &[&str],
+    first_timeout: Duration,
+) -> String {
+    let port = free_port();
+    let start = Instant::now();
+    let syn = Synthesis::start(h, base, "vm.overlay", port, true, extra);
+    let body = http_get(port, "/custom.txt", first_timeout);
+    eprintln!("first response after {:?}", start.elapsed());
+    assert_eq!(body.trim(), "overlay-made-42");
+    let (count, _) = parse_counter(&http_get(port, "/cgi-bin/counter", Duration::from_secs(20)));
+    assert!(count >= 3, "counter restarted: {count}");
+    let out = syn.stop();
+    assert!(out.contains("\"VM resumed\""), "{out}");
+    assert!(
+        try_http_get(port, "/custom.txt").is_err(),
+        "VM still running after SIGTERM"
+    );
+    out
+}
+
 #[test]
 fn synthesis_early_start_serves_customized_guest() {
     if !require_qemu() || !require_fuse() {
@@ -139,20 +174,39 @@ fn synthesis_early_start_serves_customized_guest() {
         report["profile_first_response_seconds"].as_f64().unwrap() > 0.0,
         "{report}"
     );
-    let port = free_port();
-    let start = Instant::now();
-    let syn = Synthesis::start(&h, &base, "vm.overlay", port, true);
-    let body = http_get(port, "/custom.txt", Duration::from_secs(60));
-    eprintln!("first response after {:?}", start.elapsed());
-    assert_eq!(body.trim(), "overlay-made-42");
-    // The guest's own counter continues from the customization (two requests made there).
-    let (count, _) = parse_counter(&http_get(port, "/cgi-bin/counter", Duration::from_secs(20)));
-    assert!(count >= 3, "counter restarted: {count}");
-    let out = syn.stop();
-    assert!(out.contains("\"VM resumed\""), "{out}");
+    synthesize_customized(&h, &base, &[], Duration::from_secs(60));
+}
+
+#[test]
+fn synthesis_libvirt_early_start_serves_customized_guest() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Scratch::new();
+    if !require_libvirt(&h.home()) {
+        return;
+    }
+    let base = h.guest_base(256);
+    overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
+    // Generous: libvirt re-probes QEMU on every start where /dev/kvm is root-only.
+    let out = synthesize_customized(
+        &h,
+        &base,
+        &["--backend", "libvirt", "--libvirt-uri", LIBVIRT_URI],
+        Duration::from_secs(180),
+    );
+    let resumed: serde_json::Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "VM resumed")
+        .unwrap_or_else(|| panic!("no VM resumed event in {out}"));
+    assert_eq!(resumed["detail"]["backend"], "libvirt", "{out}");
+    let vm = resumed["detail"]["vm"].as_str().unwrap();
+    let domain = vm.strip_prefix("libvirt domain ").unwrap();
     assert!(
-        try_http_get(port, "/custom.txt").is_err(),
-        "VM still running after SIGTERM"
+        !libvirt_domain_exists(domain),
+        "domain {domain} left behind after SIGTERM"
     );
 }
 
