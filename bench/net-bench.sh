@@ -27,9 +27,12 @@ REPO=$(cd "$HERE/.." && pwd)
 
 usage() {
   cat <<EOF
-usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-w WORKDIR] [-k]
+usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-w WORKDIR] [-k]
   -n REPS     repetitions per rate and mode (default 3; median reported)
   -m MEM_MB   guest RAM in MiB (default 256)
+  -p          profile the working set (`cloudlet overlay --profile-url`): the overlay stores
+              first what a resumed VM touches until its first answer, not what the
+              customization touched
   -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
               base and overlay are reused when the same WORKDIR is given again
@@ -41,11 +44,12 @@ Build first: cargo build --release --workspace
 EOF
 }
 
-REPS=3 RATES="10 38 100" MEM_MB=256 WORK='' KEEP=0
-while getopts "n:r:m:w:kh" opt; do
+REPS=3 RATES="10 38 100" MEM_MB=256 PROFILE=0 WORK='' KEEP=0
+while getopts "n:r:m:pw:kh" opt; do
   case $opt in
     n) REPS=$OPTARG ;;
     m) MEM_MB=$OPTARG ;;
+    p) PROFILE=1 ;;
     r) RATES=$OPTARG ;;
     w) WORK=$OPTARG ;;
     k) KEEP=1 ;;
@@ -117,8 +121,9 @@ if [[ ! -s $WORK/base.id || ! -d $CLOUDLET_HOME/bases/$(cat "$WORK/base.id") ]];
   log "base took $(elapsed "$t") s"
 fi
 BASE=$(cat "$WORK/base.id")
-OV=$WORK/app.overlay
-if [[ ! -s $WORK/app.report.json || ! -s $OV ]]; then
+APP=app; (( PROFILE )) && APP=app-profiled
+OV=$WORK/$APP.overlay
+if [[ ! -s $WORK/$APP.report.json || ! -s $OV ]]; then
   # Each line runs on the guest's serial console.  fstrim + the deleted scratch mirror
   # vm-bench's TRIM variant; the sleep lets the writes settle before the capture.
   cat >"$WORK/custom.sh" <<'EOF'
@@ -135,7 +140,14 @@ sleep 4
 EOF
   log "overlay: customizing"
   t=$(now)
-  "$CLOUDLET" overlay "$BASE" -o "$OV" --run "$WORK/custom.sh" --json >"$WORK/app.report.json"
+  prof=()
+  if (( PROFILE )); then
+    fwd=$(free_port)
+    prof=(--hostfwd "tcp:127.0.0.1:$fwd-:8080" --profile-url "http://127.0.0.1:$fwd/app/index.html")
+  fi
+  "$CLOUDLET" overlay "$BASE" -o "$OV" --run "$WORK/custom.sh" "${prof[@]}" --json \
+    >"$WORK/$APP.report.json"
+  log "overlay: working set $(jq .working_set_chunks "$WORK/$APP.report.json") chunks from the $(jq -r .working_set_from "$WORK/$APP.report.json")"
   log "overlay: $(mib "$(stat -c %s "$OV")") MiB, $(elapsed "$t") s"
 fi
 OV_MIB=$(mib "$(stat -c %s "$OV")")
