@@ -13,4 +13,5 @@ mod format_errors;
 mod golden;
 mod roundtrip;
 mod server;
+mod server_hostile;
 mod synthesis;
