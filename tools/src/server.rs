@@ -397,7 +397,7 @@ impl Conn {
     /// is shut for reading so that a read waiting for its next frame returns at once.
     fn close_by_operator(&self) {
         self.finish(End::Fail(RefuseReason::Closed(
-            "closed by the operator".into(),
+            "cloudlet close-session".into(),
         )));
         let _ = lock(&self.writer).shutdown(Shutdown::Read);
     }

@@ -14,4 +14,5 @@ mod golden;
 mod roundtrip;
 mod server;
 mod server_hostile;
+mod server_load;
 mod synthesis;
