@@ -12,7 +12,7 @@
 //!   and serves the next client.
 
 use crate::server::{
-    client, file_len, lines, mapped_port, start_server_with, tmp, wait_event, Server,
+    client, file_len, lines, mapped_port, start_server_with, tmp, wait_event, Proc, Server,
 };
 use cloudlet_e2e::{cloudlet, http_get, open_overlay, require_fuse, require_qemu, Scratch};
 use std::io::Write;
@@ -128,6 +128,25 @@ fn vm_session(list: &[serde_json::Value]) -> &serde_json::Value {
     with_vm[0]
 }
 
+/// Starts an early-start client for guest port 8080 and checks that the customized page
+/// answers through the port it reports; returns the client and that port.
+fn served_client(h: &Scratch, server: &Server, token: &str, overlay: &str) -> (Proc, u16) {
+    let args = [
+        "--overlay",
+        overlay,
+        "--early-start",
+        "--port",
+        "8080",
+        "--json",
+    ];
+    let mut c = client(h, server, token, &args);
+    let rx = lines(c.child());
+    let port = mapped_port(&wait_event(&rx, "resumed", Duration::from_secs(180)));
+    let body = http_get(port, "/custom.txt", Duration::from_secs(120));
+    assert_eq!(body.trim(), "overlay-made-42");
+    (c, port)
+}
+
 fn start(h: &Scratch, token: &str) -> Server {
     start_server_with(
         h,
@@ -197,24 +216,7 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
     assert!(listed["qemu_pid"].is_null(), "{listed}");
 
     // A well-behaved client is served meanwhile.
-    let mut c = client(
-        &h,
-        &server,
-        &token,
-        &[
-            "--overlay",
-            &overlay,
-            "--early-start",
-            "--port",
-            "8080",
-            "--json",
-        ],
-    );
-    let rx = lines(c.child());
-    let resumed = wait_event(&rx, "resumed", Duration::from_secs(180));
-    let port = mapped_port(&resumed);
-    let body = http_get(port, "/custom.txt", Duration::from_secs(120));
-    assert_eq!(body.trim(), "overlay-made-42");
+    let (mut c, port) = served_client(&h, &server, &token, &overlay);
     let listed = sessions(&h);
     let s = vm_session(&listed);
     assert_eq!(s["base_id"], base.as_str(), "{s}");
@@ -298,27 +300,7 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
     assert_clean(&h);
 
     // The server still serves: the next client's page answers, and it finishes cleanly.
-    let mut c = client(
-        &h,
-        &server,
-        &token,
-        &[
-            "--overlay",
-            &overlay,
-            "--early-start",
-            "--port",
-            "8080",
-            "--json",
-        ],
-    );
-    let rx = lines(c.child());
-    let resumed = wait_event(&rx, "resumed", Duration::from_secs(180));
-    let body = http_get(
-        mapped_port(&resumed),
-        "/custom.txt",
-        Duration::from_secs(120),
-    );
-    assert_eq!(body.trim(), "overlay-made-42");
+    let (c, _) = served_client(&h, &server, &token, &overlay);
     assert!(c.stop("INT", Duration::from_secs(60)), "client failed");
     wait_no_sessions(&h, Duration::from_secs(60));
     assert_clean(&h);
