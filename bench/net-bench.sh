@@ -19,6 +19,13 @@
 # "heap" from /dev/urandom that stays resident (incompressible memory), overlay ~50 MiB.
 #
 # One QEMU at a time (one session at a time): the bench is meant for a shared 2-core box.
+#
+# With -S it measures server memory per session instead (a memory figure, not a timing):
+# with 0, then N concurrent sessions (-S "1 4 16", unthrottled, full transfer, each one's
+# page checked with an HTTP 200), the VmRSS / RssAnon / RssFile / threads of `cloudlet server`
+# (cloudletfs runs inside it, one FUSE mount per session) and the summed VmRSS of the
+# sessions' QEMU processes (pids from `cloudlet list-session --json`); then every session is
+# ended and the server's RSS is read again, idle.
 # shellcheck disable=SC2155,SC2016
 set -euo pipefail
 
@@ -27,13 +34,15 @@ REPO=$(cd "$HERE/.." && pwd)
 
 usage() {
   cat <<EOF
-usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-w WORKDIR] [-k]
+usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS] [-w WORKDIR] [-k]
   -n REPS     repetitions per rate and mode (default 3; median reported)
   -m MEM_MB   guest RAM in MiB (default 256)
   -p          profile the working set (`cloudlet overlay --profile-url`): the overlay stores
               first what a resumed VM touches until its first answer, not what the
               customization touched
   -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
+  -S COUNTS   measure server memory per session instead of time to first response, with
+              these space-separated numbers of concurrent sessions (e.g. "1 4 16")
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
               base and overlay are reused when the same WORKDIR is given again
   -k          keep WORKDIR afterwards (default: removed)
@@ -44,13 +53,14 @@ Build first: cargo build --release --workspace
 EOF
 }
 
-REPS=3 RATES="10 38 100" MEM_MB=256 PROFILE=0 WORK='' KEEP=0
-while getopts "n:r:m:pw:kh" opt; do
+REPS=3 RATES="10 38 100" MEM_MB=256 PROFILE=0 WORK='' KEEP=0 COUNTS=''
+while getopts "n:r:m:pS:w:kh" opt; do
   case $opt in
     n) REPS=$OPTARG ;;
     m) MEM_MB=$OPTARG ;;
     p) PROFILE=1 ;;
     r) RATES=$OPTARG ;;
+    S) COUNTS=$OPTARG ;;
     w) WORK=$OPTARG ;;
     k) KEEP=1 ;;
     h) usage; exit 0 ;;
@@ -59,6 +69,7 @@ while getopts "n:r:m:pw:kh" opt; do
 done
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -n needs a positive integer" >&2; exit 2; }
 [[ $MEM_MB =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -m needs a positive integer" >&2; exit 2; }
+[[ -z $COUNTS || $COUNTS =~ ^[1-9][0-9]*( [1-9][0-9]*)*$ ]] || { echo "net-bench: -S needs positive integers" >&2; exit 2; }
 
 CLOUDLET=${CLOUDLET_BIN:-$REPO/target/release/cloudlet}
 GUEST_DIR=${GUEST_DIR:-$HOME/.cache/cloudlet-guest}
@@ -81,7 +92,9 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}'; }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"} else if (NR%2) {print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b/1048576}'; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+rss_kib() { status_kib "$1" VmRSS; }
+# status_kib PID FIELD: a kB field of /proc/PID/status (0 if the process is gone)
+status_kib() { awk -v f="$2:" '$1==f {print $2; found=1} END {if (!found) print 0}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # ------------------------------------------------------------------ cleanup
 # Only the processes started here, by pid (other people's VMs may run on this box).  The
@@ -156,7 +169,9 @@ OV_MIB=$(mib "$(stat -c %s "$OV")")
 TOKEN=$WORK/token
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TOKEN"
 SPORT=$(free_port)
-"$CLOUDLET" server --listen "127.0.0.1:$SPORT" --token-file "$TOKEN" --max-sessions 1 \
+MAXS=1
+for n in $COUNTS; do (( n > MAXS )) && MAXS=$n; done
+"$CLOUDLET" server --listen "127.0.0.1:$SPORT" --token-file "$TOKEN" --max-sessions "$MAXS" \
   >"$WORK/server.out" 2>"$WORK/server.err" &
 SERVER_PID=$!
 for _ in $(seq 100); do
@@ -211,6 +226,80 @@ run_once() {
 
 echo "# cloudlet net bench ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(qemu-system-x86_64 --version 2>/dev/null | head -n1), reps=$REPS)"
 echo
+
+# ------------------------------------------------------------------ -m: memory per session
+live_sessions() { "$CLOUDLET" list-session --json | jq length; }
+qemu_rss_kib() { # summed VmRSS of the live sessions' QEMU processes
+  local sum=0 p
+  for p in $("$CLOUDLET" list-session --json | jq -r '.[].qemu_pid | select(. != null)'); do
+    sum=$(( sum + $(rss_kib "$p") ))
+  done
+  echo "$sum"
+}
+# mem_row SESSIONS LABEL: one table row from the server's /proc status and its QEMUs
+mem_row() {
+  local n=$1 rss anon file thr q per qper
+  rss=$(rss_kib "$SERVER_PID") anon=$(status_kib "$SERVER_PID" RssAnon)
+  file=$(status_kib "$SERVER_PID" RssFile) thr=$(awk '/^Threads:/ {print $2}' "/proc/$SERVER_PID/status")
+  q=$(qemu_rss_kib)
+  per=$(awk -v r="$rss" -v i="$IDLE_RSS" -v n="$n" 'BEGIN { if (n>0) printf "%.1f", (r-i)/1024/n; else print "-" }')
+  qper=$(awk -v q="$q" -v n="$n" 'BEGIN { if (n>0) printf "%.1f", q/1024/n; else print "-" }')
+  echo "| $2 | $(mib $((rss*1024))) | $(mib $((anon*1024))) | $(mib $((file*1024))) | $per | $thr | $(mib $((q*1024))) | $qper |"
+}
+mem_bench() {
+  local n i pid port pre deadline
+  sleep 2
+  IDLE_RSS=$(rss_kib "$SERVER_PID")
+  echo "## Server memory per session (overlay $OV_MIB MiB, $MEM_MB MiB guest)"
+  echo
+  echo "Sessions unthrottled over loopback, full transfer first, each page answered (HTTP 200),"
+  echo "then measured after ${SETTLE:-5} s. Server = cloudlet server with its in-process cloudletfs"
+  echo "mounts; per session = (server VmRSS - idle VmRSS) / sessions. QEMU = summed VmRSS of the"
+  echo "sessions' QEMU processes (guest RAM pages they touched, private copies and page cache)."
+  echo
+  echo "| sessions | server RSS MiB | anon MiB | file MiB | server MiB per session | threads | QEMU RSS MiB (all) | QEMU MiB per VM |"
+  echo "|---|---|---|---|---|---|---|---|"
+  mem_row 0 0
+  for n in $COUNTS; do
+    CLIENT_PIDS=()
+    for i in $(seq "$n"); do
+      pre=$WORK/mem-$n-$i
+      "$CLOUDLET" client --server "127.0.0.1:$SPORT" --overlay "$OV" --port 8080 \
+        --token-file "$TOKEN" --json >"$pre.out" 2>"$pre.err" &
+      CLIENT_PIDS+=("$!")
+    done
+    i=0
+    for pid in "${CLIENT_PIDS[@]}"; do
+      i=$(( i + 1 )) pre=$WORK/mem-$n-$i port='' deadline=$(( $(date +%s) + HTTP_TIMEOUT ))
+      until [[ -n $port ]] && jq -e 'select(.event=="fill_done")' "$pre.out" >/dev/null 2>&1; do
+        port=$(jq -r 'select(.event=="resumed") | .ports[0].port' "$pre.out" 2>/dev/null | head -n1) || port=''
+        kill -0 "$pid" 2>/dev/null || { log "client $i of $n ended early: $(tail -n2 "$pre.err")"; exit 1; }
+        (( $(date +%s) < deadline )) || { log "client $i of $n: no fill_done"; exit 1; }
+        sleep 0.2
+      done
+      until curl -s -m 2 "http://127.0.0.1:$port/app/index.html" 2>/dev/null | grep -q app-ready-42; do
+        (( $(date +%s) < deadline )) || { log "client $i of $n: no HTTP 200"; exit 1; }
+        sleep 0.2
+      done
+    done
+    [[ $(live_sessions) == "$n" ]] || { log "expected $n live sessions"; exit 1; }
+    sleep "${SETTLE:-5}"
+    mem_row "$n" "$n"
+    log "$n sessions measured; ending them"
+    for pid in "${CLIENT_PIDS[@]}"; do stop_pid "$pid" INT; done
+    CLIENT_PIDS=()
+    deadline=$(( $(date +%s) + 120 ))
+    until [[ $(live_sessions) == 0 ]]; do
+      (( $(date +%s) < deadline )) || { log "sessions did not end"; exit 1; }
+      sleep 0.2
+    done
+    sleep 2
+    mem_row 0 "0 (after $n)"
+  done
+  echo
+  echo "_script wall time: $(( $(date +%s) - T0 )) s_"
+}
+if [[ -n $COUNTS ]]; then mem_bench; exit 0; fi
 : >"$WORK/net.tsv"
 # One uncounted warm-up (cold QEMU binary / overlay pages made the first run slower in vm-bench).
 run_once 100 full "$WORK/warmup"

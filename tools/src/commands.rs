@@ -338,6 +338,34 @@ pub enum Command {
         /// Instance name announced (default: "cloudlet on HOSTNAME").
         #[arg(long, value_name = "NAME", requires = "advertise")]
         advertise_name: Option<String>,
+        /// Admin socket for list-session and close-session (default: HOME/server.sock).
+        #[arg(long, value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+        /// A client that sends nothing for this long, or takes longer for one frame, is cut
+        /// off (at least 20).
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        idle_timeout: u64,
+    },
+    /// List the sessions of the `cloudlet server` running on this machine (admin socket).
+    ListSession {
+        /// The server's admin socket (default: HOME/server.sock).
+        #[arg(long, value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+        /// Print the sessions as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End one session of the running `cloudlet server`: its VM is stopped, its mount removed,
+    /// its slot freed; returns once that is done. Exit code 4 if there is no such session.
+    CloseSession {
+        /// Session id (from list-session).
+        id: u64,
+        /// The server's admin socket (default: HOME/server.sock).
+        #[arg(long, value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
     /// fetch), print where the guest ports are reachable, keep the session until Ctrl-C.
@@ -412,6 +440,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     } else if unavailable {
         // An option this build cannot honour: a usage error, like clap's own.
         2
+    } else if e
+        .chain()
+        .any(|c| c.downcast_ref::<crate::admin::NotFound>().is_some())
+    {
+        crate::EXIT_NOT_FOUND
     } else {
         1
     }
@@ -729,6 +762,8 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
             public_addr,
             advertise,
             advertise_name,
+            admin_socket,
+            idle_timeout,
         } => {
             let opts = crate::server::ServerOptions {
                 listen,
@@ -739,8 +774,24 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 advertise: advertise.then_some(crate::discovery::AdvertiseOptions {
                     name: advertise_name,
                 }),
+                admin_socket: crate::admin::socket_path(&ctx.home, admin_socket),
+                idle_timeout: std::time::Duration::from_secs(idle_timeout),
             };
             crate::server::serve(&ctx.home, opts)?;
+        }
+        Command::ListSession { admin_socket, json } => {
+            crate::admin::list_sessions(&crate::admin::socket_path(&ctx.home, admin_socket), json)?;
+        }
+        Command::CloseSession {
+            id,
+            admin_socket,
+            json,
+        } => {
+            crate::admin::close_session(
+                &crate::admin::socket_path(&ctx.home, admin_socket),
+                id,
+                json,
+            )?;
         }
         Command::Client {
             server,

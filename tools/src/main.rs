@@ -3,6 +3,7 @@
 //! This binary is the only place with `anyhow`: it parses arguments, calls the libraries
 //! (`synth`, `cloudletfs`), prints results (text or `--json`) and maps failures to exit codes.
 
+mod admin;
 mod client_cmd;
 mod commands;
 mod discovery;
@@ -17,6 +18,8 @@ use std::process::ExitCode;
 
 /// Exit code: input was refused as invalid, corrupt or not matching (an overlay, a package).
 pub const EXIT_INVALID: u8 = 3;
+/// Exit code: the thing named does not exist (a session, for close-session).
+pub const EXIT_NOT_FOUND: u8 = 4;
 
 /// VM synthesis for cloudlets: base VMs, VM overlays, reconstruction.
 #[derive(Debug, Parser)]

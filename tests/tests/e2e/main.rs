@@ -13,4 +13,6 @@ mod format_errors;
 mod golden;
 mod roundtrip;
 mod server;
+mod server_hostile;
+mod server_load;
 mod synthesis;

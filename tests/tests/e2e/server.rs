@@ -26,7 +26,7 @@ sync
 ";
 
 /// `cloudlet overlay` of `base` customized by [`CUSTOMIZE`]; returns the overlay's path.
-fn overlay(h: &Scratch, base: &str) -> String {
+pub(crate) fn overlay(h: &Scratch, base: &str) -> String {
     let script = h.p("customize.sh");
     std::fs::write(&script, CUSTOMIZE).unwrap();
     let out = h.p("vm.overlay");
@@ -35,12 +35,12 @@ fn overlay(h: &Scratch, base: &str) -> String {
 }
 
 /// The folder every session's run folder (mount point, QEMU sockets) lives in.
-fn tmp(h: &Scratch) -> String {
+pub(crate) fn tmp(h: &Scratch) -> String {
     h.home().join("tmp").display().to_string()
 }
 
 /// A child process killed (SIGTERM) on drop.
-struct Proc(Option<Child>);
+pub(crate) struct Proc(Option<Child>);
 
 fn signal(child: &Child, sig: &str) {
     let _ = Command::new("kill")
@@ -50,12 +50,12 @@ fn signal(child: &Child, sig: &str) {
 }
 
 impl Proc {
-    fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         self.0.as_mut().unwrap()
     }
 
     /// Sends `sig` and waits at most `timeout` for the exit; returns whether it succeeded.
-    fn stop(mut self, sig: &str, timeout: Duration) -> bool {
+    pub(crate) fn stop(mut self, sig: &str, timeout: Duration) -> bool {
         let mut child = self.0.take().unwrap();
         if let Some(status) = child.try_wait().unwrap() {
             return status.success();
@@ -89,7 +89,7 @@ impl Drop for Proc {
 }
 
 /// Lines a child prints on stdout, as they arrive.
-fn lines(child: &mut Child) -> Receiver<String> {
+pub(crate) fn lines(child: &mut Child) -> Receiver<String> {
     let out = child.stdout.take().unwrap();
     let (tx, rx) = channel();
     std::thread::spawn(move || {
@@ -104,7 +104,11 @@ fn lines(child: &mut Child) -> Receiver<String> {
 
 /// The next JSON line whose `event` is `event`, or `None` if the client ended or `timeout`
 /// passed first.
-fn next_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> Option<serde_json::Value> {
+pub(crate) fn next_event(
+    rx: &Receiver<String>,
+    event: &str,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -117,7 +121,11 @@ fn next_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> Option<s
 }
 
 /// The next JSON line whose `event` is `event`, within `timeout`.
-fn wait_event(rx: &Receiver<String>, event: &str, timeout: Duration) -> serde_json::Value {
+pub(crate) fn wait_event(
+    rx: &Receiver<String>,
+    event: &str,
+    timeout: Duration,
+) -> serde_json::Value {
     next_event(rx, event, timeout)
         .unwrap_or_else(|| panic!("no {event:?} event within {timeout:?}"))
 }
@@ -162,13 +170,20 @@ fn range_server(data: Vec<u8>) -> u16 {
     port
 }
 
-struct Server {
-    proc: Proc,
-    addr: String,
-    log: PathBuf,
+pub(crate) struct Server {
+    pub(crate) proc: Proc,
+    pub(crate) addr: String,
+    pub(crate) log: PathBuf,
 }
 
 fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
+    let args = ["--token-file", token, "--max-sessions", "1"];
+    start_server_with(h, &[&args[..], &["--allow-url-prefix", allow]].concat())
+}
+
+/// Starts `cloudlet server` on a free loopback port with `args`, logging to `server.log`;
+/// returns once it accepts connections.
+pub(crate) fn start_server_with(h: &Scratch, args: &[&str]) -> Server {
     let port = synth::vm::free_tcp_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let log = PathBuf::from(h.p("server.log"));
@@ -176,9 +191,8 @@ fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
         .env("RUST_LOG", "info")
         .arg("--home")
         .arg(h.home())
-        .args(["server", "--listen", &addr, "--token-file", token])
-        .args(["--max-sessions", "1"])
-        .args(["--allow-url-prefix", allow])
+        .args(["server", "--listen", &addr])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -195,7 +209,7 @@ fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
     }
 }
 
-fn client(h: &Scratch, server: &Server, token: &str, args: &[&str]) -> Proc {
+pub(crate) fn client(h: &Scratch, server: &Server, token: &str, args: &[&str]) -> Proc {
     let child = Command::new(workspace_bin("cloudlet"))
         .arg("--home")
         .arg(h.home())
@@ -209,7 +223,7 @@ fn client(h: &Scratch, server: &Server, token: &str, args: &[&str]) -> Proc {
 }
 
 /// Runs a client to its end; returns (exit code, stderr).
-fn client_output(server: &Server, token: &str, args: &[&str]) -> (i32, String) {
+pub(crate) fn client_output(server: &Server, token: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(workspace_bin("cloudlet"))
         .args(["client", "--server", &server.addr, "--token-file", token])
         .args(args)
@@ -231,7 +245,7 @@ fn raw_hello(addr: &str, bytes: &[u8]) -> ServerMsg {
 }
 
 /// The first port mapping of a `resumed` event.
-fn mapped_port(resumed: &serde_json::Value) -> u16 {
+pub(crate) fn mapped_port(resumed: &serde_json::Value) -> u16 {
     let p = &resumed["ports"][0];
     assert_eq!(p["guest"], 8080, "{resumed}");
     assert_eq!(p["host"], "127.0.0.1", "{resumed}");
@@ -239,7 +253,7 @@ fn mapped_port(resumed: &serde_json::Value) -> u16 {
 }
 
 /// QEMU processes and cloudletfs mounts under `tmp`, after waiting up to 20 s for them to go.
-fn leftovers(tmp: &str) -> (String, String) {
+pub(crate) fn leftovers(tmp: &str) -> (String, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ps = Command::new("pgrep").args(["-af", tmp]).output().unwrap();
@@ -256,7 +270,7 @@ fn leftovers(tmp: &str) -> (String, String) {
     }
 }
 
-fn file_len(p: &str) -> u64 {
+pub(crate) fn file_len(p: &str) -> u64 {
     std::fs::metadata(Path::new(p)).unwrap().len()
 }
 
