@@ -211,6 +211,16 @@ mod tests {
         }
     }
 
+    /// Makes a state folder for base 1 + overlay 1, then opens it again as `other`.
+    fn reopen_as(other: StateOwner) -> Result<(Store, Vec<(u64, ChunkState)>), MountError> {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |who: &StateOwner| {
+            Store::open(Some(dir.path()), dir.path(), ImageKind::Disk, 1 << 20, who)
+        };
+        open(&owner(1, 1)).unwrap();
+        open(&other)
+    }
+
     #[test]
     fn journal_reopened_returns_recorded_chunks() {
         let dir = tempfile::tempdir().unwrap();
@@ -242,43 +252,17 @@ mod tests {
 
     #[test]
     fn journal_of_other_base_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        Store::open(
-            Some(dir.path()),
-            dir.path(),
-            ImageKind::Disk,
-            1 << 20,
-            &owner(1, 1),
-        )
-        .unwrap();
-        let r = Store::open(
-            Some(dir.path()),
-            dir.path(),
-            ImageKind::Disk,
-            1 << 20,
-            &owner(2, 1),
-        );
-        assert!(matches!(r, Err(MountError::StateMismatch(_))));
+        assert!(matches!(
+            reopen_as(owner(2, 1)),
+            Err(MountError::StateMismatch(_))
+        ));
     }
 
     #[test]
     fn journal_of_other_overlay_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        Store::open(
-            Some(dir.path()),
-            dir.path(),
-            ImageKind::Disk,
-            1 << 20,
-            &owner(1, 1),
-        )
-        .unwrap();
-        let r = Store::open(
-            Some(dir.path()),
-            dir.path(),
-            ImageKind::Disk,
-            1 << 20,
-            &owner(1, 2),
-        );
-        assert!(matches!(r, Err(MountError::StateMismatch(_))));
+        assert!(matches!(
+            reopen_as(owner(1, 2)),
+            Err(MountError::StateMismatch(_))
+        ));
     }
 }

@@ -695,21 +695,28 @@ fn head_assembler_garbage_head_refused_as_bad_overlay() {
     assert!(matches!(h.finish(), Err(RefuseReason::BadOverlay(_))));
 }
 
-fn assembled(path: &Path) -> (synth::format::Overlay, Vec<u8>) {
+/// The overlay at `path` and the stored bytes of each of its segments.
+fn assembled(path: &Path) -> (synth::format::Overlay, Vec<Vec<u8>>) {
     let bytes = std::fs::read(path).unwrap();
     let src: Arc<dyn synth::source::ByteSource> = Arc::new(bytes.clone());
-    (synth::format::Overlay::open(src).unwrap(), bytes)
+    let ov = synth::format::Overlay::open(src).unwrap();
+    let segs = ov
+        .metadata()
+        .segments
+        .iter()
+        .map(|e| {
+            let start = (ov.data_start() + e.offset) as usize;
+            bytes[start..start + e.length as usize].to_vec()
+        })
+        .collect();
+    (ov, segs)
 }
 
 #[test]
 fn segment_assembler_demand_segment_inside_another_completes_both() {
     let dir = tempfile::tempdir().unwrap();
-    let (ov, bytes) = assembled(&build_overlay(dir.path(), 3));
-    let seg = |i: usize| {
-        let e = &ov.metadata().segments[i];
-        let start = (ov.data_start() + e.offset) as usize;
-        bytes[start..start + e.length as usize].to_vec()
-    };
+    let (ov, segs) = assembled(&build_overlay(dir.path(), 3));
+    let seg = |i: usize| segs[i].clone();
     let mut a = SegmentAssembler::new(ov.metadata_arc());
     let (s0, s2) = (seg(0), seg(2));
     let half = s0.len() / 2;
@@ -725,12 +732,8 @@ fn segment_assembler_demand_segment_inside_another_completes_both() {
 #[test]
 fn segment_assembler_corrupt_or_interleaved_parts_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (ov, bytes) = assembled(&build_overlay(dir.path(), 3));
-    let seg = |i: usize| {
-        let e = &ov.metadata().segments[i];
-        let start = (ov.data_start() + e.offset) as usize;
-        bytes[start..start + e.length as usize].to_vec()
-    };
+    let (ov, segs) = assembled(&build_overlay(dir.path(), 3));
+    let seg = |i: usize| segs[i].clone();
     // Corrupt bytes.
     let mut a = SegmentAssembler::new(ov.metadata_arc());
     let mut s0 = seg(0);

@@ -307,8 +307,13 @@ fn http_redirect_followed_matches_reconstruct() {
     );
 }
 
-/// Opens `path` on `ngx` with the redirects the synthesis server allows under `prefix`.
-fn open_under_prefix(ngx: &Nginx, prefix: &str, path: &str) -> String {
+/// Serves an overlay (fixture `seed`) with nginx and its extra `locations`, opens `path` there
+/// with the redirects the synthesis server allows under `prefix`, and returns why that failed
+/// (`None`: no nginx, outside CI).
+fn open_under_prefix(seed: u64, locations: &str, prefix: &str, path: &str) -> Option<String> {
+    let s = Setup::new(seed, Shape::default());
+    let root = s.overlay.parent().expect("parent").to_path_buf();
+    let ngx = start_nginx(&root, locations)?;
     let prefix = format!("http://127.0.0.1:{}{prefix}", ngx.port);
     let policy = synth::protocol::UrlPolicy::new(vec![prefix]).expect("policy");
     let opts = HttpOptions {
@@ -320,33 +325,34 @@ fn open_under_prefix(ngx: &Nginx, prefix: &str, path: &str) -> String {
     let url = format!("http://127.0.0.1:{}{path}", ngx.port);
     match HttpSource::open(&url, opts) {
         Ok(src) => panic!("{url} opened ({} bytes) despite its redirect", src.size()),
-        Err(e) => e.to_string(),
+        Err(e) => Some(e.to_string()),
     }
 }
 
 #[test]
 fn http_redirect_outside_allowed_prefix_refused() {
-    let s = Setup::new(14, Shape::default());
-    let root = s.overlay.parent().expect("parent").to_path_buf();
-    let Some(ngx) = start_nginx(
-        &root,
+    let Some(err) = open_under_prefix(
+        14,
         "location = /allowed/moved.cld { return 302 /overlay.cld; }",
+        "/allowed/",
+        "/allowed/moved.cld",
     ) else {
         return;
     };
-    let err = open_under_prefix(&ngx, "/allowed/", "/allowed/moved.cld");
     assert!(err.contains("redirect"), "{err}");
     assert!(err.contains("not under an allowed prefix"), "{err}");
 }
 
 #[test]
 fn http_redirect_loop_refused_after_max_hops() {
-    let s = Setup::new(15, Shape::default());
-    let root = s.overlay.parent().expect("parent").to_path_buf();
-    let Some(ngx) = start_nginx(&root, "location = /loop.cld { return 302 /loop.cld; }") else {
+    let Some(err) = open_under_prefix(
+        15,
+        "location = /loop.cld { return 302 /loop.cld; }",
+        "/",
+        "/loop.cld",
+    ) else {
         return;
     };
-    let err = open_under_prefix(&ngx, "/", "/loop.cld");
     assert!(
         err.contains(&format!(
             "more than {} redirects",
