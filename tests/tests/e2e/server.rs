@@ -182,7 +182,9 @@ fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
 }
 
 /// Starts `cloudlet server` on a free loopback port with `args`, logging to `server.log`;
-/// returns once it accepts connections.
+/// returns once it accepts connections. Readiness is read from the server's own "listening
+/// on" line, not probed with a connection: a probe would hold the server's only session slot
+/// until the server saw it close, and the test's first client could be refused as busy.
 pub(crate) fn start_server_with(h: &Scratch, args: &[&str]) -> Server {
     let port = synth::vm::free_tcp_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
@@ -198,7 +200,11 @@ pub(crate) fn start_server_with(h: &Scratch, args: &[&str]) -> Server {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
+    let listening = format!("cloudlet server listening on {addr}");
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(&listening)
+    {
         assert!(Instant::now() < deadline, "server never listened");
         std::thread::sleep(Duration::from_millis(100));
     }
