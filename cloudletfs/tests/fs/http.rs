@@ -267,17 +267,18 @@ fn start_nginx(root: &Path, locations: &str) -> Option<Nginx> {
 
 use std::process::Command;
 
-#[test]
-fn http_nginx_overlay_matches_reconstruct() {
+/// Serves an overlay (fixture `seed`) with nginx and its extra `locations`, mounts it from
+/// `path` there, and checks both images against the custom VM.
+fn nginx_mount_matches_reconstruct(seed: u64, locations: &str, path: &str) {
     if !fuse_ok() {
         return;
     }
-    let s = Setup::new(12, Shape::default());
+    let s = Setup::new(seed, Shape::default());
     let root = s.overlay.parent().expect("parent").to_path_buf();
-    let Some(ngx) = start_nginx(&root, "") else {
+    let Some(ngx) = start_nginx(&root, locations) else {
         return;
     };
-    let url = format!("http://127.0.0.1:{}/overlay.cld", ngx.port);
+    let url = format!("http://127.0.0.1:{}{path}", ngx.port);
     let g = mount_with(&s, OverlaySource::Url(url), |o| o.http = fast_http());
     assert_eq!(first_diff(&read_all(&g.path("disk/image")), &s.disk), None);
     assert!(g.mounted().wait_filled(Some(Duration::from_secs(60))));
@@ -288,22 +289,16 @@ fn http_nginx_overlay_matches_reconstruct() {
 }
 
 #[test]
+fn http_nginx_overlay_matches_reconstruct() {
+    nginx_mount_matches_reconstruct(12, "", "/overlay.cld");
+}
+
+#[test]
 fn http_redirect_followed_matches_reconstruct() {
-    if !fuse_ok() {
-        return;
-    }
-    let s = Setup::new(13, Shape::default());
-    let root = s.overlay.parent().expect("parent").to_path_buf();
-    let Some(ngx) = start_nginx(&root, "location = /moved.cld { return 302 /overlay.cld; }") else {
-        return;
-    };
-    let url = format!("http://127.0.0.1:{}/moved.cld", ngx.port);
-    let g = mount_with(&s, OverlaySource::Url(url), |o| o.http = fast_http());
-    assert_eq!(first_diff(&read_all(&g.path("disk/image")), &s.disk), None);
-    assert!(g.mounted().wait_filled(Some(Duration::from_secs(60))));
-    assert_eq!(
-        first_diff(&read_all(&g.path("memory/image")), &s.memory),
-        None
+    nginx_mount_matches_reconstruct(
+        13,
+        "location = /moved.cld { return 302 /overlay.cld; }",
+        "/moved.cld",
     );
 }
 
