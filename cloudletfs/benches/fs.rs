@@ -231,7 +231,12 @@ fn latency() {
     write_image(&mem, 64 * MIB, 5, false);
     let (_reg, base) = add_base(dir.path(), &disk, &mem);
     let mut seed = 10;
+    // `fs latency zstd` (or xz) measures one codec only.
+    let only = std::env::args().nth(2).filter(|a| !a.starts_with('-'));
     for codec in [Codec::Xz, Codec::Zstd] {
+        if only.as_deref().is_some_and(|o| o != codec.name()) {
+            continue;
+        }
         for segment in [256usize << 10, 1 << 20, 16 << 20] {
             seed += 1;
             // 6144 new chunks per image (~48 MiB in all): about 12 (4 MiB) or 48 (1 MiB) segments.
@@ -272,6 +277,25 @@ fn latency() {
                 f.read_exact_at(&mut buf, chunk * 4096).expect("read");
                 samples.push(t.elapsed().as_secs_f64() * 1e3);
             }
+            // The slow reads, in read order, so a tail can be told from a warm-up.
+            let mut sorted = samples.clone();
+            let p50_first = percentile(&mut sorted, 0.5);
+            let slow: Vec<String> = samples
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t > 4.0 * p50_first)
+                .map(|(i, t)| format!("#{i}: {t:.2} ms"))
+                .collect();
+            eprintln!(
+                "{} {} KiB: reads slower than 4x p50: {}",
+                codec.name(),
+                segment >> 10,
+                if slow.is_empty() {
+                    "none".to_string()
+                } else {
+                    slow.join(", ")
+                }
+            );
             let n = samples.len();
             let (p50, p99) = (
                 percentile(&mut samples, 0.5),
