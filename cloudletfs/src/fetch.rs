@@ -1,8 +1,8 @@
 //! Segment fetching: a priority queue where demand requests (a read waiting for a chunk) jump
 //! ahead of the background filler.
 //!
-//! - Demand workers (`fetch_threads` of them) only take demand requests, so a demand never
-//!   waits behind a background decode.
+//! - Demand workers (`fetch_threads` of them) take only demand requests and rest jobs (see
+//!   below), so a demand never waits behind a background decode.
 //! - One background filler first rebuilds the overlay chunks that need no segment (zeros, base
 //!   references), then walks the segments in overlay order, always taking a queued demand
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
@@ -14,7 +14,8 @@
 //!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, rebuild the chunks
 //!   readers wait for, then hand the rest of the segment to a worker as a *rest* job and go
 //!   back to its reader. That spares the two thread hand-offs (reader → worker → reader) that
-//!   made the tail of the first-read latency on a busy machine.
+//!   made the tail of the first-read latency on a busy machine. Workers take rest jobs before
+//!   anything else, so decoded segments never wait in memory behind a slow fetch.
 //!
 //! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
 
@@ -185,14 +186,16 @@ impl FetchQueue {
             if s.shutdown {
                 return None;
             }
+            // Rest jobs first: they only rebuild (no fetch can stall them) and each holds a
+            // decoded segment, up to 16 MiB, in memory until it is done.
+            if let Some((seg, data)) = s.rest.pop_front() {
+                return Some(Job::Rest { seg, data });
+            }
             if let Some(seg) = s.demand.pop_front() {
                 if let Some(st) = usize::try_from(seg).ok().and_then(|i| s.status.get_mut(i)) {
                     *st = SegStatus::InFlight;
                 }
                 return Some(Job::Fetch { seg, demand: true });
-            }
-            if let Some((seg, data)) = s.rest.pop_front() {
-                return Some(Job::Rest { seg, data });
             }
             if role == Role::Filler && !s.stats.filler_done {
                 let n = s.status.len();
