@@ -176,8 +176,15 @@ pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecE
 }
 
 /// Decompresses one segment that must decode to exactly `expected` bytes.
+///
+/// zstd decodes in one pass into a buffer of exactly `expected` bytes, with a decoder context
+/// kept per thread: a serving thread decodes many small segments, and a fresh streaming
+/// decoder (window buffers, copies through them) costs about as much as decoding 256 KiB.
 pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
-    let out = decompress_at_most(codec, data, expected)?;
+    let out = match codec {
+        Codec::Zstd => zstd_decompress_exact(data, expected)?,
+        Codec::Xz => decompress_at_most(codec, data, expected)?,
+    };
     if out.len() as u64 != expected {
         return Err(CodecError::Size {
             expected,
@@ -185,6 +192,35 @@ pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, C
         });
     }
     Ok(out)
+}
+
+thread_local! {
+    /// This thread's zstd decoder context, made on first use.
+    static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One-pass zstd decoding of a frame that must decode to exactly `expected` bytes. The output
+/// buffer is the bound: a frame that decodes to more fails inside zstd, never writes past it.
+fn zstd_decompress_exact(data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
+    let err = |source| CodecError::Decompress {
+        codec: "zstd",
+        source,
+    };
+    let cap = usize::try_from(expected).map_err(|_| CodecError::Size {
+        expected,
+        actual: 0,
+    })?;
+    ZSTD_DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dctx = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new().map_err(err)?),
+        };
+        let mut out = Vec::with_capacity(cap);
+        dctx.decompress_to_buffer(data, &mut out).map_err(err)?;
+        Ok(out)
+    })
 }
 
 /// Decompresses a stream that may decode to at most `max` bytes; more is an error.
