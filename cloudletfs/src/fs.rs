@@ -15,6 +15,7 @@
 //! ```
 
 use crate::error::ServeError;
+use crate::fetch::RestAfterReply;
 use crate::serve::Core;
 use crate::streams::{Cursor, Stream};
 use fuser::{
@@ -389,6 +390,8 @@ impl fuser::Filesystem for CloudletFs {
         reply: ReplyData,
     ) {
         debug!("read ino {} offset {offset} size {size}", ino.0);
+        // Dropped last: a segment decoded for this read is finished after the reply.
+        let _rest = RestAfterReply::new(&self.core);
         let Some(n) = Node::from_ino(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -469,6 +472,7 @@ impl fuser::Filesystem for CloudletFs {
         reply: ReplyWrite,
     ) {
         debug!("write ino {} offset {offset} size {}", ino.0, data.len());
+        let _rest = RestAfterReply::new(&self.core);
         let Some(Node::Image(k)) = Node::from_ino(ino.0) else {
             return reply.error(Errno::EACCES);
         };

@@ -562,6 +562,11 @@ impl Core {
                     self.queue.demand(s);
                 }
             }
+            // The chunk may be in the rest of a segment this thread decoded for an earlier
+            // chunk of the same request: finish that before waiting on anyone.
+            if crate::fetch::finish_held_rests(self) {
+                continue;
+            }
             let now = Instant::now();
             if now >= deadline {
                 Counters::add(&img.counters.fetch_errors, 1);

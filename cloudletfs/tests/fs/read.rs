@@ -2,6 +2,7 @@
 
 use crate::*;
 use synth::codec::Codec;
+use synth::ImageKind;
 
 fn check_images(s: &Setup, g: &MountGuard) {
     let disk = read_all(&g.path("disk/image"));
@@ -24,6 +25,65 @@ fn read_zstd_overlay_matches_reconstruct() {
     let st = g.mounted().stats();
     assert!(st.disk.chunks.fetched_on_demand > 0);
     assert_eq!(st.disk.chunks.filled_in_background, 0);
+}
+
+/// Pairs of disk chunks in one segment, closest first.
+fn close_pairs_in_one_segment(meta: &synth::format::Metadata) -> Vec<(u64, u64)> {
+    let mut pairs: Vec<(u64, u64)> = Vec::new();
+    for seg in &meta.segments {
+        let mut disk: Vec<u64> = seg
+            .chunks
+            .iter()
+            .filter(|(k, _)| *k == ImageKind::Disk)
+            .map(|&(_, c)| c)
+            .collect();
+        disk.sort_unstable();
+        pairs.extend(disk.windows(2).map(|w| (w[0], w[1])));
+    }
+    pairs.sort_by_key(|&(a, b)| (b - a, a));
+    pairs
+}
+
+#[test]
+fn read_and_write_spanning_chunks_of_one_segment_do_not_wait_on_themselves() {
+    if !fuse_ok() {
+        return;
+    }
+    // The thread that decodes a segment for a request rebuilds its rest after replying. A
+    // request that also needs a chunk of that rest must not wait for it: with a short wait
+    // timeout, such a wait would end in EIO.
+    let s = Setup::new(4, Shape::default());
+    let ov = s.overlay_meta();
+    let pairs = close_pairs_in_one_segment(ov.metadata());
+    let (a, b) = pairs[0];
+    let (c, d) = *pairs
+        .iter()
+        .find(|&&(c, d)| d < a || b < c)
+        .expect("a second pair");
+    assert!(
+        b - a <= 16 && d - c <= 16,
+        "pairs too far apart: {a}-{b}, {c}-{d}"
+    );
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.background_fill = false;
+        o.wait_timeout = Duration::from_secs(3);
+    });
+    let f = open_direct(&g.path("disk/image"), true);
+    let (lo, hi) = (a * 4096, (b + 1) * 4096);
+    let got = pread(&f, lo, (hi - lo) as usize).expect("read spanning the pair");
+    assert_eq!(got, s.disk[lo as usize..hi as usize]);
+    // A write partial at both ends: both end chunks are brought in first.
+    let (lo, hi) = (c * 4096 + 512, d * 4096 + 512);
+    let data = vec![0xa5u8; (hi - lo) as usize];
+    f.write_all_at(&data, lo).expect("write spanning the pair");
+    let mut want = s.disk[(c * 4096) as usize..((d + 1) * 4096) as usize].to_vec();
+    want[512..512 + data.len()].copy_from_slice(&data);
+    assert_eq!(pread(&f, c * 4096, want.len()).expect("read back"), want);
+    let st = g.mounted().stats();
+    assert_eq!(
+        (st.disk.fetch_errors, st.disk.verification_failures),
+        (0, 0)
+    );
 }
 
 #[test]
