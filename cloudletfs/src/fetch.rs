@@ -1,8 +1,8 @@
 //! Segment fetching: a priority queue where demand requests (a read waiting for a chunk) jump
 //! ahead of the background filler.
 //!
-//! - Demand workers (`fetch_threads` of them) take only demand requests and rest jobs (see
-//!   below), so a demand never waits behind a background decode.
+//! - Demand workers (`fetch_threads` of them) take only demand requests, so a demand never
+//!   waits behind a background decode.
 //! - One background filler first rebuilds the overlay chunks that need no segment (zeros, base
 //!   references), then walks the segments in overlay order, always taking a queued demand
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
@@ -12,11 +12,17 @@
 //!   file via [`crate::serve::Core::rebuild`]. Decoded segments are dropped right after.
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
 //!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, rebuild the chunks
-//!   readers wait for, reply, and only then rebuild the rest of the segment
+//!   readers wait for, reply, and only then hand the rest of the segment on
 //!   ([`RestAfterReply`]). That spares the two thread hand-offs (reader → worker → reader) that
-//!   made the tail of the first-read latency on a busy machine. Outside a FUSE request the
-//!   rest goes to a worker as a *rest* job; workers take those before anything else, so
-//!   decoded segments never wait in memory behind a slow fetch.
+//!   made the tail of the first-read latency on a busy machine.
+//! - The *rest* of a segment decoded on demand (its chunks nobody waits for yet) is rebuilt by
+//!   one rest worker under `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice
+//!   19 thread still keeps its CPU for a whole time slice, ~3 ms here, when a reader wakes),
+//!   or by the background filler once it has nothing else to do.
+//!   Until then the decoded segment stays *published* ([`FetchQueue::decoded`]): a reader
+//!   that needs one of its chunks rebuilds that chunk itself instead of waiting. Published
+//!   rests are bounded ([`MAX_QUEUED_REST_BYTES`]); past that, the thread that decoded the
+//!   segment rebuilds its rest itself.
 //!
 //! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
 
@@ -24,7 +30,7 @@ use crate::serve::{chain, Core};
 use crate::stats::FetchStats;
 use log::{debug, info, warn};
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use synth::format::FormatError;
@@ -33,6 +39,10 @@ use synth::ImageKind;
 
 /// Background passes over the segments (the later ones only retry failed fetches).
 const FILLER_PASSES: u32 = 3;
+
+/// Decoded bytes that may wait for the rest worker; past this, a segment's rest is rebuilt by
+/// the thread that decoded it. One segment may always wait, whatever its size.
+pub const MAX_QUEUED_REST_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SegStatus {
@@ -44,15 +54,19 @@ enum SegStatus {
 }
 
 /// A decoded segment whose waited-for chunks are in; the rest is still to rebuild.
-type Rest = (u32, Vec<u8>);
+type Rest = (u32, Arc<Vec<u8>>);
 
 #[derive(Debug)]
 struct Sched {
     status: Vec<SegStatus>,
     failures: Vec<u32>,
     demand: VecDeque<u32>,
-    /// Rests for the workers.
+    /// Rests for the rest worker.
     rest: VecDeque<Rest>,
+    /// Decoded bytes in `rest`.
+    rest_bytes: u64,
+    /// Decoded segments not yet done, for readers to rebuild their chunk from.
+    decoded: HashMap<u32, Arc<Vec<u8>>>,
     next_bg: usize,
     passes: u32,
     shutdown: bool,
@@ -72,6 +86,7 @@ pub struct FetchQueue {
 enum Role {
     Demand,
     Filler,
+    Rest,
 }
 
 impl FetchQueue {
@@ -83,6 +98,8 @@ impl FetchQueue {
                 failures: vec![0; segments],
                 demand: VecDeque::new(),
                 rest: VecDeque::new(),
+                rest_bytes: 0,
+                decoded: HashMap::new(),
                 next_bg: 0,
                 passes: 0,
                 shutdown: false,
@@ -133,10 +150,30 @@ impl FetchQueue {
         true
     }
 
-    /// Queues the rest of a decoded, claimed segment for a worker.
-    fn push_rest(&self, segment: u32, data: Vec<u8>) {
-        self.lock().rest.push_back((segment, data));
+    /// Queues the rest of a decoded segment for the rest worker; gives it back if too many
+    /// decoded bytes already wait.
+    fn push_rest(&self, segment: u32, data: Arc<Vec<u8>>) -> Result<(), Arc<Vec<u8>>> {
+        let mut s = self.lock();
+        let len = data.len() as u64;
+        if !s.rest.is_empty() && s.rest_bytes.saturating_add(len) > MAX_QUEUED_REST_BYTES {
+            return Err(data);
+        }
+        s.rest_bytes = s.rest_bytes.saturating_add(len);
+        s.rest.push_back((segment, data));
+        drop(s);
         self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Makes a decoded segment available to readers until it is done.
+    fn publish(&self, segment: u32, data: &Arc<Vec<u8>>) {
+        self.lock().decoded.insert(segment, Arc::clone(data));
+    }
+
+    /// The decoded bytes of `segment` if it is decoded but not yet done: whoever needs one of
+    /// its chunks can rebuild it from them.
+    pub fn decoded(&self, segment: u32) -> Option<Arc<Vec<u8>>> {
+        self.lock().decoded.get(&segment).cloned()
     }
 
     /// Failed fetch attempts of `segment` so far.
@@ -191,16 +228,21 @@ impl FetchQueue {
             if s.shutdown {
                 return None;
             }
-            // Rest jobs first: they only rebuild (no fetch can stall them) and each holds a
-            // decoded segment, up to 16 MiB, in memory until it is done.
-            if let Some((seg, data)) = s.rest.pop_front() {
-                return Some(Job::Rest { seg, data });
-            }
-            if let Some(seg) = s.demand.pop_front() {
-                if let Some(st) = usize::try_from(seg).ok().and_then(|i| s.status.get_mut(i)) {
-                    *st = SegStatus::InFlight;
+            if role != Role::Rest {
+                if let Some(seg) = s.demand.pop_front() {
+                    if let Some(st) = usize::try_from(seg).ok().and_then(|i| s.status.get_mut(i)) {
+                        *st = SegStatus::InFlight;
+                    }
+                    return Some(Job::Fetch { seg, demand: true });
                 }
-                return Some(Job::Fetch { seg, demand: true });
+            }
+            // The rest worker's only work. The filler takes rests before its own segments: a
+            // rest only rebuilds, and holds a decoded segment in memory until it is done.
+            if role != Role::Demand {
+                if let Some((seg, data)) = s.rest.pop_front() {
+                    s.rest_bytes = s.rest_bytes.saturating_sub(data.len() as u64);
+                    return Some(Job::Rest { seg, data });
+                }
             }
             if role == Role::Filler && !s.stats.filler_done {
                 let n = s.status.len();
@@ -264,6 +306,7 @@ impl FetchQueue {
         if let Some(st) = s.status.get_mut(i) {
             *st = status;
         }
+        s.decoded.remove(&segment);
         drop(s);
         self.cv.notify_all();
     }
@@ -273,8 +316,8 @@ impl FetchQueue {
 enum Job {
     /// Fetch, decode and rebuild a whole segment.
     Fetch { seg: u32, demand: bool },
-    /// Rebuild the rest of a segment a reader decoded (see [`run_claimed`]).
-    Rest { seg: u32, data: Vec<u8> },
+    /// Rebuild the rest of a segment decoded on demand.
+    Rest { seg: u32, data: Arc<Vec<u8>> },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -284,7 +327,8 @@ enum Outcome {
     Failed,
 }
 
-/// Starts `demand_threads` demand workers and, if `background`, the background filler.
+/// Starts `demand_threads` demand workers, the rest worker and, if `background`, the
+/// background filler.
 pub fn spawn_workers(
     core: &Arc<Core>,
     demand_threads: usize,
@@ -300,6 +344,16 @@ pub fn spawn_workers(
             Ok(h) => handles.push(h),
             Err(e) => warn!("starting fetch worker {i} failed: {e}"),
         }
+    }
+    let rest = Arc::clone(core);
+    match std::thread::Builder::new()
+        .name("fetch-rest".into())
+        .spawn(move || {
+            lowest_priority();
+            worker(&rest, Role::Rest);
+        }) {
+        Ok(h) => handles.push(h),
+        Err(e) => warn!("starting the rest worker failed: {e}"),
     }
     if background {
         let core = Arc::clone(core);
@@ -336,13 +390,32 @@ fn fill_local(core: &Core) {
     debug!("background filler: {n} local chunks rebuilt");
 }
 
+/// Puts the calling thread under `SCHED_IDLE`: it runs only on a CPU nothing else wants, and
+/// any other thread waking up takes the CPU from it at once.
+fn lowest_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 names the calling
+    // thread. Moving oneself to SCHED_IDLE needs no privilege.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        debug!(
+            "lowering the rest worker's priority failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn worker(core: &Core, role: Role) {
     while let Some(job) = core.queue.next(role) {
         match job {
             Job::Fetch { seg, demand } => {
                 if let Some(data) = fetch_segment(core, seg, demand) {
                     rebuild_wanted(core, seg, &data, demand);
-                    rebuild_rest(core, seg, &data, demand);
+                    if demand {
+                        hand_off_rest(core, seg, data);
+                    } else {
+                        rebuild_rest(core, seg, &data, false);
+                    }
                 }
             }
             Job::Rest { seg, data } => rebuild_rest(core, seg, &data, true),
@@ -350,10 +423,18 @@ fn worker(core: &Core, role: Role) {
     }
 }
 
+/// Gives the rest of a segment decoded on demand to the rest worker, or rebuilds it now if
+/// too much already waits.
+fn hand_off_rest(core: &Core, seg: u32, data: Arc<Vec<u8>>) {
+    if let Err(data) = core.queue.push_rest(seg, data) {
+        rebuild_rest(core, seg, &data, true);
+    }
+}
+
 /// Runs a segment the calling reader claimed with [`FetchQueue::claim`]: fetches and decodes
 /// it, rebuilds the chunks readers wait for (the caller's among them, registered with
-/// `want` before the claim), and leaves the rest of the segment for later: to this thread
-/// once its reply is sent if a [`RestAfterReply`] is alive, to a worker otherwise.
+/// `want` before the claim), and hands the rest of the segment on: once the reply is sent if
+/// a [`RestAfterReply`] is alive, at once otherwise.
 pub(crate) fn run_claimed(core: &Core, seg: u32) {
     if let Some(data) = fetch_segment(core, seg, true) {
         rebuild_wanted(core, seg, &data, true);
@@ -365,7 +446,7 @@ pub(crate) fn run_claimed(core: &Core, seg: u32) {
             None => Some(data),
         });
         if let Some(data) = kept {
-            core.queue.push_rest(seg, data);
+            hand_off_rest(core, seg, data);
         }
     }
 }
@@ -377,13 +458,12 @@ thread_local! {
 }
 
 /// Held by a FUSE handler for the length of one request: the rest of every segment the thread
-/// decodes meanwhile ([`run_claimed`]) is rebuilt by this same thread when the guard drops,
-/// after the reply has gone out.
+/// decodes meanwhile ([`run_claimed`]) is handed on when the guard drops, after the reply has
+/// gone out.
 ///
-/// Handing the rest to a worker instead woke that worker while the reply was still to be
-/// sent. On a small machine the woken worker often took the reader's CPU, and the reply then
-/// waited for most of the rest (~0.7 ms for a 256 KiB segment): the bulk of the first-read
-/// tail. Readers of the rest's chunks wait on the segment exactly as they would for a worker.
+/// Handing it on before woke the rest worker while the reply was still to be sent; on a small
+/// machine the woken worker could take the reader's CPU, and the reply then waited for most
+/// of the rest (~0.7 ms for a 256 KiB segment).
 pub(crate) struct RestAfterReply<'a> {
     core: &'a Core,
     outer: bool,
@@ -400,18 +480,6 @@ impl<'a> RestAfterReply<'a> {
     }
 }
 
-/// Rebuilds the rests this thread holds now; returns whether it held any. A thread must call
-/// this before it waits for a segment: the chunk it waits for may be in a rest it holds.
-pub(crate) fn finish_held_rests(core: &Core) -> bool {
-    let rests = DEFERRED_REST.with(|d| d.borrow_mut().as_mut().map(std::mem::take));
-    let rests = rests.unwrap_or_default();
-    let held = !rests.is_empty();
-    for (seg, data) in rests {
-        rebuild_rest(core, seg, &data, true);
-    }
-    held
-}
-
 impl Drop for RestAfterReply<'_> {
     fn drop(&mut self) {
         if !self.outer {
@@ -421,14 +489,14 @@ impl Drop for RestAfterReply<'_> {
             .with(|d| d.borrow_mut().take())
             .unwrap_or_default();
         for (seg, data) in rests {
-            rebuild_rest(self.core, seg, &data, true);
+            hand_off_rest(self.core, seg, data);
         }
     }
 }
 
-/// Fetches, verifies and decodes a segment; on failure marks it failed or corrupt (finishing
-/// it) and returns `None`.
-fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Vec<u8>> {
+/// Fetches, verifies and decodes a segment and publishes it (see [`FetchQueue::decoded`]); on
+/// failure marks it failed or corrupt (finishing it) and returns `None`.
+fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
     let i = usize::try_from(seg).ok()?;
     let entry = core.meta.segments.get(i)?;
     debug!(
@@ -437,7 +505,11 @@ fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Vec<u8>> {
         if demand { "demand" } else { "background" }
     );
     let outcome = match core.overlay.read_segment(i) {
-        Ok(data) => return Some(data),
+        Ok(data) => {
+            let data = Arc::new(data);
+            core.queue.publish(seg, &data);
+            return Some(data);
+        }
         Err(e @ FormatError::Source(_)) => {
             warn!("fetching segment {seg} failed: {}", chain(&e));
             Outcome::Failed
@@ -497,4 +569,37 @@ fn rebuild_rest(core: &Core, seg: u32, data: &[u8], demand: bool) {
     }
     core.queue.finish(seg, Outcome::Done, entry.length);
     core.waiter.notify();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rests_wait_up_to_the_byte_bound_and_stay_published_until_done() {
+        let q = FetchQueue::new(3);
+        let big = usize::try_from(MAX_QUEUED_REST_BYTES).unwrap();
+        // One rest may always wait, whatever its size; a second past the bound is given back.
+        let (a, b) = (Arc::new(vec![1u8; big + 1]), Arc::new(vec![2u8; 4096]));
+        q.publish(0, &a);
+        q.publish(1, &b);
+        assert!(q.push_rest(0, Arc::clone(&a)).is_ok());
+        assert!(q.push_rest(1, Arc::clone(&b)).is_err());
+        assert_eq!(q.decoded(1).as_deref(), Some(&*b));
+        // Demand workers never take rests; the rest worker does, which frees the bytes.
+        q.demand(2);
+        assert!(matches!(
+            q.next(Role::Demand),
+            Some(Job::Fetch {
+                seg: 2,
+                demand: true
+            })
+        ));
+        assert!(matches!(q.next(Role::Rest), Some(Job::Rest { seg: 0, .. })));
+        assert!(q.push_rest(1, Arc::clone(&b)).is_ok());
+        // A finished segment is no longer published.
+        q.finish(0, Outcome::Done, 1);
+        assert!(q.decoded(0).is_none());
+        assert!(q.decoded(1).is_some());
+    }
 }

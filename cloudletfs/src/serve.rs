@@ -347,7 +347,6 @@ impl Core {
         })
     }
 
-    /// The image of `kind`.
     /// Notes that a reader waits for `chunk`, so the worker decoding `segment` rebuilds it
     /// before the rest of the segment.
     fn want(&self, segment: u32, kind: ImageKind, chunk: u64) {
@@ -536,6 +535,12 @@ impl Core {
             if img.map.get(chunk) != ChunkState::Pending {
                 continue;
             }
+            // Decoded but not yet rebuilt (its rest waits, maybe held by this very thread for
+            // an earlier chunk of the same request): rebuild this chunk now, wait for no one.
+            if let Some(data) = self.queue.decoded(seg) {
+                self.rebuild(kind, entry, Some(&data), true)?;
+                continue;
+            }
             match waiting {
                 None => {
                     let fails = self.queue.failures(seg);
@@ -561,11 +566,6 @@ impl Core {
                     }
                     self.queue.demand(s);
                 }
-            }
-            // The chunk may be in the rest of a segment this thread decoded for an earlier
-            // chunk of the same request: finish that before waiting on anyone.
-            if crate::fetch::finish_held_rests(self) {
-                continue;
             }
             let now = Instant::now();
             if now >= deadline {
