@@ -168,6 +168,10 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         cache_dir: &tmp,
         wait_timeout: opts.wait_timeout,
     })?);
+    // The first demand read should not also pay for the decoder's first use.
+    if let Err(e) = synth::codec::warm_up(core.meta.codec) {
+        log::debug!("warming up the decoder failed: {e}");
+    }
     let mut mount_options = vec![
         MountOption::FSName("cloudletfs".into()),
         MountOption::Subtype("cloudletfs".into()),

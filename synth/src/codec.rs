@@ -177,9 +177,9 @@ pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecE
 
 /// Decompresses one segment that must decode to exactly `expected` bytes.
 ///
-/// zstd decodes in one pass into a buffer of exactly `expected` bytes, with a decoder context
-/// kept per thread: a serving thread decodes many small segments, and a fresh streaming
-/// decoder (window buffers, copies through them) costs about as much as decoding 256 KiB.
+/// zstd decodes in one pass into a buffer of exactly `expected` bytes, with a pooled decoder
+/// context: a server decodes many small segments, and a fresh streaming decoder (window
+/// buffers, copies through them) costs about as much as decoding 256 KiB.
 pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
     let out = match codec {
         Codec::Zstd => zstd_decompress_exact(data, expected)?,
@@ -194,11 +194,12 @@ pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, C
     Ok(out)
 }
 
-thread_local! {
-    /// This thread's zstd decoder context, made on first use.
-    static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
+/// zstd decoder contexts not in use. A context is ~100 KiB to make; FUSE threads are many,
+/// short-lived (one set per mount) and served round-robin, so a context per thread would be
+/// made again and again on the first-read path. The pool holds at most as many as ever
+/// decoded at once.
+static ZSTD_DCTX_POOL: std::sync::Mutex<Vec<zstd::bulk::Decompressor<'static>>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// One-pass zstd decoding of a frame that must decode to exactly `expected` bytes. The output
 /// buffer is the bound: a frame that decodes to more fails inside zstd, never writes past it.
@@ -211,16 +212,31 @@ fn zstd_decompress_exact(data: &[u8], expected: u64) -> Result<Vec<u8>, CodecErr
         expected,
         actual: 0,
     })?;
-    ZSTD_DCTX.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let dctx = match &mut *slot {
-            Some(d) => d,
-            None => slot.insert(zstd::bulk::Decompressor::new().map_err(err)?),
-        };
-        let mut out = Vec::with_capacity(cap);
-        dctx.decompress_to_buffer(data, &mut out).map_err(err)?;
-        Ok(out)
-    })
+    let pooled = match ZSTD_DCTX_POOL.lock() {
+        Ok(mut p) => p.pop(),
+        Err(p) => p.into_inner().pop(),
+    };
+    let mut dctx = match pooled {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new().map_err(err)?,
+    };
+    let mut out = Vec::with_capacity(cap);
+    let r = dctx.decompress_to_buffer(data, &mut out);
+    match ZSTD_DCTX_POOL.lock() {
+        Ok(mut p) => p.push(dctx),
+        Err(p) => p.into_inner().push(dctx),
+    }
+    r.map_err(err)?;
+    Ok(out)
+}
+
+/// Runs `codec`'s decoder once on a tiny stream, so that the first real decode does not pay
+/// for faulting the decoder's code in or making its context (a server calls this at start,
+/// before the first request).
+pub fn warm_up(codec: Codec) -> Result<(), CodecError> {
+    let sample = [0x5au8; 4096];
+    let packed = compress(codec, 1, &sample)?;
+    decompress(codec, &packed, sample.len() as u64).map(|_| ())
 }
 
 /// Decompresses a stream that may decode to at most `max` bytes; more is an error.
@@ -309,6 +325,22 @@ mod tests {
                 decompress(codec, &c, d.len() as u64 + 1),
                 Err(CodecError::Size { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn warm_up_then_pooled_context_survives_errors() {
+        for codec in [Codec::Xz, Codec::Zstd] {
+            warm_up(codec).unwrap();
+        }
+        let d = sample();
+        let c = compress(Codec::Zstd, 3, &d).unwrap();
+        // Garbage and an oversized frame fail; the context they used goes back to the pool
+        // and decodes the next segment right.
+        for _ in 0..3 {
+            assert!(decompress(Codec::Zstd, b"garbage garbage garbage", 100).is_err());
+            assert!(decompress(Codec::Zstd, &c, d.len() as u64 - 1).is_err());
+            assert_eq!(decompress(Codec::Zstd, &c, d.len() as u64).unwrap(), d);
         }
     }
 
