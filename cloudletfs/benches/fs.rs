@@ -232,12 +232,15 @@ fn latency() {
     println!(
         "Each mount reads the first payload chunk of every segment, in segment order, right \
          after dropping the page cache; a configuration is mounted several times afresh and all \
-         reads count, the first of each mount included.\n"
+         reads count, the first of each mount included. *Ready again*: the same chunks read \
+         once more (now rebuilt, no decode): the FUSE round trip alone, i.e. this machine's \
+         floor. *Steal*: CPU time the hypervisor took from this VM during the configuration.\n"
     );
     println!(
-        "| codec | segment | mounts | samples | p50 | p99 | max | first after mount (median) |"
+        "| codec | segment | mounts | samples | p50 | p99 | max | first after mount (median) \
+         | ready again p50 / p99 | steal |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let dir = scratch();
     let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
     write_image(&disk, 256 * MIB, 4, false);
@@ -259,9 +262,12 @@ fn latency() {
             let rounds = latency_rounds(meta.segments.len());
             let mut samples = Vec::new();
             let mut firsts = Vec::new();
+            let mut again = Vec::new();
             let mut slow = Vec::new();
+            let cpu_before = cpu_ticks();
             for round in 0..rounds {
-                let round_samples = first_reads(dir.path(), &base, &overlay, meta);
+                let (round_samples, round_again) = first_reads(dir.path(), &base, &overlay, meta);
+                again.extend(round_again);
                 // The slow reads, in read order, so a tail can be told from a warm-up.
                 let mut sorted = round_samples.clone();
                 let p50 = percentile(&mut sorted, 0.5);
@@ -292,8 +298,11 @@ fn latency() {
             );
             let max = samples.last().copied().unwrap_or(0.0);
             let first = percentile(&mut firsts, 0.5);
+            let steal = steal_percent(cpu_before, cpu_ticks());
+            let (a50, a99) = (percentile(&mut again, 0.5), percentile(&mut again, 0.99));
             println!(
-                "| {} | {} KiB | {rounds} | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms | {first:.2} ms |",
+                "| {} | {} KiB | {rounds} | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms \
+                 | {first:.2} ms | {a50:.2} / {a99:.2} ms | {steal:.1}% |",
                 codec.name(),
                 segment >> 10
             );
@@ -302,14 +311,34 @@ fn latency() {
     println!();
 }
 
+/// (all, steal) CPU ticks since boot, from the first line of /proc/stat.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.iter().take(8).sum(), v.get(7).copied().unwrap_or(0))
+}
+
+fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let all = after.0.saturating_sub(before.0).max(1);
+    100.0 * after.1.saturating_sub(before.1) as f64 / all as f64
+}
+
 /// Mounts `overlay` afresh (no background filler), drops the page cache and times the first
-/// read of the first payload chunk of every segment, in segment order (ms).
+/// read of the first payload chunk of every segment, in segment order, then the same reads
+/// again (ms).
 fn first_reads(
     dir: &Path,
     base: &Base,
     overlay: &Path,
     meta: &synth::format::Metadata,
-) -> Vec<f64> {
+) -> (Vec<f64>, Vec<f64>) {
     let mnt = scratch();
     let mut o = MountOptions::new(
         base.clone(),
@@ -329,20 +358,28 @@ fn first_reads(
     };
     let files = [open("disk/image"), open("memory/image")];
     let mut buf = vec![0u8; 4096];
-    let mut samples = Vec::new();
-    for s in &meta.segments {
-        // The first payload chunk of each segment: certainly still pending.
-        let Some(&(kind, chunk)) = s.chunks.first() else {
-            continue;
-        };
-        let f = &files[usize::from(kind == synth::ImageKind::Memory)];
-        let t = Instant::now();
-        f.read_exact_at(&mut buf, chunk * 4096).expect("read");
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    // The first payload chunk of each segment: certainly still pending.
+    let chunks: Vec<_> = meta
+        .segments
+        .iter()
+        .filter_map(|s| s.chunks.first().copied())
+        .collect();
+    let mut time_reads = || -> Vec<f64> {
+        chunks
+            .iter()
+            .map(|&(kind, chunk)| {
+                let f = &files[usize::from(kind == synth::ImageKind::Memory)];
+                let t = Instant::now();
+                f.read_exact_at(&mut buf, chunk * 4096).expect("read");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect()
+    };
+    let first = time_reads();
+    let again = time_reads();
     drop(files);
     drop(m);
-    samples
+    (first, again)
 }
 
 fn rss_kib(pid: u32) -> (u64, u64, u64) {
