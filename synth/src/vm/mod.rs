@@ -553,10 +553,57 @@ impl Drop for Vm {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; another process could take it first).
+/// Ports [`free_tcp_port`] handed out lately, newest last.
+static RECENT_PORTS: std::sync::Mutex<std::collections::VecDeque<u16>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// How many handed-out ports are never handed out again (their takers may still be starting).
+const RECENT_PORTS_KEPT: usize = 4096;
+
+/// Lowest port [`free_tcp_port`] picks from.
+const PICK_PORTS_FROM: u16 = 10_000;
+
+/// A free TCP port on 127.0.0.1 for a listener to come (bound and released).
+///
+/// The port is picked at random *below* the kernel's ephemeral range: a port from bind(0)
+/// lies inside it, where any outgoing connection (of this process or another) may take the
+/// same number before the listener binds it; QEMU then fails to set up its `hostfwd`. A port
+/// handed out lately is not handed out again. Falls back to bind(0) if nothing is free below.
 pub fn free_tcp_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let mut recent = match RECENT_PORTS.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let pick = || -> io::Result<u16> {
+        if let Some(span) = ephemeral_low
+            .checked_sub(PICK_PORTS_FROM)
+            .filter(|&n| n >= 1024)
+        {
+            for _ in 0..64 {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u32(std::process::id());
+                let offset = u16::try_from(h.finish() % u64::from(span)).unwrap_or(0);
+                let port = PICK_PORTS_FROM + offset;
+                if !recent.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+                {
+                    return Ok(port);
+                }
+            }
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        Ok(listener.local_addr()?.port())
+    };
+    let port = pick()?;
+    if recent.len() >= RECENT_PORTS_KEPT {
+        recent.pop_front();
+    }
+    recent.push_back(port);
+    Ok(port)
 }
 
 /// The QMP `channels` argument for a `file:` migration to or from `path`.
@@ -656,6 +703,28 @@ fn drain_serial(mut stream: UnixStream) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_tcp_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..200).map(|_| free_tcp_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        if low >= PICK_PORTS_FROM + 1024 {
+            assert!(ports.iter().all(|&p| (PICK_PORTS_FROM..low).contains(&p)));
+        }
+        for &p in ports.iter().take(20) {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap();
         }
     }
 }
