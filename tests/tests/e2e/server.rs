@@ -228,6 +228,30 @@ pub(crate) fn client(h: &Scratch, server: &Server, token: &str, args: &[&str]) -
     Proc(Some(child))
 }
 
+/// A client that uploads `overlay` in about 30 s (rate-limited), resuming early with guest
+/// port 8080 forwarded and JSON events on stdout; `extra` arguments are added.
+pub(crate) fn throttled_early_client(
+    h: &Scratch,
+    server: &Server,
+    token: &str,
+    overlay: &str,
+    extra: &[&str],
+) -> Proc {
+    let rate = (file_len(overlay) / 30).max(16 << 10).to_string();
+    let mut args = vec![
+        "--overlay",
+        overlay,
+        "--early-start",
+        "--port",
+        "8080",
+        "--rate-limit",
+        &rate,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    client(h, server, token, &args)
+}
+
 /// Runs a client to its end; returns (exit code, stderr).
 pub(crate) fn client_output(server: &Server, token: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(workspace_bin("cloudlet"))
@@ -357,24 +381,8 @@ fn server_sessions_resume_refuse_and_clean_up() {
 
     // (b) A throttled upload (about 30 s): the VM answers before the fill ends, and the
     // server asks for segments on demand.
-    let rate = (file_len(&overlay) / 30).max(16 << 10).to_string();
     let started = Instant::now();
-    let mut c = client(
-        &h,
-        &server,
-        &token,
-        &[
-            "--overlay",
-            &overlay,
-            "--early-start",
-            "--port",
-            "8080",
-            "--rate-limit",
-            &rate,
-            "--finish",
-            "--json",
-        ],
-    );
+    let mut c = throttled_early_client(&h, &server, &token, &overlay, &["--finish"]);
     let rx = lines(c.child());
     let resumed = wait_event(&rx, "resumed", Duration::from_secs(180));
     let port = mapped_port(&resumed);

@@ -12,7 +12,8 @@
 //!   and serves the next client.
 
 use crate::server::{
-    client, file_len, lines, mapped_port, start_server_with, tmp, wait_event, Proc, Server,
+    client, file_len, lines, mapped_port, start_server_with, throttled_early_client, tmp,
+    wait_event, Proc, Server,
 };
 use cloudlet_e2e::{cloudlet, http_get, open_overlay, require_fuse, require_qemu, Scratch};
 use std::io::Write;
@@ -263,22 +264,7 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
 
     // A throttled client (about 30 s of upload) resumes early, then vanishes mid-stream.
     let total = file_len(&overlay);
-    let rate = (total / 30).max(16 << 10).to_string();
-    let mut c = client(
-        &h,
-        &server,
-        &token,
-        &[
-            "--overlay",
-            &overlay,
-            "--early-start",
-            "--port",
-            "8080",
-            "--rate-limit",
-            &rate,
-            "--json",
-        ],
-    );
+    let mut c = throttled_early_client(&h, &server, &token, &overlay, &[]);
     let rx = lines(c.child());
     wait_event(&rx, "resumed", Duration::from_secs(180));
     // Wait for some segment bytes beyond the metadata, then check the upload is unfinished.
