@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::Read;
+use std::sync::{Mutex, PoisonError};
 
 /// Compression codec of an overlay's segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,8 +199,7 @@ pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, C
 /// short-lived (one set per mount) and served round-robin, so a context per thread would be
 /// made again and again on the first-read path. The pool holds at most as many as ever
 /// decoded at once.
-static ZSTD_DCTX_POOL: std::sync::Mutex<Vec<zstd::bulk::Decompressor<'static>>> =
-    std::sync::Mutex::new(Vec::new());
+static ZSTD_DCTX_POOL: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
 
 /// One-pass zstd decoding of a frame that must decode to exactly `expected` bytes. The output
 /// buffer is the bound: a frame that decodes to more fails inside zstd, never writes past it.
@@ -212,20 +212,20 @@ fn zstd_decompress_exact(data: &[u8], expected: u64) -> Result<Vec<u8>, CodecErr
         expected,
         actual: 0,
     })?;
-    let pooled = match ZSTD_DCTX_POOL.lock() {
-        Ok(mut p) => p.pop(),
-        Err(p) => p.into_inner().pop(),
-    };
+    let pooled = ZSTD_DCTX_POOL
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop();
     let mut dctx = match pooled {
         Some(d) => d,
         None => zstd::bulk::Decompressor::new().map_err(err)?,
     };
     let mut out = Vec::with_capacity(cap);
     let r = dctx.decompress_to_buffer(data, &mut out);
-    match ZSTD_DCTX_POOL.lock() {
-        Ok(mut p) => p.push(dctx),
-        Err(p) => p.into_inner().push(dctx),
-    }
+    ZSTD_DCTX_POOL
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(dctx);
     r.map_err(err)?;
     Ok(out)
 }

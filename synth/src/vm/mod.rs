@@ -570,40 +570,39 @@ const PICK_PORTS_FROM: u16 = 10_000;
 /// same number before the listener binds it; QEMU then fails to set up its `hostfwd`. A port
 /// handed out lately is not handed out again. Falls back to bind(0) if nothing is free below.
 pub fn free_tcp_port() -> io::Result<u16> {
-    use std::hash::{BuildHasher, Hasher};
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let mut recent = match RECENT_PORTS.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+    use std::hash::BuildHasher;
+    let span = ephemeral_port_low().saturating_sub(PICK_PORTS_FROM);
+    let mut recent = RECENT_PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // 64 random tries below the range, if it leaves room; bind(0) otherwise.
+    let tries = if span >= 1024 { 64 } else { 0 };
+    let below = (0..tries)
+        .map(|_| {
+            let r = std::collections::hash_map::RandomState::new().hash_one(());
+            PICK_PORTS_FROM + u16::try_from(r % u64::from(span)).unwrap_or(0)
+        })
+        .find(|&p| !recent.contains(&p) && TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+    let port = match below {
+        Some(p) => p,
+        None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port(),
     };
-    let pick = || -> io::Result<u16> {
-        if let Some(span) = ephemeral_low
-            .checked_sub(PICK_PORTS_FROM)
-            .filter(|&n| n >= 1024)
-        {
-            for _ in 0..64 {
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u32(std::process::id());
-                let offset = u16::try_from(h.finish() % u64::from(span)).unwrap_or(0);
-                let port = PICK_PORTS_FROM + offset;
-                if !recent.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
-                {
-                    return Ok(port);
-                }
-            }
-        }
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        Ok(listener.local_addr()?.port())
-    };
-    let port = pick()?;
     if recent.len() >= RECENT_PORTS_KEPT {
         recent.pop_front();
     }
     recent.push_back(port);
     Ok(port)
+}
+
+/// The lowest port of the kernel's ephemeral range, where bind(0) and outgoing connections
+/// take theirs.
+fn ephemeral_port_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// The QMP `channels` argument for a `file:` migration to or from `path`.
@@ -713,10 +712,7 @@ mod tests {
 
     #[test]
     fn free_tcp_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32_768);
+        let low = ephemeral_port_low();
         let ports: Vec<u16> = (0..200).map(|_| free_tcp_port().unwrap()).collect();
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
