@@ -8,8 +8,9 @@
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
 //!   stops: nothing more is fetched unless a read asks.
 //! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`], then
-//!   rebuilds and verifies every chunk in it (and every self reference to them) into the cache
-//!   file via [`crate::serve::Core::rebuild`]. Decoded segments are dropped right after.
+//!   rebuilds and verifies the chunks in it (and every self reference to them) into the cache
+//!   file via [`crate::serve::Core::rebuild`]: the filler all of them, a demand worker those
+//!   readers wait for, handing the rest on as a reader does (below).
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
 //!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, rebuild the chunks
 //!   readers wait for, reply, and only then hand the rest of the segment on
@@ -474,7 +475,11 @@ impl<'a> RestAfterReply<'a> {
     pub(crate) fn new(core: &'a Core) -> Self {
         let outer = DEFERRED_REST.with(|d| {
             let mut d = d.borrow_mut();
-            d.is_none() && d.replace(Vec::new()).is_none()
+            let outer = d.is_none();
+            if outer {
+                *d = Some(Vec::new());
+            }
+            outer
         });
         RestAfterReply { core, outer }
     }
