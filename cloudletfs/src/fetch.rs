@@ -7,23 +7,24 @@
 //!   references), then walks the segments in overlay order, always taking a queued demand
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
 //!   stops: nothing more is fetched unless a read asks.
-//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`], then
-//!   rebuilds and verifies the chunks in it (and every self reference to them) into the cache
-//!   file via [`crate::serve::Core::rebuild`]: the filler all of them, a demand worker those
-//!   readers wait for, handing the rest on as a reader does (below).
+//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`] and
+//!   *publishes* it ([`FetchQueue::decoded`]) until all its chunks (and every self reference to
+//!   them) are rebuilt and verified into the cache file by [`crate::serve::Core::rebuild`]:
+//!   the filler rebuilds them all at once, a demand worker hands them on as a reader does
+//!   (below).
+//! - A reader waiting for a chunk of a published segment takes the chunk from it (verified)
+//!   straight into its reply, and writes nothing: the cache-file write, which on ext4 can queue
+//!   behind the idle worker's writes to the same file, stays off the reply's path.
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
-//!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, rebuild the chunks
-//!   readers wait for, reply, and only then hand the rest of the segment on
-//!   ([`RestAfterReply`]). That spares the two thread hand-offs (reader → worker → reader) that
-//!   made the tail of the first-read latency on a busy machine.
-//! - The *rest* of a segment decoded on demand (its chunks nobody waits for yet) is rebuilt by
-//!   one rest worker under `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice
-//!   19 thread still keeps its CPU for a whole time slice, ~3 ms here, when a reader wakes),
-//!   or by the background filler once it has nothing else to do.
-//!   Until then the decoded segment stays *published* ([`FetchQueue::decoded`]): a reader
-//!   that needs one of its chunks rebuilds that chunk itself instead of waiting. Published
-//!   rests are bounded ([`MAX_QUEUED_REST_BYTES`]); past that, the thread that decoded the
-//!   segment rebuilds its rest itself.
+//!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, publish, reply, and
+//!   only then hand the rebuilding of the segment on ([`RestAfterReply`]). That spares the two
+//!   thread hand-offs (reader → worker → reader) that made the tail of the first-read latency
+//!   on a busy machine.
+//! - The *rest* of a segment decoded on demand is rebuilt by one rest worker under
+//!   `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice 19 thread still keeps its
+//!   CPU for a whole time slice, ~3 ms here, when a reader wakes), or by the background filler
+//!   once it has nothing else to do. Published rests are bounded ([`MAX_QUEUED_REST_BYTES`]);
+//!   past that, the thread that decoded the segment rebuilds its rest itself.
 //!
 //! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
 
@@ -54,7 +55,7 @@ enum SegStatus {
     Corrupt,
 }
 
-/// A decoded segment whose waited-for chunks are in; the rest is still to rebuild.
+/// A decoded segment, published, whose chunks are still to rebuild into the cache file.
 type Rest = (u32, Arc<Vec<u8>>);
 
 #[derive(Debug)]
@@ -411,7 +412,6 @@ fn worker(core: &Core, role: Role) {
         match job {
             Job::Fetch { seg, demand } => {
                 if let Some(data) = fetch_segment(core, seg, demand) {
-                    rebuild_wanted(core, seg, &data, demand);
                     if demand {
                         hand_off_rest(core, seg, data);
                     } else {
@@ -432,13 +432,11 @@ fn hand_off_rest(core: &Core, seg: u32, data: Arc<Vec<u8>>) {
     }
 }
 
-/// Runs a segment the calling reader claimed with [`FetchQueue::claim`]: fetches and decodes
-/// it, rebuilds the chunks readers wait for (the caller's among them, registered with
-/// `want` before the claim), and hands the rest of the segment on: once the reply is sent if
-/// a [`RestAfterReply`] is alive, at once otherwise.
+/// Runs a segment the calling reader claimed with [`FetchQueue::claim`]: fetches, decodes and
+/// publishes it, and hands its rebuilding on: once the reply is sent if a [`RestAfterReply`]
+/// is alive, at once otherwise.
 pub(crate) fn run_claimed(core: &Core, seg: u32) {
     if let Some(data) = fetch_segment(core, seg, true) {
-        rebuild_wanted(core, seg, &data, true);
         let kept = DEFERRED_REST.with(|d| match &mut *d.borrow_mut() {
             Some(rests) => {
                 rests.push((seg, data));
@@ -513,6 +511,8 @@ fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
         Ok(data) => {
             let data = Arc::new(data);
             core.queue.publish(seg, &data);
+            // Waiting readers take their chunks from the published segment.
+            core.waiter.notify();
             return Some(data);
         }
         Err(e @ FormatError::Source(_)) => {
@@ -528,19 +528,6 @@ fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
     core.queue.finish(seg, outcome, entry.length);
     core.waiter.notify();
     None
-}
-
-/// Rebuilds the chunks readers are blocked on first (self references resolve through the
-/// same payload, so the decoded segment serves them too) and wakes the readers.
-fn rebuild_wanted(core: &Core, seg: u32, data: &[u8], demand: bool) {
-    for (kind, chunk) in core.take_wanted(seg) {
-        if let Some(e) = core.meta.image(kind).find(chunk) {
-            if let Err(err) = core.rebuild(kind, e, Some(data), demand) {
-                debug!("segment {seg}: {} chunk {chunk}: {err}", kind.name());
-            }
-        }
-    }
-    core.waiter.notify();
 }
 
 /// Rebuilds every chunk of a decoded segment (and every self reference to them) that is still

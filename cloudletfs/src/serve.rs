@@ -187,6 +187,15 @@ impl Image {
     }
 }
 
+/// How [`Core::await_chunk`] got a pending chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaited {
+    /// It is no longer pending: read it by its state.
+    Ready,
+    /// Rebuilt from its decoded segment into the caller's buffer; it may still be pending.
+    Served,
+}
+
 /// Bytes of a read: straight from the base mapping, or assembled.
 #[derive(Debug)]
 pub enum ReadOut<'a> {
@@ -228,12 +237,7 @@ pub struct Core {
     /// Chunks of both images in the order they were first read or written (the working set
     /// a new overlay stores first), up to [`FIRST_TOUCH_MAX`] entries.
     first_touch: Mutex<Vec<(ImageKind, u64)>>,
-    /// Chunks that readers wait for, by segment: rebuilt first when the segment arrives.
-    wanted: Mutex<HashMap<u32, Vec<(ImageKind, u64)>>>,
 }
-
-/// Waiting chunks remembered per segment (one per waiting FUSE thread is typical).
-const MAX_WANTED_PER_SEGMENT: usize = 64;
 
 /// Most first touches recorded (4 MiB of memory).
 pub const FIRST_TOUCH_MAX: usize = 1 << 18;
@@ -343,28 +347,7 @@ impl Core {
             shutdown: AtomicBool::new(false),
             referrers,
             first_touch: Mutex::new(Vec::new()),
-            wanted: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Notes that a reader waits for `chunk`, so the worker decoding `segment` rebuilds it
-    /// before the rest of the segment.
-    fn want(&self, segment: u32, kind: ImageKind, chunk: u64) {
-        if let Ok(mut w) = self.wanted.lock() {
-            let list = w.entry(segment).or_default();
-            if list.len() < MAX_WANTED_PER_SEGMENT {
-                list.push((kind, chunk));
-            }
-        }
-    }
-
-    /// The chunks readers wait for in `segment` (and forgets them).
-    pub fn take_wanted(&self, segment: u32) -> Vec<(ImageKind, u64)> {
-        self.wanted
-            .lock()
-            .ok()
-            .and_then(|mut w| w.remove(&segment))
-            .unwrap_or_default()
     }
 
     fn first_touched(&self, kind: ImageKind, chunk: u64) {
@@ -440,28 +423,39 @@ impl Core {
         if img.map.get(entry.chunk) != ChunkState::Pending {
             return Ok(());
         }
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        match Resolver::new(&self.meta, &self.base).resolve(kind, entry, segment, &mut buf) {
-            Ok(()) => {
-                if !is_zero(&buf) {
-                    let off = entry.chunk * CHUNK_SIZE_U64;
-                    img.cache
-                        .write_all_at(&buf, off)
-                        .map_err(ServeError::io("Writing the cache file"))?;
-                }
-                if img
-                    .map
-                    .transition(entry.chunk, ChunkState::Pending, ChunkState::Ready)
-                {
-                    let c = if demand {
-                        &img.counters.fetched_on_demand
-                    } else {
-                        &img.counters.filled_in_background
-                    };
-                    Counters::add(c, 1);
-                }
-                Ok(())
-            }
+        let mut buf = [0u8; CHUNK_SIZE];
+        self.resolve(kind, entry, segment, &mut buf)?;
+        if !is_zero(&buf) {
+            let off = entry.chunk * CHUNK_SIZE_U64;
+            img.cache
+                .write_all_at(&buf, off)
+                .map_err(ServeError::io("Writing the cache file"))?;
+        }
+        if img
+            .map
+            .transition(entry.chunk, ChunkState::Pending, ChunkState::Ready)
+        {
+            let c = if demand {
+                &img.counters.fetched_on_demand
+            } else {
+                &img.counters.filled_in_background
+            };
+            Counters::add(c, 1);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds an overlay chunk from `segment` (decoded) into `out`, verified; a chunk failing
+    /// verification is marked failed.
+    fn resolve(
+        &self,
+        kind: ImageKind,
+        entry: &ChunkEntry,
+        segment: Option<&[u8]>,
+        out: &mut [u8; CHUNK_SIZE],
+    ) -> Result<(), ServeError> {
+        match Resolver::new(&self.meta, &self.base).resolve(kind, entry, segment, out) {
+            Ok(()) => Ok(()),
             Err(ResolveError::Base { source, .. }) => Err(ServeError::Io {
                 action: "Reading the base",
                 source,
@@ -508,18 +502,34 @@ impl Core {
 
     /// Waits until `chunk` is no longer pending (asking for its segment at top priority).
     pub fn ensure_ready(&self, kind: ImageKind, chunk: u64) -> Result<(), ServeError> {
+        self.await_chunk(kind, chunk, None).map(|_| ())
+    }
+
+    /// Waits for a pending chunk: until it is no longer pending or, given `out`, until its
+    /// segment is decoded, and then rebuilds it into `out` (verified) without waiting for it
+    /// to be written to the cache file. Asks for the segment at top priority, and decodes it in
+    /// this thread if no one has it yet.
+    fn await_chunk(
+        &self,
+        kind: ImageKind,
+        chunk: u64,
+        mut out: Option<&mut [u8; CHUNK_SIZE]>,
+    ) -> Result<Awaited, ServeError> {
         let img = self.image(kind);
         let mut waiting: Option<(Instant, u32, u32)> = None;
         let deadline = Instant::now() + self.wait_timeout;
+        let waited = |waiting: Option<(Instant, u32, u32)>| {
+            if let Some((t, _, _)) = waiting {
+                img.counters.record_wait(t.elapsed());
+            }
+        };
         loop {
             match img.map.get(chunk) {
                 ChunkState::Pending => {}
                 ChunkState::Failed => return Err(ServeError::Corrupt { image: kind, chunk }),
                 _ => {
-                    if let Some((t, _, _)) = waiting {
-                        img.counters.record_wait(t.elapsed());
-                    }
-                    return Ok(());
+                    waited(waiting);
+                    return Ok(Awaited::Ready);
                 }
             }
             if self.is_shut_down() {
@@ -536,16 +546,23 @@ impl Core {
                 continue;
             }
             // Decoded but not yet rebuilt (its rest waits, maybe held by this very thread for
-            // an earlier chunk of the same request): rebuild this chunk now, wait for no one.
+            // an earlier chunk of the same request): take the chunk from it, wait for no one.
             if let Some(data) = self.queue.decoded(seg) {
-                self.rebuild(kind, entry, Some(&data), true)?;
-                continue;
+                match out.as_deref_mut() {
+                    Some(out) => {
+                        self.resolve(kind, entry, Some(&data), out)?;
+                        waited(waiting);
+                        return Ok(Awaited::Served);
+                    }
+                    None => {
+                        self.rebuild(kind, entry, Some(&data), true)?;
+                        continue;
+                    }
+                }
             }
             match waiting {
                 None => {
-                    let fails = self.queue.failures(seg);
-                    self.want(seg, kind, chunk);
-                    waiting = Some((Instant::now(), seg, fails));
+                    waiting = Some((Instant::now(), seg, self.queue.failures(seg)));
                     // Nobody has the segment yet: fetch and decode it in this thread.
                     if self.queue.claim(seg) {
                         debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());
@@ -628,7 +645,22 @@ impl Core {
         while c <= last {
             let st = img.map.get(c);
             if st == ChunkState::Pending || st == ChunkState::Failed {
-                self.ensure_ready(kind, c)?;
+                let mut chunk = [0u8; CHUNK_SIZE];
+                if self.await_chunk(kind, c, Some(&mut chunk))? == Awaited::Served {
+                    let start = c * CHUNK_SIZE_U64;
+                    let (lo, hi) = (offset.max(start), end.min(start + CHUNK_SIZE_U64));
+                    let to = usize::try_from(lo - offset)
+                        .ok()
+                        .zip(usize::try_from(hi - offset).ok());
+                    let from = usize::try_from(lo - start)
+                        .ok()
+                        .zip(usize::try_from(hi - start).ok());
+                    let (Some((a, b)), Some((x, y))) = (to, from) else {
+                        return Err(ServeError::OutOfRange(offset));
+                    };
+                    buf[a..b].copy_from_slice(&chunk[x..y]);
+                    c += 1;
+                }
                 continue;
             }
             let mut j = c + 1;
