@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use synth::chunk::chunk_count;
+use synth::chunk::{chunk_count, CHUNK_SIZE_U64};
 use synth::format::Overlay;
 use synth::registry::Base;
 use synth::source::{ByteSource, FileSource};
@@ -64,8 +64,13 @@ pub struct MountOptions {
     /// Persistent copy-on-write state (survives a crash); `None`: state lives in unlinked
     /// temporary files.
     pub state_dir: Option<PathBuf>,
-    /// Folder for the (unlinked) cache files of rebuilt chunks; default: the system temp dir.
+    /// Folder for the (unlinked) cache files of rebuilt chunks when they are not kept in
+    /// memory (see `cache_memory`); default: the system temp dir.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes of rebuilt overlay chunks kept in memory: an overlay with more chunks caches
+    /// them in files in `cache_dir` instead. `None`: a quarter of the memory available at
+    /// mount time ([`available_memory`]); `Some(0)`: always files.
+    pub cache_memory: Option<u64>,
     /// Demand fetch workers.
     pub fetch_threads: usize,
     /// FUSE worker threads (at least 4: reads of pending chunks block one while they wait).
@@ -92,6 +97,7 @@ impl MountOptions {
             mountpoint: mountpoint.into(),
             state_dir: None,
             cache_dir: None,
+            cache_memory: None,
             fetch_threads: 2,
             fuse_threads: 8,
             background_fill: true,
@@ -160,12 +166,35 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         chunk_count(base.bytes(ImageKind::Memory).len() as u64),
     )?;
     let tmp = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Every overlay chunk may end up in the cache (zeros excepted); that bound decides.
+    let cache_bytes = ImageKind::ALL
+        .iter()
+        .map(|&k| overlay.metadata().image(k).chunks.len() as u64 * CHUNK_SIZE_U64)
+        .sum::<u64>();
+    let cache_limit = opts
+        .cache_memory
+        .unwrap_or_else(|| available_memory().unwrap_or(0) / 4);
+    let cache_in_memory = cache_bytes <= cache_limit;
+    info!(
+        "rebuilt chunks (up to {} MiB) are cached {}",
+        cache_bytes >> 20,
+        if cache_in_memory {
+            "in memory".to_string()
+        } else {
+            format!(
+                "in {} (memory limit {} MiB)",
+                tmp.display(),
+                cache_limit >> 20
+            )
+        }
+    );
     let core = Arc::new(Core::new(CoreParts {
         overlay,
         base,
         base_id: opts.base.id(),
         state_dir: opts.state_dir.as_deref(),
         cache_dir: &tmp,
+        cache_in_memory,
         wait_timeout: opts.wait_timeout,
     })?);
     // The first demand read should not also pay for the decoder's first use.
@@ -373,5 +402,64 @@ impl Drop for Mounted {
                 log::warn!("{}", crate::serve::chain(&e));
             }
         }
+    }
+}
+
+/// Bytes of memory this process could still use: the system's `MemAvailable`, or less if the
+/// process's cgroup (v2) has a lower limit. `None` if `/proc/meminfo` cannot be read.
+pub fn available_memory() -> Option<u64> {
+    let system = mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_headroom(&c, Path::new("/sys/fs/cgroup")));
+    Some(cgroup.map_or(system, |c| c.min(system)))
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `memory.max - memory.current` of the cgroup v2 named in a `/proc/self/cgroup` text, under
+/// the cgroup root `root`; `None` without a limit (or without cgroup v2).
+fn cgroup_headroom(self_cgroup: &str, root: &Path) -> Option<u64> {
+    let path = self_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = root.join(path.trim_start_matches('/'));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let max: u64 = read("memory.max")?.trim().parse().ok()?;
+    let current: u64 = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_reads_kib_as_bytes() {
+        let m = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(mem_available(m), Some(2048 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn cgroup_headroom_is_max_minus_current_and_none_without_a_limit() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("a/b");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("memory.max"), "1000000\n").expect("write");
+        std::fs::write(dir.join("memory.current"), "250000\n").expect("write");
+        assert_eq!(cgroup_headroom("0::/a/b\n", root.path()), Some(750_000));
+        std::fs::write(dir.join("memory.max"), "max\n").expect("write");
+        assert_eq!(cgroup_headroom("0::/a/b\n", root.path()), None);
+        // cgroup v1 only: no "0::" line.
+        assert_eq!(cgroup_headroom("4:memory:/a/b\n", root.path()), None);
+    }
+
+    #[test]
+    fn available_memory_is_known_here() {
+        assert!(available_memory().is_some_and(|m| m > 0));
     }
 }

@@ -95,6 +95,8 @@ pub struct ImageStats {
     pub verification_failures: u64,
     /// Requests failed by fetch errors or timeouts.
     pub fetch_errors: u64,
+    /// Whether rebuilt overlay chunks are kept in memory (else in a file on disk).
+    pub cache_in_memory: bool,
 }
 
 /// Overlay-wide fetch counters.

@@ -29,9 +29,13 @@ struct Args {
     /// Keep modified/discarded state here so a remount continues.
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Folder for temporary cache files.
+    /// Folder for the cache of rebuilt chunks when it does not stay in memory.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Keep rebuilt chunks in memory when the overlay's chunks fit in this many MiB, else in
+    /// --cache-dir; 0: always on disk [default: a quarter of the available memory].
+    #[arg(long, value_name = "MIB")]
+    cache_memory_mib: Option<u64>,
     /// Stay in the foreground.
     #[arg(long)]
     foreground: bool,
@@ -107,6 +111,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = MountOptions::new(base, OverlaySource::parse(&args.overlay), &args.mountpoint);
     opts.state_dir = args.state.clone();
     opts.cache_dir = args.cache_dir.clone();
+    opts.cache_memory = args.cache_memory_mib.map(|m| m.saturating_mul(1 << 20));
     opts.background_fill = !args.no_background;
     opts.fetch_threads = args.fetch_threads;
     opts.wait_timeout = Duration::from_secs(args.wait_timeout);

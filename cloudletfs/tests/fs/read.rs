@@ -25,6 +25,8 @@ fn read_zstd_overlay_matches_reconstruct() {
     let st = g.mounted().stats();
     assert!(st.disk.chunks.fetched_on_demand > 0);
     assert_eq!(st.disk.chunks.filled_in_background, 0);
+    // A small overlay's rebuilt chunks stay in memory by default.
+    assert!(st.disk.cache_in_memory && st.memory.cache_in_memory);
 }
 
 /// Pairs of disk chunks in one segment, closest first.
@@ -98,10 +100,14 @@ fn read_xz_overlay_after_background_fill_matches_reconstruct() {
             ..Shape::default()
         },
     );
-    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |_| {});
+    // Rebuilt chunks in files on disk (the default keeps them in memory).
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.cache_memory = Some(0)
+    });
     assert!(g.mounted().wait_filled(Some(Duration::from_secs(60))));
     check_images(&s, &g);
     let st = g.mounted().stats();
+    assert!(!st.disk.cache_in_memory && !st.memory.cache_in_memory);
     assert_eq!(st.disk.chunks.pending + st.memory.chunks.pending, 0);
     assert_eq!(st.fetch.segments_done, st.fetch.segments);
 }

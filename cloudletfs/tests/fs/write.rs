@@ -19,8 +19,10 @@ fn stress_one(seed: u64) {
             ..Shape::default()
         },
     );
+    // Odd seeds keep the rebuilt chunks in a file on disk, even ones in memory.
     let g = mount_with(&s, slow(&s.overlay, Duration::from_millis(3)), |o| {
-        o.fetch_threads = 1
+        o.fetch_threads = 1;
+        o.cache_memory = (seed % 2 == 1).then_some(0);
     });
     let path = g.path("disk/image");
     let size = s.disk.len() as u64;
