@@ -234,13 +234,15 @@ fn latency() {
          after dropping the page cache; a configuration is mounted several times afresh and all \
          reads count, the first of each mount included. *Ready again*: the same chunks read \
          once more (now rebuilt, no decode): the FUSE round trip alone, i.e. this machine's \
-         floor. *Steal*: CPU time the hypervisor took from this VM during the configuration.\n"
+         floor. *Steal*: CPU time the hypervisor took from this VM during the configuration. \
+         *Cache*: where rebuilt chunks go: memory (the default when they fit) or a file on \
+         ext4 (`--cache-memory-mib 0`); the two are mounted in turn, round by round.\n"
     );
     println!(
-        "| codec | segment | mounts | samples | p50 | p99 | max | first after mount (median) \
-         | ready again p50 / p99 | steal |"
+        "| codec | segment | cache | mounts | samples | p50 | p99 | max \
+         | first after mount (median) | ready again p50 / p99 | steal |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let dir = scratch();
     let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
     write_image(&disk, 256 * MIB, 4, false);
@@ -259,56 +261,94 @@ fn latency() {
             let overlay = make_overlay(dir.path(), &base, 6_144, codec, segment, seed);
             let ov = cloudlet_e2e::open_overlay(&overlay).expect("open");
             let meta = ov.metadata();
-            let rounds = latency_rounds(meta.segments.len());
-            let mut samples = Vec::new();
-            let mut firsts = Vec::new();
-            let mut again = Vec::new();
-            let mut slow = Vec::new();
-            let cpu_before = cpu_ticks();
-            for round in 0..rounds {
-                let (round_samples, round_again) = first_reads(dir.path(), &base, &overlay, meta);
-                again.extend(round_again);
-                // The slow reads, in read order, so a tail can be told from a warm-up.
-                let mut sorted = round_samples.clone();
-                let p50 = percentile(&mut sorted, 0.5);
-                slow.extend(
-                    round_samples
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &t)| t > 4.0 * p50)
-                        .map(|(i, t)| format!("{round}#{i}: {t:.2} ms")),
-                );
-                firsts.extend(round_samples.first().copied());
-                samples.extend(round_samples);
-            }
-            eprintln!(
-                "{} {} KiB: reads slower than 4x p50 (mount#read): {}",
-                codec.name(),
-                segment >> 10,
-                if slow.is_empty() {
-                    "none".to_string()
-                } else {
-                    slow.join(", ")
-                }
-            );
-            let n = samples.len();
-            let (p50, p99) = (
-                percentile(&mut samples, 0.5),
-                percentile(&mut samples, 0.99),
-            );
-            let max = samples.last().copied().unwrap_or(0.0);
-            let first = percentile(&mut firsts, 0.5);
-            let steal = steal_percent(cpu_before, cpu_ticks());
-            let (a50, a99) = (percentile(&mut again, 0.5), percentile(&mut again, 0.99));
-            println!(
-                "| {} | {} KiB | {rounds} | {n} | {p50:.2} ms | {p99:.2} ms | {max:.2} ms \
-                 | {first:.2} ms | {a50:.2} / {a99:.2} ms | {steal:.1}% |",
-                codec.name(),
-                segment >> 10
-            );
+            latency_rows(dir.path(), &base, &overlay, meta, codec, segment);
         }
     }
     println!();
+}
+
+/// Where a latency row keeps its rebuilt chunks: (name, `MountOptions::cache_memory`).
+const CACHES: [(&str, Option<u64>); 2] = [("memory", None), ("disk", Some(0))];
+
+/// The first reads of one cache configuration.
+#[derive(Default)]
+struct Row {
+    samples: Vec<f64>,
+    firsts: Vec<f64>,
+    again: Vec<f64>,
+    slow: Vec<String>,
+    steal: (u64, u64),
+}
+
+/// Mounts `overlay` [`latency_rounds`] times per cache configuration, alternating them (and
+/// which goes first) so that both see the same machine, and prints a row of first reads for
+/// each.
+fn latency_rows(
+    dir: &Path,
+    base: &Base,
+    overlay: &Path,
+    meta: &synth::format::Metadata,
+    codec: Codec,
+    segment: usize,
+) {
+    let rounds = latency_rounds(meta.segments.len());
+    let mut rows: Vec<Row> = CACHES.iter().map(|_| Row::default()).collect();
+    for round in 0..rounds {
+        // Each configuration goes first every other round.
+        for i in 0..CACHES.len() {
+            let i = if round % 2 == 0 {
+                i
+            } else {
+                CACHES.len() - 1 - i
+            };
+            let (row, cache_memory) = (&mut rows[i], CACHES[i].1);
+            let before = cpu_ticks();
+            let (samples, again) = first_reads(dir, base, overlay, meta, cache_memory);
+            let after = cpu_ticks();
+            row.steal.0 += after.0.saturating_sub(before.0);
+            row.steal.1 += after.1.saturating_sub(before.1);
+            row.again.extend(again);
+            // The slow reads, in read order, so a tail can be told from a warm-up.
+            let mut sorted = samples.clone();
+            let p50 = percentile(&mut sorted, 0.5);
+            row.slow.extend(
+                samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &t)| t > 4.0 * p50)
+                    .map(|(i, t)| format!("{round}#{i}: {t:.2} ms")),
+            );
+            row.firsts.extend(samples.first().copied());
+            row.samples.extend(samples);
+        }
+    }
+    let (codec, kib) = (codec.name(), segment >> 10);
+    for (mut row, &(cache, _)) in rows.into_iter().zip(&CACHES) {
+        eprintln!(
+            "{codec} {kib} KiB, cache in {cache}: reads slower than 4x p50 (mount#read): {}",
+            if row.slow.is_empty() {
+                "none".to_string()
+            } else {
+                row.slow.join(", ")
+            }
+        );
+        let n = row.samples.len();
+        let (p50, p99) = (
+            percentile(&mut row.samples, 0.5),
+            percentile(&mut row.samples, 0.99),
+        );
+        let max = row.samples.last().copied().unwrap_or(0.0);
+        let first = percentile(&mut row.firsts, 0.5);
+        let steal = steal_percent((0, 0), row.steal);
+        let (a50, a99) = (
+            percentile(&mut row.again, 0.5),
+            percentile(&mut row.again, 0.99),
+        );
+        println!(
+            "| {codec} | {kib} KiB | {cache} | {rounds} | {n} | {p50:.2} ms | {p99:.2} ms \
+             | {max:.2} ms | {first:.2} ms | {a50:.2} / {a99:.2} ms | {steal:.1}% |"
+        );
+    }
 }
 
 /// (all, steal) CPU ticks since boot, from the first line of /proc/stat.
@@ -330,14 +370,15 @@ fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
     100.0 * after.1.saturating_sub(before.1) as f64 / all as f64
 }
 
-/// Mounts `overlay` afresh (no background filler), drops the page cache and times the first
-/// read of the first payload chunk of every segment, in segment order, then the same reads
-/// again (ms).
+/// Mounts `overlay` afresh (no background filler, the given `cache_memory`), drops the page
+/// cache and times the first read of the first payload chunk of every segment, in segment
+/// order, then the same reads again (ms).
 fn first_reads(
     dir: &Path,
     base: &Base,
     overlay: &Path,
     meta: &synth::format::Metadata,
+    cache_memory: Option<u64>,
 ) -> (Vec<f64>, Vec<f64>) {
     let mnt = scratch();
     let mut o = MountOptions::new(
@@ -347,6 +388,7 @@ fn first_reads(
     );
     o.cache_dir = Some(dir.into());
     o.background_fill = false;
+    o.cache_memory = cache_memory;
     let m = mount(o).expect("mount");
     drop_caches();
     let open = |name: &str| {
@@ -393,6 +435,23 @@ fn rss_kib(pid: u32) -> (u64, u64, u64) {
     (get("VmRSS:"), get("RssAnon:"), get("RssFile:"))
 }
 
+/// Bytes held by a daemon's in-memory caches of rebuilt chunks (its `memfd:cloudletfs-cache`
+/// files; they are not mapped, so RSS does not show them).
+fn memory_cache_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:cloudletfs-cache"))
+        })
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
 fn is_mounted(p: &Path) -> bool {
     let want = p.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -417,8 +476,11 @@ fn rss() {
     println!(
         "### Daemon RSS (sparse base images, 8192 changed chunks per image, background fill on)\n"
     );
-    println!("| images | after mount | after background fill | after reading 1 GiB spread over both | of which anon / file |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| images | after mount | after background fill | after reading 1 GiB spread over both \
+         | of which anon / file | cache of rebuilt chunks in memory |"
+    );
+    println!("|---|---|---|---|---|---|");
     for (disk_gib, mem_mib) in [(1u64, 256u64), (8, 2048)] {
         let dir = scratch();
         let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
@@ -465,12 +527,14 @@ fn rss() {
         read_span(&mnt_path.join("memory/image"), 256 * MIB);
         let (c, anon, file) = rss_kib(pid);
         println!(
-            "| {disk_gib} GiB + {mem_mib} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} / {:.1} MiB |",
+            "| {disk_gib} GiB + {mem_mib} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} / {:.1} MiB \
+             | {:.1} MiB |",
             a as f64 / 1024.0,
             b as f64 / 1024.0,
             c as f64 / 1024.0,
             anon as f64 / 1024.0,
-            file as f64 / 1024.0
+            file as f64 / 1024.0,
+            memory_cache_bytes(pid) as f64 / MIB as f64
         );
         // SAFETY: sending SIGTERM to our own child.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
