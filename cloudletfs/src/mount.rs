@@ -11,6 +11,7 @@ use crate::stats::Stats;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use log::info;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -67,9 +68,11 @@ pub struct MountOptions {
     /// Folder for the (unlinked) cache files of rebuilt chunks when they are not kept in
     /// memory (see `cache_memory`); default: the system temp dir.
     pub cache_dir: Option<PathBuf>,
-    /// Most bytes of rebuilt overlay chunks kept in memory: an overlay with more chunks caches
-    /// them in files in `cache_dir` instead. `None`: a quarter of the memory available at
-    /// mount time ([`available_memory`]); `Some(0)`: always files.
+    /// Most bytes of rebuilt overlay chunks that this process's mounts keep in memory, all
+    /// together: a mount whose overlay chunks do not fit in what is left caches them in files
+    /// in `cache_dir` instead. `None`: a quarter of the memory available at mount time
+    /// ([`available_memory`]) plus what the process's memory caches already hold; `Some(0)`:
+    /// always files.
     pub cache_memory: Option<u64>,
     /// Demand fetch workers.
     pub fetch_threads: usize,
@@ -126,6 +129,8 @@ pub struct Mounted {
     core: Arc<Core>,
     workers: Vec<JoinHandle<()>>,
     mountpoint: PathBuf,
+    /// This mount's share of the memory budget for caches, if its cache is in memory.
+    _cache: Option<CacheReservation>,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -171,10 +176,15 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         .iter()
         .map(|&k| overlay.metadata().image(k).chunks.len() as u64 * CHUNK_SIZE_U64)
         .sum::<u64>();
-    let cache_limit = opts
-        .cache_memory
-        .unwrap_or_else(|| available_memory().unwrap_or(0) / 4);
-    let cache_in_memory = cache_bytes <= cache_limit;
+    // The budget covers every memory cache of this process (a server mounts many overlays).
+    let cache_limit = opts.cache_memory.unwrap_or_else(|| {
+        available_memory()
+            .unwrap_or(0)
+            .saturating_add(CacheReservation::held())
+            / 4
+    });
+    let reservation = CacheReservation::take(cache_bytes, cache_limit);
+    let cache_in_memory = reservation.is_some();
     info!(
         "rebuilt chunks (up to {} MiB) are cached {}",
         cache_bytes >> 20,
@@ -182,9 +192,10 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
             "in memory".to_string()
         } else {
             format!(
-                "in {} (memory limit {} MiB)",
+                "in {} (memory budget {} MiB, {} MiB of it already taken)",
                 tmp.display(),
-                cache_limit >> 20
+                cache_limit >> 20,
+                CacheReservation::held() >> 20
             )
         }
     );
@@ -252,6 +263,7 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         core,
         workers,
         mountpoint: opts.mountpoint,
+        _cache: reservation,
     })
 }
 
@@ -405,6 +417,38 @@ impl Drop for Mounted {
     }
 }
 
+/// Bytes reserved by this process's memory caches of rebuilt chunks (see [`CacheReservation`]).
+static MEMORY_CACHES: AtomicU64 = AtomicU64::new(0);
+
+/// A mount's share of the process-wide memory budget for caches of rebuilt chunks, given
+/// back when the mount ends.
+#[derive(Debug)]
+struct CacheReservation(u64);
+
+impl CacheReservation {
+    /// Reserves `bytes` if all of the process's memory caches, these included, stay within
+    /// `limit`.
+    fn take(bytes: u64, limit: u64) -> Option<Self> {
+        MEMORY_CACHES
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(bytes).filter(|&total| total <= limit)
+            })
+            .ok()
+            .map(|_| CacheReservation(bytes))
+    }
+
+    /// Bytes reserved by the process's memory caches now.
+    fn held() -> u64 {
+        MEMORY_CACHES.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CacheReservation {
+    fn drop(&mut self) {
+        MEMORY_CACHES.fetch_sub(self.0, Ordering::SeqCst);
+    }
+}
+
 /// Bytes of memory this process could still use: the system's `MemAvailable`, or less if the
 /// process's cgroup (v2) has a lower limit. `None` if `/proc/meminfo` cannot be read.
 pub fn available_memory() -> Option<u64> {
@@ -456,6 +500,26 @@ mod tests {
         assert_eq!(cgroup_headroom("0::/a/b\n", root.path()), None);
         // cgroup v1 only: no "0::" line.
         assert_eq!(cgroup_headroom("4:memory:/a/b\n", root.path()), None);
+    }
+
+    #[test]
+    fn memory_caches_share_one_budget_and_give_it_back() {
+        // Other tests of this binary may hold reservations meanwhile: budget on top of theirs.
+        let base = CacheReservation::held();
+        let a = CacheReservation::take(600, base + 1000).expect("first fits");
+        assert!(
+            CacheReservation::take(600, base + 1000).is_none(),
+            "budget is shared"
+        );
+        let b = CacheReservation::take(400, base + 1000).expect("the rest fits");
+        drop(a);
+        let c = CacheReservation::take(600, base + 1000).expect("given back on drop");
+        drop((b, c));
+        assert_eq!(CacheReservation::held(), base);
+        // A request that would overflow the count is refused, not wrapped.
+        let d = CacheReservation::take(1, base + 1).expect("fits");
+        assert!(CacheReservation::take(u64::MAX, u64::MAX).is_none());
+        drop(d);
     }
 
     #[test]
