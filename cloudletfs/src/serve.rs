@@ -283,6 +283,20 @@ fn memory_file() -> std::io::Result<File> {
     Ok(File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
+/// The part of chunks `first..end_chunk` inside a request for bytes `offset..end` of an image:
+/// where it starts in the image, and where it lies in the request's buffer.
+fn span(
+    offset: u64,
+    end: u64,
+    first: u64,
+    end_chunk: u64,
+) -> Result<(u64, std::ops::Range<usize>), ServeError> {
+    let lo = offset.max(first * CHUNK_SIZE_U64);
+    let hi = end.min(end_chunk * CHUNK_SIZE_U64);
+    let at = |x: u64| usize::try_from(x - offset).map_err(|_| ServeError::OutOfRange(offset));
+    Ok((lo, at(lo)?..at(hi)?))
+}
+
 fn padded(size: u64) -> u64 {
     chunk_count(size) * CHUNK_SIZE_U64
 }
@@ -638,7 +652,7 @@ impl Core {
             return Ok(ReadOut::Owned(Vec::new()));
         };
         let mut all_base = true;
-        // The first pending chunk's segment is decoded by this thread (`ensure_ready`); the
+        // The first pending chunk's segment is decoded by this thread (`await_chunk`); the
         // segments of the others are asked of the workers now, to decode meanwhile.
         let mut own_segment = None;
         for c in first..=last {
@@ -676,18 +690,9 @@ impl Core {
             if st == ChunkState::Pending || st == ChunkState::Failed {
                 let mut chunk = [0u8; CHUNK_SIZE];
                 if self.await_chunk(kind, c, Some(&mut chunk))? == Awaited::Served {
-                    let start = c * CHUNK_SIZE_U64;
-                    let (lo, hi) = (offset.max(start), end.min(start + CHUNK_SIZE_U64));
-                    let to = usize::try_from(lo - offset)
-                        .ok()
-                        .zip(usize::try_from(hi - offset).ok());
-                    let from = usize::try_from(lo - start)
-                        .ok()
-                        .zip(usize::try_from(hi - start).ok());
-                    let (Some((a, b)), Some((x, y))) = (to, from) else {
-                        return Err(ServeError::OutOfRange(offset));
-                    };
-                    buf[a..b].copy_from_slice(&chunk[x..y]);
+                    let (lo, to) = span(offset, end, c, c + 1)?;
+                    let from = usize::try_from(lo % CHUNK_SIZE_U64).unwrap_or(0);
+                    buf[to.clone()].copy_from_slice(&chunk[from..from + to.len()]);
                     c += 1;
                 }
                 continue;
@@ -696,13 +701,8 @@ impl Core {
             while j <= last && img.map.get(j) == st {
                 j += 1;
             }
-            let lo = offset.max(c * CHUNK_SIZE_U64);
-            let hi = end.min(j * CHUNK_SIZE_U64);
-            let (a, b) = (usize::try_from(lo - offset), usize::try_from(hi - offset));
-            let (Ok(a), Ok(b)) = (a, b) else {
-                return Err(ServeError::OutOfRange(offset));
-            };
-            let out = &mut buf[a..b];
+            let (lo, to) = span(offset, end, c, j)?;
+            let out = &mut buf[to];
             match st {
                 ChunkState::Base => self.base.copy(kind, lo, out),
                 ChunkState::Ready => img
@@ -728,13 +728,8 @@ impl Core {
             return Err(ServeError::OutOfRange(offset));
         };
         for c in first..=last {
-            let lo = offset.max(c * CHUNK_SIZE_U64);
-            let hi = end.min((c + 1) * CHUNK_SIZE_U64);
-            let (a, b) = (usize::try_from(lo - offset), usize::try_from(hi - offset));
-            let (Ok(a), Ok(b)) = (a, b) else {
-                return Err(ServeError::OutOfRange(offset));
-            };
-            self.write_chunk(img, c, lo, &data[a..b])?;
+            let (lo, from) = span(offset, end, c, c + 1)?;
+            self.write_chunk(img, c, lo, &data[from])?;
         }
         Counters::add(&img.counters.bytes_written, end - offset);
         Ok(end - offset)
