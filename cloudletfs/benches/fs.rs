@@ -339,7 +339,7 @@ fn latency_rows(
         );
         let max = row.samples.last().copied().unwrap_or(0.0);
         let first = percentile(&mut row.firsts, 0.5);
-        let steal = steal_percent((0, 0), row.steal);
+        let steal = steal_percent(row.steal);
         let (a50, a99) = (
             percentile(&mut row.again, 0.5),
             percentile(&mut row.again, 0.99),
@@ -365,9 +365,9 @@ fn cpu_ticks() -> (u64, u64) {
     (v.iter().take(8).sum(), v.get(7).copied().unwrap_or(0))
 }
 
-fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
-    let all = after.0.saturating_sub(before.0).max(1);
-    100.0 * after.1.saturating_sub(before.1) as f64 / all as f64
+/// Steal as a percentage of (all, steal) CPU ticks.
+fn steal_percent((all, steal): (u64, u64)) -> f64 {
+    100.0 * steal as f64 / all.max(1) as f64
 }
 
 /// Mounts `overlay` afresh (no background filler, the given `cache_memory`), drops the page
@@ -435,17 +435,17 @@ fn rss_kib(pid: u32) -> (u64, u64, u64) {
     (get("VmRSS:"), get("RssAnon:"), get("RssFile:"))
 }
 
-/// Bytes held by a daemon's in-memory caches of rebuilt chunks (its `memfd:cloudletfs-cache`
-/// files; they are not mapped, so RSS does not show them).
+/// Bytes held by a daemon's in-memory caches of rebuilt chunks (its memfds named
+/// [`cloudletfs::MEMORY_CACHE_NAME`]; they are not mapped, so RSS does not show them).
 fn memory_cache_bytes(pid: u32) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return 0;
     };
+    let memfd = format!("/memfd:{}", cloudletfs::MEMORY_CACHE_NAME.to_string_lossy());
     fds.flatten()
         .filter(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:cloudletfs-cache"))
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&memfd))
         })
         .filter_map(|fd| std::fs::metadata(fd.path()).ok())
         .map(|m| m.blocks() * 512)

@@ -44,4 +44,5 @@ pub mod streams;
 pub use error::{MountError, ServeError};
 pub use http::{HttpOptions, HttpSource, RedirectPolicy};
 pub use mount::{mount, MountOptions, Mounted, OverlaySource, Trace};
+pub use serve::MEMORY_CACHE_NAME;
 pub use stats::{ImageStats, Stats};

@@ -269,13 +269,16 @@ pub struct CoreParts<'a> {
     pub wait_timeout: Duration,
 }
 
+/// The name of the memfds holding rebuilt chunks (`/proc/PID/fd` shows `/memfd:` + it).
+pub const MEMORY_CACHE_NAME: &std::ffi::CStr = c"cloudletfs-cache";
+
 /// An unlinked file in memory (a memfd): pages the kernel may swap out, but never writes
 /// back to a disk. Rebuilt chunks are written there one 4 KiB chunk at a time, which costs
 /// several times less than in a file on ext4 and holds no lock a reader may queue behind.
 fn memory_file() -> std::io::Result<File> {
     // SAFETY: the name is a NUL-terminated string that outlives the call; MFD_CLOEXEC is a
     // valid flag. memfd_create only returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"cloudletfs-cache".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(MEMORY_CACHE_NAME.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
