@@ -16,7 +16,7 @@
 
 use crate::error::ServeError;
 use crate::fetch::RestAfterReply;
-use crate::serve::Core;
+use crate::serve::{Core, ReadOut};
 use crate::streams::{Cursor, Stream};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
@@ -70,6 +70,16 @@ enum Node {
 }
 
 const ROOT: u64 = 1;
+
+thread_local! {
+    /// Each FUSE thread's read buffer, kept between reads up to [`READ_BUF_KEEP`] bytes.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest read buffer a FUSE thread keeps: the largest read the kernel sends with its
+/// default `fs.fuse.max_pages_limit` (256 pages). A larger one (the limit raised) is freed
+/// after its read, so the buffers of the 8 threads never hold more than 8 MiB.
+const READ_BUF_KEEP: usize = 1 << 20;
 
 fn base_ino(k: ImageKind) -> u64 {
     match k {
@@ -396,23 +406,28 @@ impl fuser::Filesystem for CloudletFs {
             return reply.error(Errno::ENOENT);
         };
         match n {
-            Node::Image(k) => match self.core.read(k, offset, u64::from(size)) {
-                Ok(out) => {
-                    reply.data(out.as_slice());
-                    if let crate::serve::ReadOut::Borrowed(b) = &out {
-                        // The reply is sent: the daemon need not keep those base pages mapped.
+            // The thread's own buffer: a read neither allocates nor zeroes memory.
+            Node::Image(k) => READ_BUF.with_borrow_mut(|buf| {
+                match self.core.read(k, offset, u64::from(size), buf) {
+                    Ok(ReadOut::Buffer(n)) => reply.data(&buf[..n]),
+                    Ok(ReadOut::Mapped(b)) => {
+                        reply.data(b);
+                        // Replied: the daemon need not keep those base pages mapped.
                         self.core.base.release(k, b.len());
                     }
+                    Err(e) => {
+                        warn!(
+                            "read of {} at {offset}+{size} failed: {}",
+                            k.name(),
+                            crate::serve::chain(&e)
+                        );
+                        reply.error(errno(&e));
+                    }
                 }
-                Err(e) => {
-                    warn!(
-                        "read of {} at {offset}+{size} failed: {}",
-                        k.name(),
-                        crate::serve::chain(&e)
-                    );
-                    reply.error(errno(&e));
+                if buf.len() > READ_BUF_KEEP {
+                    *buf = Vec::new();
                 }
-            },
+            }),
             Node::DeviceState => {
                 let ds = &self.core.meta.device_state;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(ds.len());

@@ -167,8 +167,8 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     let base = BaseImages::open(&opts.base.disk_path(), &opts.base.memory_path())?;
     overlay.check_base(
         &opts.base.id(),
-        chunk_count(base.bytes(ImageKind::Disk).len() as u64),
-        chunk_count(base.bytes(ImageKind::Memory).len() as u64),
+        chunk_count(base.len(ImageKind::Disk)),
+        chunk_count(base.len(ImageKind::Memory)),
     )?;
     let tmp = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
     // Every overlay chunk may end up in the cache (zeros excepted); that bound decides.

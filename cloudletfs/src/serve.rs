@@ -1,4 +1,4 @@
-//! Serving one image: reads, writes and discards assembled chunk by chunk from the base mmap,
+//! Serving one image: reads, writes and discards assembled chunk by chunk from the base file,
 //! the cache of rebuilt overlay chunks, the copy-on-write store or zeros, according to the
 //! chunk map.
 //!
@@ -23,7 +23,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use synth::chunk::{chunk_count, is_zero, CHUNK_SIZE, CHUNK_SIZE_U64};
@@ -33,99 +33,137 @@ use synth::ImageKind;
 
 const LOCK_STRIPES: usize = 256;
 
-/// The base images, memory-mapped.
+/// The base images: read with `pread` into the caller's buffer, or, for a large read of base
+/// chunks only, replied straight from a read-only mapping.
+///
+/// A small read (QEMU's random 4 KiB reads) costs less as a `pread` into a warm buffer than as
+/// a reply from the mapping: that one made the kernel fault the base pages into the daemon, with
+/// fault-around, and unmap them again later to bound the RSS. A large read (sequential
+/// readahead, up to 1 MiB) costs less from the mapping: the kernel copies the base pages into
+/// the reply once, where a `pread` first copies them into the buffer. Both were measured side
+/// by side (`BENCHMARKS.md`, cloudletfs, "Run G").
 #[derive(Debug)]
 pub struct BaseImages {
-    disk: Option<Mmap>,
-    memory: Option<Mmap>,
-    /// Bytes read through each mapping since its pages were last released.
-    read_since_release: [std::sync::atomic::AtomicU64; 2],
+    disk: BaseFile,
+    memory: BaseFile,
 }
 
-fn map_file(path: &Path) -> Result<Option<Mmap>, MountError> {
-    let io = |action| {
-        move |source| MountError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let f = File::open(path).map_err(io("Opening"))?;
-    if f.metadata().map_err(io("Reading"))?.len() == 0 {
-        return Ok(None);
-    }
-    // SAFETY: base images are immutable files of the registry: nothing writes or truncates them
-    // while they are registered, so the mapping stays valid and its bytes do not change.
-    let m = unsafe { Mmap::map(&f) }.map_err(io("Mapping"))?;
-    Ok(Some(m))
+/// One base image file, its length at mount, and its mapping.
+#[derive(Debug)]
+struct BaseFile {
+    file: File,
+    len: u64,
+    /// `None` for an empty file (which cannot be mapped).
+    map: Option<Mmap>,
+    /// Bytes replied from the mapping since its pages were last released.
+    mapped_since_release: AtomicU64,
 }
+
+impl BaseFile {
+    fn open(path: &Path) -> Result<Self, MountError> {
+        let io = |action| {
+            move |source| MountError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let file = File::open(path).map_err(io("Opening"))?;
+        let len = file.metadata().map_err(io("Reading"))?.len();
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: base images are immutable files of the registry: nothing writes or
+            // truncates them while they are registered, so the mapping stays valid and its
+            // bytes do not change.
+            Some(unsafe { Mmap::map(&file) }.map_err(io("Mapping"))?)
+        };
+        Ok(BaseFile {
+            file,
+            len,
+            map,
+            mapped_since_release: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The smallest read of base chunks only that is replied from the mapping.
+pub const MAPPED_READ_MIN: u64 = 128 << 10;
+
+/// Bytes replied from a base mapping between two releases of its pages.
+pub const RELEASE_EVERY: u64 = 8 << 20;
 
 impl BaseImages {
-    /// Maps the two base images.
+    /// Opens and maps the two base images.
     pub fn open(disk: &Path, memory: &Path) -> Result<Self, MountError> {
         Ok(BaseImages {
-            disk: map_file(disk)?,
-            memory: map_file(memory)?,
-            read_since_release: Default::default(),
+            disk: BaseFile::open(disk)?,
+            memory: BaseFile::open(memory)?,
         })
     }
 
-    /// The bytes of a base image.
-    pub fn bytes(&self, image: ImageKind) -> &[u8] {
-        let m = match image {
+    fn file(&self, image: ImageKind) -> &BaseFile {
+        match image {
             ImageKind::Disk => &self.disk,
             ImageKind::Memory => &self.memory,
-        };
-        m.as_deref().unwrap_or(&[])
+        }
+    }
+
+    /// The length in bytes of a base image.
+    pub fn len(&self, image: ImageKind) -> u64 {
+        self.file(image).len
     }
 
     /// Copies base bytes at `offset` into `out`, zeros past the base's end.
-    pub fn copy(&self, image: ImageKind, offset: u64, out: &mut [u8]) {
-        let b = self.bytes(image);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-        let n = out.len().min(b.len() - start);
-        out[..n].copy_from_slice(&b[start..start + n]);
-        out[n..].fill(0);
-        self.release(image, n);
+    pub fn copy(&self, image: ImageKind, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let f = self.file(image);
+        let n = usize::try_from(f.len.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(out.len());
+        let (data, past_end) = out.split_at_mut(n);
+        f.file.read_exact_at(data, offset)?;
+        past_end.fill(0);
+        Ok(())
     }
 
-    /// Accounts `len` bytes of a base image as read through the mapping; every
+    /// The mapped base bytes `offset..end`, if they are all inside the base.
+    fn mapped(&self, image: ImageKind, offset: u64, end: u64) -> Option<&[u8]> {
+        let m = self.file(image).map.as_deref()?;
+        m.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
+    }
+
+    /// Accounts `len` bytes of a base image as replied from its mapping; every
     /// [`RELEASE_EVERY`] bytes, drops the daemon's page mappings of the whole image so that
     /// serving a large base does not grow the daemon's RSS. The pages stay in the page cache and
     /// are mapped again on the next access. One call per 8 MiB rather than one per read keeps
     /// the cost (a TLB shootdown across the FUSE threads) off the read path.
     pub fn release(&self, image: ImageKind, len: usize) {
-        let (m, counter) = match image {
-            ImageKind::Disk => (&self.disk, &self.read_since_release[0]),
-            ImageKind::Memory => (&self.memory, &self.read_since_release[1]),
-        };
-        let Some(m) = m else { return };
-        let before = counter.fetch_add(len as u64, Ordering::Relaxed);
+        let f = self.file(image);
+        let Some(m) = &f.map else { return };
+        let before = f
+            .mapped_since_release
+            .fetch_add(len as u64, Ordering::Relaxed);
         if before.saturating_add(len as u64) < RELEASE_EVERY {
             return;
         }
-        counter.store(0, Ordering::Relaxed);
-        // SAFETY: the mapping is of an immutable, read-only file (see `map_file`). MADV_DONTNEED
-        // on a shared file mapping only drops page-table entries: any slice into it, here or in
-        // another thread, reads the same bytes again from the page cache on its next access,
-        // so no live reference observes a change.
+        f.mapped_since_release.store(0, Ordering::Relaxed);
+        // SAFETY: the mapping is of an immutable, read-only file (see `BaseFile::open`).
+        // MADV_DONTNEED on a shared file mapping only drops page-table entries: any slice into
+        // it, here or in another thread, reads the same bytes again from the page cache on its
+        // next access, so no live reference observes a change.
         let r = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
         if let Err(e) = r {
-            log::debug!("madvise(DONTNEED) on the base mapping failed: {e}");
+            debug!("madvise(DONTNEED) on the base mapping failed: {e}");
         }
     }
 }
-
-/// Bytes read from a base mapping between two releases of its pages.
-pub const RELEASE_EVERY: u64 = 8 << 20;
 
 impl BaseReader for BaseImages {
     fn read_chunk(&self, image: ImageKind, chunk: u64, out: &mut [u8]) -> std::io::Result<()> {
         let offset = chunk.checked_mul(CHUNK_SIZE_U64).ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "chunk number overflows")
         })?;
-        self.copy(image, offset, out);
-        Ok(())
+        self.copy(image, offset, out)
     }
 }
 
@@ -204,23 +242,14 @@ enum Awaited {
     Served,
 }
 
-/// Bytes of a read: straight from the base mapping, or assembled.
+/// Where the bytes of a read are.
 #[derive(Debug)]
 pub enum ReadOut<'a> {
-    /// A slice of the base mapping.
-    Borrowed(&'a [u8]),
-    /// Assembled bytes.
-    Owned(Vec<u8>),
-}
-
-impl ReadOut<'_> {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            ReadOut::Borrowed(b) => b,
-            ReadOut::Owned(v) => v,
-        }
-    }
+    /// In the base mapping (a large read of base chunks only); account them with
+    /// [`BaseImages::release`] once replied.
+    Mapped(&'a [u8]),
+    /// The first this many bytes of the caller's buffer.
+    Buffer(usize),
 }
 
 /// Everything a mounted overlay shares between FUSE threads and fetch workers.
@@ -648,11 +677,20 @@ impl Core {
         Some((end, offset / CHUNK_SIZE_U64, (end - 1) / CHUNK_SIZE_U64))
     }
 
-    /// Reads up to `len` bytes at `offset` of an image.
-    pub fn read(&self, kind: ImageKind, offset: u64, len: u64) -> Result<ReadOut<'_>, ServeError> {
+    /// Reads up to `len` bytes at `offset` of an image (the image may end first): from the
+    /// base mapping, or into `buf`. `buf` is only grown, never shrunk or cleared, so that a
+    /// caller that keeps it across reads (one per FUSE thread) neither allocates nor zeroes
+    /// memory per read.
+    pub fn read(
+        &self,
+        kind: ImageKind,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<ReadOut<'_>, ServeError> {
         let img = self.image(kind);
         let Some((end, first, last)) = self.range(img, offset, len) else {
-            return Ok(ReadOut::Owned(Vec::new()));
+            return Ok(ReadOut::Buffer(0));
         };
         let mut all_base = true;
         // The first pending chunk's segment is decoded by this thread (`await_chunk`); the
@@ -678,15 +716,16 @@ impl Core {
             }
         }
         Counters::add(&img.counters.bytes_read, end - offset);
-        let base = self.base.bytes(kind);
-        if all_base && end <= base.len() as u64 {
-            let (s, e) = (usize::try_from(offset), usize::try_from(end));
-            if let (Ok(s), Ok(e)) = (s, e) {
-                return Ok(ReadOut::Borrowed(&base[s..e]));
+        if all_base && end - offset >= MAPPED_READ_MIN {
+            if let Some(b) = self.base.mapped(kind, offset, end) {
+                return Ok(ReadOut::Mapped(b));
             }
         }
         let n = usize::try_from(end - offset).map_err(|_| ServeError::OutOfRange(offset))?;
-        let mut buf = vec![0u8; n];
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        let buf = &mut buf[..n];
         let mut c = first;
         while c <= last {
             let st = img.map.get(c);
@@ -707,7 +746,10 @@ impl Core {
             let (lo, to) = span(offset, end, c, j)?;
             let out = &mut buf[to];
             match st {
-                ChunkState::Base => self.base.copy(kind, lo, out),
+                ChunkState::Base => self
+                    .base
+                    .copy(kind, lo, out)
+                    .map_err(ServeError::io("Reading the base image"))?,
                 ChunkState::Ready => img
                     .cache
                     .read_exact_at(out, lo)
@@ -721,7 +763,7 @@ impl Core {
             }
             c = j;
         }
-        Ok(ReadOut::Owned(buf))
+        Ok(ReadOut::Buffer(n))
     }
 
     /// Writes `data` at `offset` (clipped to the image size); returns the bytes written.
@@ -767,7 +809,10 @@ impl Core {
                     let mut buf = vec![0u8; CHUNK_SIZE];
                     if !full {
                         match st {
-                            ChunkState::Base => self.base.copy(img.kind, start, &mut buf),
+                            ChunkState::Base => self
+                                .base
+                                .copy(img.kind, start, &mut buf)
+                                .map_err(ServeError::io("Reading the base image"))?,
                             ChunkState::Ready => img
                                 .cache
                                 .read_exact_at(&mut buf, start)
