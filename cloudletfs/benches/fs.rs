@@ -2,12 +2,15 @@
 //! as markdown tables for BENCHMARKS.md:
 //!
 //! 1. base-only sequential (1 MiB) and random (4 KiB) reads through cloudletfs vs the base
-//!    file itself, cold cache, same run;
+//!    file itself, cold cache, alternated round by round in the same run;
 //! 2. first read of a pending chunk (local overlay, no background filler), p50/p99, xz and zstd;
-//! 3. RSS of the `cloudletfs` daemon serving sparse images (1 GiB + 256 MiB and 8 GiB + 2 GiB).
+//! 3. RSS of the `cloudletfs` daemon serving sparse images (1 GiB + 256 MiB and 8 GiB + 2 GiB);
+//!
+//! and, on demand only, `ab A B`: two builds of the daemon on the base-only reads, alternated.
 //!
 //! Env: `CLOUDLETFS_BENCH_DIR` (scratch folder, default /var/tmp), `CLOUDLETFS_BENCH_GIB`
-//! (size of the throughput base, default 1).
+//! (size of the throughput base, default 1), `CLOUDLETFS_BENCH_ROUNDS` (throughput rounds,
+//! default 7).
 
 #![allow(missing_docs, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
@@ -136,11 +139,30 @@ fn make_overlay(
     out
 }
 
-fn seq_read(path: &Path) -> f64 {
+/// One timed read of a file, cold cache: what it moved per second, and the CPU time the whole
+/// machine spent meanwhile (busy ticks, 1/100 s, steal excluded).
+struct Timed {
+    rate: f64,
+    cpu_ticks: u64,
+}
+
+/// Times `read` (which returns the bytes it read) with a cold page cache.
+fn timed(read: impl FnOnce() -> u64) -> Timed {
     drop_caches();
+    let before = busy_ticks();
+    let t = Instant::now();
+    let bytes = read();
+    let secs = t.elapsed().as_secs_f64();
+    Timed {
+        rate: bytes as f64 / secs,
+        cpu_ticks: busy_ticks().saturating_sub(before),
+    }
+}
+
+/// Reads the whole file, 1 MiB at a time; returns the bytes read.
+fn seq_read(path: &Path) -> u64 {
     let mut f = File::open(path).expect("open");
     let mut buf = vec![0u8; MIB as usize];
-    let t = Instant::now();
     let mut total = 0u64;
     loop {
         let n = f.read(&mut buf).expect("read");
@@ -149,20 +171,65 @@ fn seq_read(path: &Path) -> f64 {
         }
         total += n as u64;
     }
-    total as f64 / t.elapsed().as_secs_f64() / 1e9
+    total
 }
 
-fn rand_read(path: &Path, size: u64, n: usize) -> f64 {
-    drop_caches();
+/// `n` reads of 4 KiB at random chunk offsets below `size` (the same offsets every call);
+/// returns the bytes read.
+fn rand_read(path: &Path, size: u64, n: usize) -> u64 {
     let f = File::open(path).expect("open");
     let mut rng = Rng::new(99);
     let mut buf = vec![0u8; 4096];
-    let t = Instant::now();
     for _ in 0..n {
         let off = rng.below(size / 4096) * 4096;
         f.read_exact_at(&mut buf, off).expect("pread");
     }
-    (n as f64 * 4096.0) / t.elapsed().as_secs_f64() / 1e6
+    n as u64 * 4096
+}
+
+/// Busy CPU ticks of the whole machine since boot (user, nice, system, irq, softirq).
+fn busy_ticks() -> u64 {
+    let v = cpu_fields();
+    [0, 1, 2, 5, 6].iter().filter_map(|&i| v.get(i)).sum()
+}
+
+/// The figures of one kind of read, one pair per round: `a` the reference (the base file read
+/// directly, or build A), `b` the side measured against it.
+#[derive(Default)]
+struct Pairs {
+    a: Vec<Timed>,
+    b: Vec<Timed>,
+}
+
+impl Pairs {
+    /// A table row: medians of each side, the median and range of the per-round ratios, and
+    /// CPU time per GiB read on each side (medians).
+    fn row(&self, what: &str, unit: f64, unit_name: &str, gib: f64) {
+        let med = |v: Vec<f64>| {
+            let mut v = v;
+            percentile(&mut v, 0.5)
+        };
+        let rates = |t: &[Timed]| t.iter().map(|t| t.rate / unit).collect::<Vec<_>>();
+        let cpu = |t: &[Timed]| med(t.iter().map(|t| t.cpu_ticks as f64 / 100.0 / gib).collect());
+        let mut ratios: Vec<f64> = self
+            .b
+            .iter()
+            .zip(&self.a)
+            .map(|(b, a)| b.rate / a.rate)
+            .collect();
+        let (lo, hi) = (
+            ratios.iter().copied().fold(f64::MAX, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
+        );
+        println!(
+            "| {what} | {:.2} {unit_name} | {:.2} {unit_name} | **{:.2}** | {lo:.2}–{hi:.2} | {:.2} s | {:.2} s |",
+            med(rates(&self.a)),
+            med(rates(&self.b)),
+            percentile(&mut ratios, 0.5),
+            cpu(&self.a),
+            cpu(&self.b),
+        );
+    }
 }
 
 fn throughput() {
@@ -170,6 +237,10 @@ fn throughput() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let rounds: usize = std::env::var("CLOUDLETFS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     let dir = scratch();
     let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
     write_image(&disk, gib << 30, 1, false);
@@ -178,13 +249,9 @@ fn throughput() {
     let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
     let size = gib << 30;
     let n = 20_000;
-    // Direct reads first, with nothing mapping the base (mapped pages survive drop_caches).
-    let (sd, rd) = (
-        seq_read(&base.disk_path()),
-        rand_read(&base.disk_path(), size, n),
-    );
-    // A fresh mount per measurement, for the same reason.
-    let through = |f: &dyn Fn(&Path) -> f64| {
+    let direct = base.disk_path();
+    // A fresh mount per measurement: pages mapped by a daemon survive drop_caches.
+    let through = |f: &dyn Fn(&Path) -> u64| {
         let mnt = scratch();
         let mut o = MountOptions::new(
             base.clone(),
@@ -193,23 +260,41 @@ fn throughput() {
         );
         o.cache_dir = Some(dir.path().into());
         let m = mount(o).expect("mount");
-        let r = f(&mnt.path().join("disk/image"));
+        let r = timed(|| f(&mnt.path().join("disk/image")));
         drop(m);
         r
     };
-    let sf = through(&|p| seq_read(p));
-    let rf = through(&|p| rand_read(p, size, n));
-    println!("### Base-only reads, cold cache ({gib} GiB base disk, 16 changed chunks)\n");
-    println!("| read | direct (base file) | cloudletfs | ratio |");
-    println!("|---|---|---|---|");
+    let (mut seq, mut rand) = (Pairs::default(), Pairs::default());
+    for round in 0..rounds {
+        // Each side goes first every other round.
+        let fs_first = round % 2 == 1;
+        for side in [fs_first, !fs_first] {
+            if side {
+                seq.b.push(through(&seq_read));
+                rand.b.push(through(&|p| rand_read(p, size, n)));
+            } else {
+                seq.a.push(timed(|| seq_read(&direct)));
+                rand.a.push(timed(|| rand_read(&direct, size, n)));
+            }
+        }
+    }
     println!(
-        "| sequential 1 MiB | {sd:.2} GB/s | {sf:.2} GB/s | {:.2} |",
-        sf / sd
+        "### Base-only reads, cold cache ({gib} GiB base disk, 16 changed chunks, {rounds} rounds)\n"
     );
     println!(
-        "| random 4 KiB ({n} reads) | {rd:.1} MB/s | {rf:.1} MB/s | {:.2} |",
-        rf / rd
+        "Each round reads the base file directly and through a fresh cloudletfs mount, taking \
+         turns at going first; figures are medians over the rounds. *Ratio range*: the \
+         slowest and fastest round. *CPU per GiB*: busy time of the whole machine (both \
+         sides of FUSE, kernel included) per GiB read.\n"
     );
+    println!(
+        "| read | direct (base file) | cloudletfs | ratio | ratio range \
+         | CPU per GiB, direct | CPU per GiB, cloudletfs |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    seq.row("sequential 1 MiB", 1e9, "GB/s", gib as f64);
+    let rand_gib = (n as u64 * 4096) as f64 / (1u64 << 30) as f64;
+    rand.row(&format!("random 4 KiB ({n} reads)"), 1e6, "MB/s", rand_gib);
     println!();
 }
 
@@ -351,17 +436,21 @@ fn latency_rows(
     }
 }
 
-/// (all, steal) CPU ticks since boot, from the first line of /proc/stat.
-fn cpu_ticks() -> (u64, u64) {
+/// The tick counts of the first line of /proc/stat (all CPUs since boot).
+fn cpu_fields() -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
+    stat.lines()
         .next()
         .unwrap_or_default()
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
-        .collect();
+        .collect()
+}
+
+/// (all, steal) CPU ticks since boot.
+fn cpu_ticks() -> (u64, u64) {
+    let v = cpu_fields();
     (v.iter().take(8).sum(), v.get(7).copied().unwrap_or(0))
 }
 
@@ -488,31 +577,14 @@ fn rss() {
         write_image(&mem, mem_mib * MIB, 0, true);
         let (_reg, base) = add_base(dir.path(), &disk, &mem);
         let overlay = make_overlay(dir.path(), &base, 8192, Codec::Zstd, 4 << 20, 77);
-        let mnt = scratch();
-        let mnt_path = mnt.path().canonicalize().expect("canon");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudletfs"))
-            .arg(&base.record.id)
-            .arg(&overlay)
-            .arg(&mnt_path)
-            .arg("--home")
-            .arg(dir.path().join("home"))
-            .arg("--cache-dir")
-            .arg(dir.path())
-            .arg("--foreground")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("daemon");
-        let t = Instant::now();
-        while !is_mounted(&mnt_path) {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "daemon did not mount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pid = child.id();
+        let daemon = Daemon::start(
+            Path::new(env!("CARGO_BIN_EXE_cloudletfs")),
+            dir.path(),
+            &base,
+            &overlay,
+        );
+        let mnt_path = daemon.mnt.clone();
+        let pid = daemon.child.id();
         let a = rss_kib(pid).0;
         let t = Instant::now();
         loop {
@@ -536,10 +608,109 @@ fn rss() {
             file as f64 / 1024.0,
             memory_cache_bytes(pid) as f64 / MIB as f64
         );
-        // SAFETY: sending SIGTERM to our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let _ = child.wait();
+        drop(daemon);
     }
+    println!();
+}
+
+/// A `cloudletfs` daemon (the binary at `bin`) serving `overlay` on a scratch mount point, in
+/// the foreground; stopped (SIGTERM, which unmounts) when dropped.
+struct Daemon {
+    child: std::process::Child,
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon (registry and cache in `dir`) and waits until it has mounted.
+    fn start(bin: &Path, dir: &Path, base: &Base, overlay: &Path) -> Daemon {
+        let mnt_dir = scratch();
+        let mnt = mnt_dir.path().canonicalize().expect("canon");
+        let child = Command::new(bin)
+            .arg(&base.record.id)
+            .arg(overlay)
+            .arg(&mnt)
+            .arg("--home")
+            .arg(dir.join("home"))
+            .arg("--cache-dir")
+            .arg(dir)
+            .arg("--foreground")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let t = Instant::now();
+        while !is_mounted(&mnt) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "daemon did not mount"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            mnt,
+            _dir: mnt_dir,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// `fs ab A B`: two builds of the `cloudletfs` binary, compared on the throughput bench's
+/// base-only reads, taking turns round by round (this machine's speed drifts by 2x within
+/// minutes, so only reads alternated in the same minutes compare).
+fn ab(a: &Path, b: &Path) {
+    let rounds: usize = std::env::var("CLOUDLETFS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let dir = scratch();
+    let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
+    write_image(&disk, 1 << 30, 1, false);
+    write_image(&mem, 64 * MIB, 2, false);
+    let (_reg, base) = add_base(dir.path(), &disk, &mem);
+    let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
+    let n = 20_000;
+    let through = |bin: &Path, f: &dyn Fn(&Path) -> u64| {
+        let d = Daemon::start(bin, dir.path(), &base, &overlay);
+        timed(|| f(&d.mnt.join("disk/image")))
+    };
+    let (mut seq, mut rand) = (Pairs::default(), Pairs::default());
+    for round in 0..rounds {
+        let b_first = round % 2 == 1;
+        for side in [b_first, !b_first] {
+            let (bin, seq, rand) = if side {
+                (b, &mut seq.b, &mut rand.b)
+            } else {
+                (a, &mut seq.a, &mut rand.a)
+            };
+            seq.push(through(bin, &seq_read));
+            rand.push(through(bin, &|p| rand_read(p, 1 << 30, n)));
+        }
+    }
+    println!("### A/B: base-only reads through two builds ({rounds} rounds, alternated)\n");
+    println!(
+        "A: `{}`, B: `{}`; medians over the rounds.\n",
+        a.display(),
+        b.display()
+    );
+    println!("| read | A | B | B / A | range | CPU per GiB, A | CPU per GiB, B |");
+    println!("|---|---|---|---|---|---|---|");
+    seq.row("sequential 1 MiB", 1e9, "GB/s", 1.0);
+    rand.row(
+        &format!("random 4 KiB ({n} reads)"),
+        1e6,
+        "MB/s",
+        (n as u64 * 4096) as f64 / (1u64 << 30) as f64,
+    );
     println!();
 }
 
@@ -578,5 +749,17 @@ fn main() {
     }
     if run("rss") {
         rss();
+    }
+    // Not part of the default run: it needs two binaries.
+    if only.as_deref() == Some("ab") {
+        let bins: Vec<PathBuf> = std::env::args()
+            .skip(2)
+            .take(2)
+            .map(PathBuf::from)
+            .collect();
+        match bins.as_slice() {
+            [a, b] => ab(a, b),
+            _ => eprintln!("usage: fs ab CLOUDLETFS_A CLOUDLETFS_B"),
+        }
     }
 }
