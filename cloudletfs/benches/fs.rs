@@ -232,54 +232,114 @@ impl Pairs {
     }
 }
 
-fn throughput() {
-    let gib: u64 = std::env::var("CLOUDLETFS_BENCH_GIB")
+/// A read of a file to time (it returns the bytes it read).
+type FileRead<'a> = &'a dyn Fn(&Path) -> u64;
+
+/// One side of a throughput comparison: times the read it is given.
+type Side<'a> = &'a dyn Fn(FileRead<'_>) -> Timed;
+
+/// Random reads per round of the throughput benches.
+const RANDOM_READS: usize = 20_000;
+
+/// What the throughput benches read: a scratch base of `CLOUDLETFS_BENCH_GIB` GiB of random
+/// disk (and 64 MiB of memory), an overlay that changes 16 chunks, and the number of rounds
+/// (`CLOUDLETFS_BENCH_ROUNDS`).
+struct ThroughputSetup {
+    dir: tempfile::TempDir,
+    _reg: Registry,
+    base: Base,
+    overlay: PathBuf,
+    gib: u64,
+    rounds: usize,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let rounds: usize = std::env::var("CLOUDLETFS_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
-    let dir = scratch();
-    let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
-    write_image(&disk, gib << 30, 1, false);
-    write_image(&mem, 64 * MIB, 2, false);
-    let (_reg, base) = add_base(dir.path(), &disk, &mem);
-    let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
-    let size = gib << 30;
-    let n = 20_000;
-    let direct = base.disk_path();
-    // A fresh mount per measurement: pages mapped by a daemon survive drop_caches.
-    let through = |f: &dyn Fn(&Path) -> u64| {
-        let mnt = scratch();
-        let mut o = MountOptions::new(
-            base.clone(),
-            OverlaySource::Path(overlay.clone()),
-            mnt.path(),
-        );
-        o.cache_dir = Some(dir.path().into());
-        let m = mount(o).expect("mount");
-        let r = timed(|| f(&mnt.path().join("disk/image")));
-        drop(m);
-        r
-    };
-    let (mut seq, mut rand) = (Pairs::default(), Pairs::default());
-    for round in 0..rounds {
-        // Each side goes first every other round.
-        let fs_first = round % 2 == 1;
-        for side in [fs_first, !fs_first] {
-            if side {
-                seq.b.push(through(&seq_read));
-                rand.b.push(through(&|p| rand_read(p, size, n)));
-            } else {
-                seq.a.push(timed(|| seq_read(&direct)));
-                rand.a.push(timed(|| rand_read(&direct, size, n)));
-            }
+        .unwrap_or(default)
+}
+
+impl ThroughputSetup {
+    fn new() -> Self {
+        let gib = env_or("CLOUDLETFS_BENCH_GIB", 1u64);
+        let dir = scratch();
+        let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
+        write_image(&disk, gib << 30, 1, false);
+        write_image(&mem, 64 * MIB, 2, false);
+        let (reg, base) = add_base(dir.path(), &disk, &mem);
+        let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
+        ThroughputSetup {
+            dir,
+            _reg: reg,
+            base,
+            overlay,
+            gib,
+            rounds: env_or("CLOUDLETFS_BENCH_ROUNDS", 7usize),
         }
     }
+
+    /// Reads the disk image whole, then at random, through `side_a` and `side_b` (each given
+    /// a read to time and returning its timing), taking turns at going first round by round;
+    /// returns the sequential and the random pairs.
+    fn alternate(
+        &self,
+        side_a: impl Fn(FileRead<'_>) -> Timed,
+        side_b: impl Fn(FileRead<'_>) -> Timed,
+    ) -> (Pairs, Pairs) {
+        let size = self.gib << 30;
+        let (mut seq, mut rand) = (Pairs::default(), Pairs::default());
+        for round in 0..self.rounds {
+            let b_first = round % 2 == 1;
+            for b in [b_first, !b_first] {
+                let (side, seq, rand): (Side<'_>, _, _) = if b {
+                    (&side_b, &mut seq.b, &mut rand.b)
+                } else {
+                    (&side_a, &mut seq.a, &mut rand.a)
+                };
+                seq.push(side(&seq_read));
+                rand.push(side(&|p| rand_read(p, size, RANDOM_READS)));
+            }
+        }
+        (seq, rand)
+    }
+
+    /// Prints the two rows of a throughput table.
+    fn rows(&self, seq: &Pairs, rand: &Pairs) {
+        seq.row("sequential 1 MiB", 1e9, "GB/s", self.gib as f64);
+        rand.row(
+            &format!("random 4 KiB ({RANDOM_READS} reads)"),
+            1e6,
+            "MB/s",
+            (RANDOM_READS as u64 * 4096) as f64 / (1u64 << 30) as f64,
+        );
+        println!();
+    }
+}
+
+fn throughput() {
+    let t = ThroughputSetup::new();
+    let direct = t.base.disk_path();
+    let (seq, rand) = t.alternate(
+        |read| timed(|| read(&direct)),
+        // A fresh mount per measurement: pages mapped by a daemon survive drop_caches.
+        |read| {
+            let mnt = scratch();
+            let mut o = MountOptions::new(
+                t.base.clone(),
+                OverlaySource::Path(t.overlay.clone()),
+                mnt.path(),
+            );
+            o.cache_dir = Some(t.dir.path().into());
+            let m = mount(o).expect("mount");
+            let r = timed(|| read(&mnt.path().join("disk/image")));
+            drop(m);
+            r
+        },
+    );
     println!(
-        "### Base-only reads, cold cache ({gib} GiB base disk, 16 changed chunks, {rounds} rounds)\n"
+        "### Base-only reads, cold cache ({} GiB base disk, 16 changed chunks, {} rounds)\n",
+        t.gib, t.rounds
     );
     println!(
         "Each round reads the base file directly and through a fresh cloudletfs mount, taking \
@@ -292,10 +352,7 @@ fn throughput() {
          | CPU per GiB, direct | CPU per GiB, cloudletfs |"
     );
     println!("|---|---|---|---|---|---|---|");
-    seq.row("sequential 1 MiB", 1e9, "GB/s", gib as f64);
-    let rand_gib = (n as u64 * 4096) as f64 / (1u64 << 30) as f64;
-    rand.row(&format!("random 4 KiB ({n} reads)"), 1e6, "MB/s", rand_gib);
-    println!();
+    t.rows(&seq, &rand);
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -668,35 +725,16 @@ impl Drop for Daemon {
 /// base-only reads, taking turns round by round (this machine's speed drifts by 2x within
 /// minutes, so only reads alternated in the same minutes compare).
 fn ab(a: &Path, b: &Path) {
-    let rounds: usize = std::env::var("CLOUDLETFS_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
-    let dir = scratch();
-    let (disk, mem) = (dir.path().join("disk.img"), dir.path().join("mem.img"));
-    write_image(&disk, 1 << 30, 1, false);
-    write_image(&mem, 64 * MIB, 2, false);
-    let (_reg, base) = add_base(dir.path(), &disk, &mem);
-    let overlay = make_overlay(dir.path(), &base, 16, Codec::Zstd, 4 << 20, 3);
-    let n = 20_000;
-    let through = |bin: &Path, f: &dyn Fn(&Path) -> u64| {
-        let d = Daemon::start(bin, dir.path(), &base, &overlay);
-        timed(|| f(&d.mnt.join("disk/image")))
+    let t = ThroughputSetup::new();
+    let through = |bin: &Path, read: FileRead<'_>| {
+        let d = Daemon::start(bin, t.dir.path(), &t.base, &t.overlay);
+        timed(|| read(&d.mnt.join("disk/image")))
     };
-    let (mut seq, mut rand) = (Pairs::default(), Pairs::default());
-    for round in 0..rounds {
-        let b_first = round % 2 == 1;
-        for side in [b_first, !b_first] {
-            let (bin, seq, rand) = if side {
-                (b, &mut seq.b, &mut rand.b)
-            } else {
-                (a, &mut seq.a, &mut rand.a)
-            };
-            seq.push(through(bin, &seq_read));
-            rand.push(through(bin, &|p| rand_read(p, 1 << 30, n)));
-        }
-    }
-    println!("### A/B: base-only reads through two builds ({rounds} rounds, alternated)\n");
+    let (seq, rand) = t.alternate(|read| through(a, read), |read| through(b, read));
+    println!(
+        "### A/B: base-only reads through two builds ({} rounds, alternated)\n",
+        t.rounds
+    );
     println!(
         "A: `{}`, B: `{}`; medians over the rounds.\n",
         a.display(),
@@ -704,14 +742,7 @@ fn ab(a: &Path, b: &Path) {
     );
     println!("| read | A | B | B / A | range | CPU per GiB, A | CPU per GiB, B |");
     println!("|---|---|---|---|---|---|---|");
-    seq.row("sequential 1 MiB", 1e9, "GB/s", 1.0);
-    rand.row(
-        &format!("random 4 KiB ({n} reads)"),
-        1e6,
-        "MB/s",
-        (n as u64 * 4096) as f64 / (1u64 << 30) as f64,
-    );
-    println!();
+    t.rows(&seq, &rand);
 }
 
 fn main() {
