@@ -245,3 +245,54 @@ fn small_and_large_reads_of_base_runs_match_reconstruct() {
     let st = g.mounted().stats();
     assert!(st.disk.chunks.from_base * 2 > st.disk.chunks.total);
 }
+
+/// A base image that shrinks under a mount (an operator's mistake: the registry's files are
+/// immutable by contract) gives EIO for the chunks it lost, small reads (`pread`) and large
+/// ones (the mapping) alike, never zeros or a crash; what it still has is served.
+#[test]
+fn base_truncated_under_the_mount_gives_eio() {
+    if !fuse_ok() {
+        return;
+    }
+    let shape = Shape {
+        disk: 8 << 20,
+        changes: 4,
+        ..Shape::default()
+    };
+    let s = Setup::new(6, shape);
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.background_fill = false
+    });
+    let kept = 4usize << 20;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.fx.base.disk_path())
+        .expect("open base");
+    f.set_len(kept as u64).expect("truncate base");
+    let img = open_direct(&g.path("disk/image"), false);
+    let mut lost_reads = 0;
+    for size in [4096, 1 << 20] {
+        for off in (kept..shape.disk).step_by(size) {
+            let want = &s.disk[off..off + size];
+            // Chunks the overlay leaves to the base: equal to the base at the same place.
+            let lost = (off..off + size)
+                .step_by(4096)
+                .any(|c| s.disk[c..c + 4096] == s.fx.base_disk[c..c + 4096]);
+            match pread(&img, off as u64, size) {
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{size} at {off}: {e}"),
+                Ok(got) => {
+                    assert!(
+                        !lost,
+                        "{size}-byte read at {off} served a base chunk that is gone"
+                    );
+                    assert!(got == want, "{size}-byte read at {off} differs");
+                }
+            }
+            lost_reads += usize::from(lost);
+        }
+    }
+    // Both sizes met lost base chunks (the 1 MiB reads always do).
+    assert!(lost_reads > (shape.disk - kept) / (1 << 20));
+    let got = pread(&img, 0, kept).expect("read what the base still has");
+    assert!(got == s.disk[..kept]);
+}
