@@ -130,10 +130,59 @@ pub struct Mounted {
     core: Arc<Core>,
     workers: Vec<JoinHandle<()>>,
     mountpoint: PathBuf,
+    /// Which mount at `mountpoint` is this one: see [`Mounted::still_mounted_here`].
+    identity: Option<MountIdentity>,
     /// This mount's share of the memory budget for caches, if its cache is in memory.
     _cache: Option<CacheReservation>,
     /// See [`fuse_device_released_first`].
     _fuse_device: Option<OwnedFd>,
+}
+
+/// How to recognise this mount in `/proc/self/mountinfo`: the mount point as the kernel
+/// spells it (absolute, symlinks resolved) and the device number of the FUSE connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MountIdentity {
+    path: Vec<u8>,
+    dev: (u32, u32),
+}
+
+/// The device (`major`, `minor`) of the topmost mount at `path` in a mountinfo text (see
+/// `proc_pid_mountinfo(5)`; the mount point field escapes space, tab, newline and backslash
+/// as octal).
+fn mountinfo_dev_at(mountinfo: &str, path: &[u8]) -> Option<(u32, u32)> {
+    mountinfo.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let dev = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        let (major, minor) = dev.split_once(':')?;
+        (unescape_mountinfo(point) == path)
+            .then(|| Some((major.parse().ok()?, minor.parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// Undoes mountinfo's `\ooo` escapes.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+        match octal.and_then(|v| u8::try_from(v).ok()) {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// A duplicate of the session's `/dev/fuse` descriptor numbered above every descriptor open
@@ -273,6 +322,8 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     // One `/dev/fuse` file for all the FUSE threads, not one clone each: see
     // `fuse_device_released_first`.
     config.clone_fd = false;
+    // Resolved before mounting: afterwards the last component would be this mount's root.
+    let canonical = std::fs::canonicalize(&opts.mountpoint).ok();
     let mut workers = spawn_workers(&core, opts.fetch_threads, opts.background_fill);
     workers.extend(spawn_reaper(&core));
     let fs = CloudletFs::new(Arc::clone(&core));
@@ -298,7 +349,14 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
             });
         }
     };
-    raise_readahead(&opts.mountpoint);
+    let dev = mount_dev(&opts.mountpoint);
+    if let Some(dev) = dev {
+        raise_readahead(dev);
+    }
+    let identity = canonical.zip(dev).map(|(path, dev)| MountIdentity {
+        path: path.into_os_string().into_encoded_bytes(),
+        dev,
+    });
     info!(
         "mounted {} (disk {} B, memory {} B, {} segments) on {}",
         opts.base.record.id,
@@ -313,6 +371,7 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         core,
         workers,
         mountpoint: opts.mountpoint,
+        identity,
         _cache: reservation,
     })
 }
@@ -358,6 +417,40 @@ impl Mounted {
             .is_some_and(|s| !s.guard.is_finished())
     }
 
+    /// Whether the mount at the mount point is still this one, so that unmounting the path
+    /// detaches this mount and nothing else.
+    ///
+    /// Once the FUSE session has ended, someone unmounted this mount, and the path may
+    /// already hold the next one (a remount right after `fusermount3 -u` lost its new mount
+    /// half of the time when this was not checked). While the session lives, this mount's
+    /// device number is not reused, so the topmost mount at the path is this one exactly
+    /// when it has that device number (it differs after an outside lazy unmount and a new
+    /// mount there). Without the identity (mountinfo unreadable), a live session is trusted.
+    fn still_mounted_here(&self) -> bool {
+        if !self.is_alive() {
+            log::debug!(
+                "{}: the FUSE session has ended; already unmounted",
+                self.mountpoint.display()
+            );
+            return false;
+        }
+        let Some(id) = &self.identity else {
+            return true;
+        };
+        let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return true;
+        };
+        let here = mountinfo_dev_at(&mountinfo, &id.path);
+        if here != Some(id.dev) {
+            log::warn!(
+                "{} no longer holds this cloudletfs mount (unmounted from outside); leaving \
+                 the mount point alone",
+                self.mountpoint.display()
+            );
+        }
+        here == Some(id.dev)
+    }
+
     /// Makes the modified/discarded state of both images durable.
     pub fn sync(&self) -> Result<(), crate::ServeError> {
         self.core.sync(ImageKind::Disk)?;
@@ -375,10 +468,14 @@ impl Mounted {
         // fuser's own unmount relies on fusermount3's auto-unmount helper, which was seen to
         // exit without unmounting; detach the mount ourselves. Files still open keep working
         // until closed (lazy unmount), so the session is joined only if it ends promptly.
-        let r = lazy_unmount(&self.mountpoint).map_err(|source| MountError::Unmount {
-            path: self.mountpoint.clone(),
-            source,
-        });
+        let r = if self.still_mounted_here() {
+            lazy_unmount(&self.mountpoint).map_err(|source| MountError::Unmount {
+                path: self.mountpoint.clone(),
+                source,
+            })
+        } else {
+            Ok(())
+        };
         if let Some(s) = self.session.take() {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             while !s.guard.is_finished() && std::time::Instant::now() < deadline {
@@ -411,14 +508,17 @@ impl Mounted {
     }
 }
 
-/// Raises the mount's bdi readahead to [`MAX_READAHEAD`](crate::fs::MAX_READAHEAD): the kernel
-/// caps the `init` value at the bdi default (128 KiB). Needs root; failure only costs speed.
-fn raise_readahead(mountpoint: &Path) {
+/// The device number (`major`, `minor`) of the file system mounted at `mountpoint`.
+fn mount_dev(mountpoint: &Path) -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(md) = std::fs::metadata(mountpoint) else {
-        return;
-    };
-    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    let dev = std::fs::metadata(mountpoint).ok()?.dev();
+    Some((libc::major(dev), libc::minor(dev)))
+}
+
+/// Raises the bdi readahead of the mount with device `(major, minor)` to
+/// [`MAX_READAHEAD`](crate::fs::MAX_READAHEAD): the kernel caps the `init` value at the bdi
+/// default (128 KiB). Needs root; failure only costs speed.
+fn raise_readahead((major, minor): (u32, u32)) {
     let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     match std::fs::write(&p, (crate::fs::MAX_READAHEAD / 1024).to_string()) {
         Ok(()) => log::debug!("{p} set to {} KiB", crate::fs::MAX_READAHEAD / 1024),
@@ -530,6 +630,30 @@ fn cgroup_headroom(self_cgroup: &str, root: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_dev_is_the_topmost_mount_at_the_path() {
+        let m = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                 60 22 0:52 / /var/tmp/mnt rw,nosuid - fuse.cloudletfs cloudletfs rw\n\
+                 61 22 0:53 / /var/tmp/mnt\\040b rw - fuse.cloudletfs cloudletfs rw\n\
+                 62 60 0:54 / /var/tmp/mnt rw,nosuid - fuse.cloudletfs cloudletfs rw\n";
+        assert_eq!(mountinfo_dev_at(m, b"/var/tmp/mnt"), Some((0, 54)));
+        assert_eq!(mountinfo_dev_at(m, b"/var/tmp/mnt b"), Some((0, 53)));
+        assert_eq!(mountinfo_dev_at(m, b"/"), Some((254, 1)));
+        assert_eq!(mountinfo_dev_at(m, b"/var/tmp"), None);
+        assert_eq!(mountinfo_dev_at("garbage\n62 60 x / /a\n", b"/a"), None);
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone_and_bad_ones_kept() {
+        assert_eq!(
+            unescape_mountinfo(r"/a\040b\011c\012d\134e"),
+            b"/a b\tc\nd\\e"
+        );
+        assert_eq!(unescape_mountinfo(r"/x\04"), br"/x\04");
+        assert_eq!(unescape_mountinfo(r"/x\999"), br"/x\999");
+        assert_eq!(unescape_mountinfo(r"/x\777"), br"/x\777");
+    }
 
     #[test]
     fn mem_available_reads_kib_as_bytes() {
