@@ -422,7 +422,10 @@ impl Mounted {
     ///
     /// Once the FUSE session has ended, someone unmounted this mount, and the path may
     /// already hold the next one (a remount right after `fusermount3 -u` lost its new mount
-    /// half of the time when this was not checked). While the session lives, this mount's
+    /// half of the time when this was not checked). The one exception, a connection aborted
+    /// through `/sys/fs/fuse/connections` while still mounted, leaves a dead mount for
+    /// whoever aborted it to unmount: it cannot be told apart from a new mount that got the
+    /// freed device number. While the session lives, this mount's
     /// device number is not reused, so the topmost mount at the path is this one exactly
     /// when it has that device number (it differs after an outside lazy unmount and a new
     /// mount there). Without the identity (mountinfo unreadable), a live session is trusted.
