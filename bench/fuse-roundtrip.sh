@@ -25,10 +25,11 @@ REPO=$(cd "$HERE/.." && pwd)
 
 usage() {
   cat <<EOF
-usage: fuse-roundtrip.sh [-g GIB] [-n READS] [-r ROUNDS] [-w WORKDIR] [-u]
+usage: fuse-roundtrip.sh [-g GIB] [-n READS] [-r ROUNDS] [-j READERS] [-w WORKDIR] [-u]
   -g GIB     base disk size in GiB (random data; default 1)
   -n READS   random 4 KiB reads per measurement (default 20000)
   -r ROUNDS  rounds (default 3; medians reported)
+  -j READERS concurrent readers, each doing READS reads (default 1: queue depth 1)
   -w WORKDIR scratch dir (default: fresh mktemp -d under /var/tmp, removed afterwards)
   -u         also measure FUSE over io_uring (bench/uring-probe; Linux 6.14+)
 env: CLOUDLET_BIN, CLOUDLETFS_BIN (default target/release/cloudlet, target/release/cloudletfs),
@@ -38,20 +39,21 @@ Build first: cargo build --release --workspace
 EOF
 }
 
-GIB=1 READS=20000 ROUNDS=3 WORK='' KEEP=0 URING=0
-while getopts "g:n:r:w:uh" opt; do
+GIB=1 READS=20000 ROUNDS=3 JOBS=1 WORK='' KEEP=0 URING=0
+while getopts "g:n:r:j:w:uh" opt; do
   case $opt in
     g) GIB=$OPTARG ;;
     n) READS=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
+    j) JOBS=$OPTARG ;;
     w) WORK=$OPTARG KEEP=1 ;;
     u) URING=1 ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
 done
-for n in "$GIB" "$READS" "$ROUNDS"; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "fuse-roundtrip: -g, -n, -r need positive integers" >&2; exit 2; }
+for n in "$GIB" "$READS" "$ROUNDS" "$JOBS"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "fuse-roundtrip: -g, -n, -r, -j need positive integers" >&2; exit 2; }
 done
 CLOUDLET=${CLOUDLET_BIN:-$REPO/target/release/cloudlet}
 CLOUDLETFS=${CLOUDLETFS_BIN:-$REPO/target/release/cloudletfs}
@@ -113,7 +115,7 @@ fio_read() {
   if [[ -n ${2:-} ]]; then pin=(taskset -c "$2"); fi
   "${pin[@]}" fio --name=rt --filename="$1" --rw=randread --bs=4k --ioengine=psync \
     --number_ios="$READS" --size="${GIB}g" --norandommap --randrepeat=1 --invalidate=0 \
-    --allow_file_create=0 \
+    --allow_file_create=0 --numjobs="$JOBS" --group_reporting \
     --output-format=json 2>/dev/null |
     jq -r '.jobs[0].read | "\(.bw_bytes / 1e6) \(.clat_ns.percentile["50.000000"] / 1e3) \(.clat_ns.percentile["99.000000"] / 1e3)"'
 }
@@ -202,7 +204,7 @@ median() {
     awk '{ a[NR] = $1 } END { if (NR == 0) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
-echo "### Random 4 KiB base-only reads: direct vs cloudletfs by CPU placement ($GIB GiB base, $READS reads, median of $ROUNDS rounds)"
+echo "### Random 4 KiB base-only reads: direct vs cloudletfs by CPU placement ($GIB GiB base, $JOBS reader(s) × $READS reads, median of $ROUNDS rounds)"
 echo
 header="| base | placement | direct MB/s | cloudletfs MB/s | **ratio** | direct p50 / p99 | cloudletfs p50 / p99 | FUSE cost per read (p50) |"
 rule="|---|---|---|---|---|---|---|---|"
