@@ -140,7 +140,7 @@ pub struct Mounted {
 
 /// How to recognise this mount in `/proc/self/mountinfo`: the mount point as the kernel
 /// spells it (absolute, symlinks resolved) and the device number of the FUSE connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct MountIdentity {
     path: Vec<u8>,
     dev: (u32, u32),
