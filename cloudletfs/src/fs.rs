@@ -18,6 +18,7 @@ use crate::error::ServeError;
 use crate::fetch::RestAfterReply;
 use crate::serve::{Core, ReadOut};
 use crate::streams::{Cursor, Stream};
+use crate::waiters::Waiters;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
@@ -34,6 +35,9 @@ use synth::ImageKind;
 const TTL: Duration = Duration::from_secs(1);
 /// Largest readahead the kernel is asked for (one FUSE request carries at most 1 MiB here).
 pub const MAX_READAHEAD: u32 = 1 << 20;
+
+/// Readahead (background) requests the kernel may have in flight at once.
+pub const MAX_BACKGROUND: u16 = 256;
 
 /// The single mapping from serving errors to errno values.
 pub fn errno(e: &ServeError) -> Errno {
@@ -169,6 +173,7 @@ enum Handle {
 /// The filesystem.
 pub struct CloudletFs {
     core: Arc<Core>,
+    waiters: Arc<Waiters>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     uid: u32,
@@ -183,12 +188,13 @@ impl std::fmt::Debug for CloudletFs {
 }
 
 impl CloudletFs {
-    /// A filesystem serving `core`.
-    pub fn new(core: Arc<Core>) -> Self {
+    /// A filesystem serving `core` from `fuse_threads` FUSE threads.
+    pub fn new(core: Arc<Core>, fuse_threads: usize) -> Self {
         // SAFETY: getuid/getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         CloudletFs {
             core,
+            waiters: Waiters::new(fuse_threads),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             uid,
@@ -300,6 +306,10 @@ impl fuser::Filesystem for CloudletFs {
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
         }
+        // Readahead requests waiting for the network must not hold back the others in the
+        // kernel's queue (12 in flight by default): as many as a guest's I/O can have.
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         info!("cloudletfs session started");
         Ok(())
     }
@@ -400,34 +410,19 @@ impl fuser::Filesystem for CloudletFs {
         reply: ReplyData,
     ) {
         debug!("read ino {} offset {offset} size {size}", ino.0);
-        // Dropped last: a segment decoded for this read is finished after the reply.
-        let _rest = RestAfterReply::new(&self.core);
         let Some(n) = Node::from_ino(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
         match n {
-            // The thread's own buffer: a read neither allocates nor zeroes memory.
-            Node::Image(k) => READ_BUF.with_borrow_mut(|buf| {
-                match self.core.read(k, offset, u64::from(size), buf) {
-                    Ok(ReadOut::Buffer(n)) => reply.data(&buf[..n]),
-                    Ok(ReadOut::Mapped(b)) => {
-                        reply.data(b);
-                        // Replied: the daemon need not keep those base pages mapped.
-                        self.core.base.release(k, b.len());
-                    }
-                    Err(e) => {
-                        warn!(
-                            "read of {} at {offset}+{size} failed: {}",
-                            k.name(),
-                            crate::serve::chain(&e)
-                        );
-                        reply.error(errno(&e));
-                    }
+            Node::Image(k) => {
+                if self.core.may_wait(k, offset, u64::from(size)) {
+                    let core = Arc::clone(&self.core);
+                    self.waiters
+                        .run(move || read_image(&core, k, offset, size, reply));
+                } else {
+                    read_image(&self.core, k, offset, size, reply);
                 }
-                if buf.len() > READ_BUF_KEEP {
-                    *buf = Vec::new();
-                }
-            }),
+            }
             Node::DeviceState => {
                 let ds = &self.core.meta.device_state;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(ds.len());
@@ -487,21 +482,15 @@ impl fuser::Filesystem for CloudletFs {
         reply: ReplyWrite,
     ) {
         debug!("write ino {} offset {offset} size {}", ino.0, data.len());
-        let _rest = RestAfterReply::new(&self.core);
         let Some(Node::Image(k)) = Node::from_ino(ino.0) else {
             return reply.error(Errno::EACCES);
         };
-        match self.core.write(k, offset, data) {
-            Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
-            Err(e) => {
-                warn!(
-                    "write of {} at {offset}+{} failed: {}",
-                    k.name(),
-                    data.len(),
-                    crate::serve::chain(&e)
-                );
-                reply.error(errno(&e));
-            }
+        if self.core.may_wait(k, offset, data.len() as u64) {
+            let (core, data) = (Arc::clone(&self.core), data.to_vec());
+            self.waiters
+                .run(move || write_image(&core, k, offset, &data, reply));
+        } else {
+            write_image(&self.core, k, offset, data, reply);
         }
     }
 
@@ -604,17 +593,68 @@ impl fuser::Filesystem for CloudletFs {
             return reply.error(Errno::EACCES);
         };
         let zeroing = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
-        let r = if mode & zeroing != 0 {
-            self.core.discard(k, offset, length)
+        if mode & zeroing != 0 {
+            // Partial chunks at the ends are written: they may have to arrive first.
+            let discard = move |core: &Core| match core.discard(k, offset, length) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            };
+            if self.core.may_wait(k, offset, length) {
+                let core = Arc::clone(&self.core);
+                self.waiters.run(move || discard(&core));
+            } else {
+                discard(&self.core);
+            }
         } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Space is always "allocated"; the size never changes.
-            Ok(())
+            reply.ok();
         } else {
-            Err(ServeError::Unsupported)
-        };
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            reply.error(errno(&ServeError::Unsupported));
+        }
+    }
+}
+
+/// Serves a read of an image into the calling thread's buffer (a FUSE or a waiter thread).
+fn read_image(core: &Core, k: ImageKind, offset: u64, size: u32, reply: ReplyData) {
+    // Dropped last: a segment decoded for this read is finished after the reply.
+    let _rest = RestAfterReply::new(core);
+    // The thread's own buffer: a read neither allocates nor zeroes memory.
+    READ_BUF.with_borrow_mut(|buf| {
+        match core.read(k, offset, u64::from(size), buf) {
+            Ok(ReadOut::Buffer(n)) => reply.data(&buf[..n]),
+            Ok(ReadOut::Mapped(b)) => {
+                reply.data(b);
+                // Replied: the daemon need not keep those base pages mapped.
+                core.base.release(k, b.len());
+            }
+            Err(e) => {
+                warn!(
+                    "read of {} at {offset}+{size} failed: {}",
+                    k.name(),
+                    crate::serve::chain(&e)
+                );
+                reply.error(errno(&e));
+            }
+        }
+        if buf.len() > READ_BUF_KEEP {
+            *buf = Vec::new();
+        }
+    });
+}
+
+/// Serves a write to an image (in a FUSE or a waiter thread).
+fn write_image(core: &Core, k: ImageKind, offset: u64, data: &[u8], reply: ReplyWrite) {
+    let _rest = RestAfterReply::new(core);
+    match core.write(k, offset, data) {
+        Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
+        Err(e) => {
+            warn!(
+                "write of {} at {offset}+{} failed: {}",
+                k.name(),
+                data.len(),
+                crate::serve::chain(&e)
+            );
+            reply.error(errno(&e));
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod serve;
 pub mod stats;
 pub mod store;
 pub mod streams;
+pub mod waiters;
 
 pub use error::{MountError, ServeError};
 pub use http::{HttpOptions, HttpSource, RedirectPolicy};

@@ -77,7 +77,9 @@ pub struct MountOptions {
     pub cache_memory: Option<u64>,
     /// Demand fetch workers.
     pub fetch_threads: usize,
-    /// FUSE worker threads (at least 4: reads of pending chunks block one while they wait).
+    /// FUSE worker threads (at least 4). At most half of them wait for the network
+    /// themselves; past that, reads and writes of pending chunks wait in waiter threads
+    /// ([`crate::waiters`]).
     pub fuse_threads: usize,
     /// Whether the background filler fetches the whole overlay.
     pub background_fill: bool,
@@ -318,7 +320,8 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(opts.fuse_threads.max(4));
+    let fuse_threads = opts.fuse_threads.max(4);
+    config.n_threads = Some(fuse_threads);
     // One `/dev/fuse` file for all the FUSE threads, not one clone each: see
     // `fuse_device_released_first`.
     config.clone_fd = false;
@@ -326,7 +329,7 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     let canonical = std::fs::canonicalize(&opts.mountpoint).ok();
     let mut workers = spawn_workers(&core, opts.fetch_threads, opts.background_fill);
     workers.extend(spawn_reaper(&core));
-    let fs = CloudletFs::new(Arc::clone(&core));
+    let fs = CloudletFs::new(Arc::clone(&core), fuse_threads);
     let started = fuser::Session::new(fs, &opts.mountpoint, &config).and_then(|s| {
         let device = fuse_device_released_first(&s);
         Ok((s.spawn()?, device))

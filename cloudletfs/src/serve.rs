@@ -677,6 +677,17 @@ impl Core {
         Some((end, offset / CHUNK_SIZE_U64, (end - 1) / CHUNK_SIZE_U64))
     }
 
+    /// Whether reading or writing `len` bytes at `offset` may wait for the network: some
+    /// chunk in the range is still pending. (A chunk never becomes pending again, so `false`
+    /// stays true.)
+    pub fn may_wait(&self, kind: ImageKind, offset: u64, len: u64) -> bool {
+        let img = self.image(kind);
+        self.range(img, offset, len)
+            .is_some_and(|(_, first, last)| {
+                (first..=last).any(|c| img.map.get(c) == ChunkState::Pending)
+            })
+    }
+
     /// Reads up to `len` bytes at `offset` of an image (the image may end first): from the
     /// base mapping, or into `buf`. `buf` is only grown, never shrunk or cleared, so that a
     /// caller that keeps it across reads (one per FUSE thread) neither allocates nor zeroes

@@ -3,6 +3,7 @@
 
 // Test fixtures are a few MiB on 64-bit hosts: offset casts cannot truncate here.
 #![allow(missing_docs, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+mod busy;
 mod corrupt;
 mod crash;
 mod http;
@@ -208,6 +209,61 @@ pub fn slow(path: &Path, delay: Duration) -> OverlaySource {
         inner: FileSource::open(path).expect("open overlay"),
         delay,
     }))
+}
+
+/// A switch for [`GatedSource`]: while closed, reads wait (a network that has stopped for
+/// now) and are counted. Open at first, so that a mount can read the overlay's metadata.
+#[derive(Default)]
+pub struct Gate {
+    /// (closed, reads that arrived while closed)
+    state: std::sync::Mutex<(bool, usize)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Makes later reads wait.
+    pub fn close(&self) {
+        self.state.lock().expect("gate").0 = true;
+    }
+
+    /// Lets every waiting and later read through.
+    pub fn open(&self) {
+        self.state.lock().expect("gate").0 = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `n` reads have arrived or `timeout` passed; the number arrived.
+    pub fn wait_arrived(&self, n: usize, timeout: Duration) -> usize {
+        let g = self.state.lock().expect("gate");
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |s| s.1 < n)
+            .expect("gate");
+        g.1
+    }
+}
+
+/// `inner` behind a [`Gate`].
+pub struct GatedSource {
+    pub inner: FileSource,
+    pub gate: Arc<Gate>,
+}
+
+impl ByteSource for GatedSource {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        {
+            let mut g = self.gate.state.lock().expect("gate");
+            if g.0 {
+                g.1 += 1;
+                self.gate.changed.notify_all();
+                let _open = self.gate.changed.wait_while(g, |s| s.0).expect("gate");
+            }
+        }
+        self.inner.read_range(offset, len)
+    }
 }
 
 /// First byte offset where `a` and `b` differ.
