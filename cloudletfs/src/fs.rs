@@ -82,7 +82,8 @@ thread_local! {
 
 /// The largest read buffer a FUSE thread keeps: the largest read the kernel sends with its
 /// default `fs.fuse.max_pages_limit` (256 pages). A larger one (the limit raised) is freed
-/// after its read, so the buffers of the 8 threads never hold more than 8 MiB.
+/// after its read, so the buffers of the 8 threads never hold more than 8 MiB. Waiter threads
+/// ([`crate::waiters`]) free theirs after every request.
 const READ_BUF_KEEP: usize = 1 << 20;
 
 fn base_ino(k: ImageKind) -> u64 {
@@ -636,7 +637,7 @@ fn read_image(core: &Core, k: ImageKind, offset: u64, size: u32, reply: ReplyDat
                 reply.error(errno(&e));
             }
         }
-        if buf.len() > READ_BUF_KEEP {
+        if buf.len() > READ_BUF_KEEP || crate::waiters::in_waiter() {
             *buf = Vec::new();
         }
     });

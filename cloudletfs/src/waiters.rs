@@ -24,6 +24,16 @@ pub const IDLE: Duration = Duration::from_secs(5);
 
 type Job = Box<dyn FnOnce() + Send>;
 
+thread_local! {
+    static IN_WAITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a waiter thread (which keeps no buffers between requests:
+/// there can be many of them, and their requests are slow anyway).
+pub fn in_waiter() -> bool {
+    IN_WAITER.get()
+}
+
 /// Who will take the queued jobs. Changed only together with sending a job, so that a job
 /// never sits in the queue with no thread meant to take it.
 #[derive(Debug, Default)]
@@ -133,6 +143,7 @@ impl Waiters {
 
     /// A waiter thread's loop. A new thread is meant for the job that started it.
     fn serve(&self) {
+        IN_WAITER.set(true);
         loop {
             match self.rx.recv_timeout(IDLE) {
                 Ok(job) => {
@@ -198,10 +209,11 @@ mod tests {
                 // Returns at once: the job waits in a waiter thread.
                 w.run(move || {
                     let _ = g.recv();
-                    let _ = d.send(std::thread::current().id() != here);
+                    let _ = d.send(std::thread::current().id() != here && in_waiter());
                 });
             }
             assert_eq!(w.threads(), 10);
+            assert!(!in_waiter());
             drop(gate_tx);
         });
         let ran: Vec<bool> = done_rx.iter().take(12).collect();
