@@ -108,9 +108,10 @@ fn base_reads_served_while_many_reads_wait_for_the_network() {
         let at = (base_only * 4096) as usize;
         assert_eq!(base.expect("base read"), s.disk[at..at + 4096]);
         assert!(stats.expect("stats read").starts_with(b"{"));
-        assert_eq!(
-            arrived, expected,
-            "reads and a write did not all reach the network at once"
+        // (More, if readahead had asked for more segments: it reads 4 KiB here.)
+        assert!(
+            arrived >= expected,
+            "only {arrived} of {expected} reads and writes reached the network at once"
         );
         for r in readers {
             let (c, got) = r.join().expect("reader");
