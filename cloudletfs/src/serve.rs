@@ -226,6 +226,7 @@ impl Image {
             bytes_read: ld(&c.bytes_read),
             bytes_written: ld(&c.bytes_written),
             wait_histogram: c.histogram(),
+            waiting_now: ld(&c.waiting_now),
             verification_failures: ld(&c.verification_failures),
             fetch_errors: ld(&c.fetch_errors),
             cache_in_memory: self.cache_in_memory,
@@ -592,6 +593,8 @@ impl Core {
     ) -> Result<Awaited, ServeError> {
         let img = self.image(kind);
         let mut waiting: Option<(Instant, u32, u32)> = None;
+        // Counted in the stats' `waiting_now` from the first wait to the return.
+        let mut _counted = None;
         let deadline = Instant::now() + self.wait_timeout;
         let waited = |waiting: Option<(Instant, u32, u32)>| {
             if let Some((t, _, _)) = waiting {
@@ -638,6 +641,7 @@ impl Core {
             match waiting {
                 None => {
                     waiting = Some((Instant::now(), seg, self.queue.failures(seg)));
+                    _counted = Some(img.counters.waiting());
                     // Nobody has the segment yet: fetch and decode it in this thread.
                     if self.queue.claim(seg) {
                         debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());

@@ -24,6 +24,8 @@ pub struct Counters {
     pub fetch_errors: AtomicU64,
     /// Waits for pending chunks, by [`WAIT_BUCKETS_US`].
     pub waits: [AtomicU64; WAIT_BUCKETS_US.len() + 1],
+    /// Requests waiting for a pending chunk now.
+    pub waiting_now: AtomicU64,
 }
 
 impl Counters {
@@ -41,6 +43,22 @@ impl Counters {
 
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request in `waiting_now` until the guard drops.
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
+        self.waiting_now.fetch_add(1, Ordering::Relaxed);
+        Waiting(&self.waiting_now)
+    }
+}
+
+/// A request counted in [`Counters::waiting_now`].
+#[derive(Debug)]
+pub(crate) struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -91,6 +109,8 @@ pub struct ImageStats {
     pub bytes_written: u64,
     /// Waits for pending chunks.
     pub wait_histogram: Vec<Bucket>,
+    /// Requests waiting for a pending chunk at the time of the snapshot.
+    pub waiting_now: u64,
     /// Verification failures.
     pub verification_failures: u64,
     /// Requests failed by fetch errors or timeouts.
@@ -153,5 +173,17 @@ mod tests {
         let h = c.histogram();
         assert_eq!(h[0].count, 1);
         assert_eq!(h.last().map(|b| (b.below_us, b.count)), Some((None, 1)));
+    }
+
+    #[test]
+    fn waiting_now_counts_live_guards() {
+        let c = Counters::default();
+        let a = c.waiting();
+        {
+            let _b = c.waiting();
+            assert_eq!(c.waiting_now.load(Ordering::Relaxed), 2);
+        }
+        drop(a);
+        assert_eq!(c.waiting_now.load(Ordering::Relaxed), 0);
     }
 }

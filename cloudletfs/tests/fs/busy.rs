@@ -107,7 +107,13 @@ fn base_reads_served_while_many_reads_wait_for_the_network() {
         });
         let at = (base_only * 4096) as usize;
         assert_eq!(base.expect("base read"), s.disk[at..at + 4096]);
-        assert!(stats.expect("stats read").starts_with(b"{"));
+        let stats: serde_json::Value =
+            serde_json::from_slice(&stats.expect("stats read")).expect("stats JSON");
+        let waiting = stats["image"]["waiting_now"].as_u64().expect("waiting_now");
+        assert!(
+            waiting >= expected as u64,
+            "stats say {waiting} requests wait"
+        );
         // (More, if readahead had asked for more segments: it reads 4 KiB here.)
         assert!(
             arrived >= expected,
@@ -141,7 +147,11 @@ fn base_reads_served_while_many_reads_wait_for_the_network() {
     }
     let st = g.mounted().stats();
     assert_eq!(
-        (st.disk.fetch_errors, st.disk.verification_failures),
-        (0, 0)
+        (
+            st.disk.fetch_errors,
+            st.disk.verification_failures,
+            st.disk.waiting_now
+        ),
+        (0, 0, 0)
     );
 }
