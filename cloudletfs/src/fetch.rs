@@ -55,6 +55,12 @@ enum SegStatus {
     Corrupt,
 }
 
+/// Segments that readers fetch and decode themselves at once ([`FetchQueue::claim`]); past
+/// that, a reader leaves its segment to the demand workers. This bounds the segments in
+/// flight (up to 16 MiB decoded each) however many requests wait: the FUSE threads and the
+/// waiter threads ([`crate::waiters`]) can be dozens.
+pub const MAX_CLAIMED: usize = 8;
+
 /// A decoded segment, published, whose chunks are still to rebuild into the cache file.
 type Rest = (u32, Arc<Vec<u8>>);
 
@@ -69,6 +75,8 @@ struct Sched {
     rest_bytes: u64,
     /// Decoded segments not yet done, for readers to rebuild their chunk from.
     decoded: HashMap<u32, Arc<Vec<u8>>>,
+    /// Segments claimed by readers and not yet run ([`MAX_CLAIMED`]).
+    claimed: usize,
     next_bg: usize,
     passes: u32,
     shutdown: bool,
@@ -102,6 +110,7 @@ impl FetchQueue {
                 rest: VecDeque::new(),
                 rest_bytes: 0,
                 decoded: HashMap::new(),
+                claimed: 0,
                 next_bg: 0,
                 passes: 0,
                 shutdown: false,
@@ -137,19 +146,30 @@ impl FetchQueue {
     }
 
     /// Takes `segment` for the calling thread if no worker has it yet (idle or only queued):
-    /// the caller must then run [`run_claimed`]. False if it is in flight, done or corrupt.
+    /// the caller must then run [`run_claimed`]. False if it is in flight, done or corrupt,
+    /// or if [`MAX_CLAIMED`] segments are claimed already.
     pub fn claim(&self, segment: u32) -> bool {
         let mut s = self.lock();
         let Ok(i) = usize::try_from(segment) else {
             return false;
         };
+        if s.claimed >= MAX_CLAIMED {
+            return false;
+        }
         match s.status.get(i) {
             Some(SegStatus::Idle) => {}
             Some(SegStatus::Queued) => s.demand.retain(|&d| d != segment),
             _ => return false,
         }
         s.status[i] = SegStatus::InFlight;
+        s.claimed += 1;
         true
+    }
+
+    /// Ends a claim ([`run_claimed`] has run).
+    fn unclaim(&self) {
+        let mut s = self.lock();
+        s.claimed = s.claimed.saturating_sub(1);
     }
 
     /// Queues the rest of a decoded segment for the rest worker; gives it back if too many
@@ -436,6 +456,13 @@ fn hand_off_rest(core: &Core, seg: u32, data: Arc<Vec<u8>>) {
 /// publishes it, and hands its rebuilding on: once the reply is sent if a [`RestAfterReply`]
 /// is alive, at once otherwise.
 pub(crate) fn run_claimed(core: &Core, seg: u32) {
+    struct Unclaim<'a>(&'a FetchQueue);
+    impl Drop for Unclaim<'_> {
+        fn drop(&mut self) {
+            self.0.unclaim();
+        }
+    }
+    let _unclaim = Unclaim(&core.queue);
     if let Some(data) = fetch_segment(core, seg, true) {
         let kept = DEFERRED_REST.with(|d| match &mut *d.borrow_mut() {
             Some(rests) => {
@@ -566,6 +593,24 @@ fn rebuild_rest(core: &Core, seg: u32, data: &[u8], demand: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_claim_at_most_max_claimed_segments_at_once() {
+        let q = FetchQueue::new(MAX_CLAIMED + 2);
+        let n = u32::try_from(MAX_CLAIMED).unwrap();
+        for seg in 0..n {
+            assert!(q.claim(seg), "segment {seg}");
+        }
+        // Past the bound the reader leaves the segment to the demand workers.
+        assert!(!q.claim(n));
+        q.demand(n);
+        q.unclaim();
+        assert!(
+            q.claim(n),
+            "a queued segment can be claimed again once a claim ended"
+        );
+        assert!(!q.claim(0), "in flight");
+    }
 
     #[test]
     fn rests_wait_up_to_the_byte_bound_and_stay_published_until_done() {
