@@ -16,10 +16,11 @@
 //!   straight into its reply, and writes nothing: the cache-file write, which on ext4 can queue
 //!   behind the idle worker's writes to the same file, stays off the reply's path.
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
-//!   and runs [`run_claimed`] in its own (FUSE) thread: fetch, decode, publish, reply, and
-//!   only then hand the rebuilding of the segment on ([`RestAfterReply`]). That spares the two
-//!   thread hand-offs (reader → worker → reader) that made the tail of the first-read latency
-//!   on a busy machine.
+//!   and runs [`run_claimed`] in its own (FUSE or waiter) thread: fetch, decode, publish,
+//!   reply, and only then hand the rebuilding of the segment on ([`RestAfterReply`]). That
+//!   spares the two thread hand-offs (reader → worker → reader) that made the tail of the
+//!   first-read latency on a busy machine. At most [`MAX_CLAIMED`] readers do so at once;
+//!   the others leave their segment to the demand workers.
 //! - The *rest* of a segment decoded on demand is rebuilt by one rest worker under
 //!   `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice 19 thread still keeps its
 //!   CPU for a whole time slice, ~3 ms here, when a reader wakes), or by the background filler
