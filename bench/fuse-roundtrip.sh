@@ -8,6 +8,7 @@
 # one cost of the FUSE round trip:
 #   free             the scheduler places the reader and the FUSE threads (the normal case);
 #   reader on CPU 0  only the reader pinned (as a pinned QEMU I/O thread would be);
+#   daemon on CPU 1  only the daemon pinned, the reader free (what a daemon could do alone);
 #   one CPU          daemon and reader pinned to CPU 0: no cross-CPU wake-up;
 #   CPUs busy        one SCHED_IDLE spinner per CPU: wake-ups never have to bring a halted
 #                    vCPU back (any runnable thread preempts the spinners at once), as a guest
@@ -166,6 +167,7 @@ measure() {
   local state=$1 placement=$2 side=$3 reader='' daemon='' file=$WORK/disk.img got
   case $placement in
     "reader on CPU 0") reader=0 ;;
+    "daemon on CPU 1") daemon=1 ;;
     "one CPU") reader=0 daemon=0 ;;
   esac
   if [[ $side != direct ]]; then
@@ -179,7 +181,7 @@ measure() {
   if [[ $side != direct ]]; then unmount_side; fi
 }
 
-PLACEMENTS=(free "reader on CPU 0" "one CPU" "CPUs busy")
+PLACEMENTS=(free "reader on CPU 0" "daemon on CPU 1" "one CPU" "CPUs busy")
 if ((URING)); then echo Y >"$URING_SWITCH"; fi
 : >"$WORK/results"
 for ((r = 1; r <= ROUNDS; r++)); do
