@@ -9,15 +9,15 @@
 //!   stops: nothing more is fetched unless a read asks.
 //! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`] and
 //!   *publishes* it ([`FetchQueue::decoded`]) until all its chunks (and every self reference to
-//!   them) are rebuilt and verified into the cache file by [`crate::serve::Core::rebuild`]:
+//!   them) are rebuilt and verified into the cache file by `Core::rebuild`:
 //!   the filler rebuilds them all at once, a demand worker hands them on as a reader does
 //!   (below).
 //! - A reader waiting for a chunk of a published segment takes the chunk from it (verified)
 //!   straight into its reply, and writes nothing: the cache-file write, which on ext4 can queue
 //!   behind the idle worker's writes to the same file, stays off the reply's path.
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
-//!   and runs [`run_claimed`] in its own (FUSE or waiter) thread: fetch, decode, publish,
-//!   reply, and only then hand the rebuilding of the segment on ([`RestAfterReply`]). That
+//!   and runs `run_claimed` in its own (FUSE or waiter) thread: fetch, decode, publish,
+//!   reply, and only then hand the rebuilding of the segment on (`RestAfterReply`). That
 //!   spares the two thread hand-offs (reader → worker → reader) that made the tail of the
 //!   first-read latency on a busy machine. At most [`MAX_CLAIMED`] readers do so at once;
 //!   the others leave their segment to the demand workers.
@@ -147,7 +147,7 @@ impl FetchQueue {
     }
 
     /// Takes `segment` for the calling thread if no worker has it yet (idle or only queued):
-    /// the caller must then run [`run_claimed`]. False if it is in flight, done or corrupt,
+    /// the caller must then run `run_claimed`. False if it is in flight, done or corrupt,
     /// or if [`MAX_CLAIMED`] segments are claimed already.
     pub fn claim(&self, segment: u32) -> bool {
         let mut s = self.lock();

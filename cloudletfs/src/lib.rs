@@ -12,7 +12,7 @@
 //! | byte sources | [`http`], [`synth::source`] | where overlay bytes come from (local file, HTTP Range requests) |
 //! | copy-on-write | [`store`] | sparse state file plus a durable journal of modified/discarded chunks |
 //! | observability | [`stats`], [`streams`] | JSON counters and bounded trace streams |
-//! | lifecycle | [`mount`] | [`mount()`] → [`Mounted`], unmount on drop |
+//! | lifecycle | [`mount`](mod@mount) | [`mount()`] → [`Mounted`], unmount on drop |
 //!
 //! # Flow of a read
 //!

@@ -2,7 +2,7 @@
 //! the cache of rebuilt overlay chunks, the copy-on-write store or zeros, according to the
 //! chunk map.
 //!
-//! The cache is an unlinked file: in memory ([`memory_file`]) when `mount` finds that every
+//! The cache is an unlinked file: in memory (`memory_file`) when `mount` finds that every
 //! overlay chunk fits in its memory budget, else on disk in the cache folder. In memory, a
 //! chunk costs several times less to write, and no disk writeback or journal runs behind the
 //! readers (measured in `BENCHMARKS.md`).
@@ -293,7 +293,7 @@ pub struct CoreParts<'a> {
     pub state_dir: Option<&'a Path>,
     /// Folder for unlinked cache and scratch files.
     pub cache_dir: &'a Path,
-    /// Keep rebuilt chunks in memory ([`memory_file`]) instead of a file in `cache_dir`.
+    /// Keep rebuilt chunks in memory (`memory_file`) instead of a file in `cache_dir`.
     pub cache_in_memory: bool,
     /// Longest a request waits for a pending chunk.
     pub wait_timeout: Duration,

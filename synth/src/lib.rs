@@ -4,7 +4,7 @@
 //! launch config, kept in a [`registry::Registry`] together with a [`index::ChunkIndex`]: the
 //! SHA-256 of every 4 KiB chunk plus a digest → location table used for deduplication.
 //!
-//! A *VM overlay* ([`format`]) holds only the chunks of a custom VM that differ from its base.
+//! A *VM overlay* ([`format`](mod@format)) holds only the chunks of a custom VM that differ from its base.
 //! The flow between the pieces:
 //!
 //! ```text
@@ -18,7 +18,7 @@
 //! ```
 //!
 //! `cloudletfs` serves the same reconstruction lazily through FUSE, using [`format::Overlay`]
-//! and [`resolve::ChunkResolver`] to decode single chunks on demand.
+//! and [`resolve::Resolver`] to decode single chunks on demand.
 
 pub mod base;
 pub mod chunk;
