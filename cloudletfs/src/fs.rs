@@ -204,6 +204,24 @@ impl CloudletFs {
         }
     }
 
+    /// Runs `job` (which replies) here, or, when `len` bytes at `offset` of image `k` may
+    /// wait for the network, through the waiters. (A write, whose data is borrowed, does the
+    /// same by hand.)
+    fn run_image(
+        &self,
+        k: ImageKind,
+        offset: u64,
+        len: u64,
+        job: impl FnOnce(&Core) + Send + 'static,
+    ) {
+        if self.core.may_wait(k, offset, len) {
+            let core = Arc::clone(&self.core);
+            self.waiters.run(move || job(&core));
+        } else {
+            job(&self.core);
+        }
+    }
+
     fn stream(&self, k: ImageKind, s: StreamKind) -> &Stream {
         let img = self.core.image(k);
         match s {
@@ -415,15 +433,9 @@ impl fuser::Filesystem for CloudletFs {
             return reply.error(Errno::ENOENT);
         };
         match n {
-            Node::Image(k) => {
-                if self.core.may_wait(k, offset, u64::from(size)) {
-                    let core = Arc::clone(&self.core);
-                    self.waiters
-                        .run(move || read_image(&core, k, offset, size, reply));
-                } else {
-                    read_image(&self.core, k, offset, size, reply);
-                }
-            }
+            Node::Image(k) => self.run_image(k, offset, u64::from(size), move |core| {
+                read_image(core, k, offset, size, reply)
+            }),
             Node::DeviceState => {
                 let ds = &self.core.meta.device_state;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(ds.len());
@@ -596,16 +608,12 @@ impl fuser::Filesystem for CloudletFs {
         let zeroing = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & zeroing != 0 {
             // Partial chunks at the ends are written: they may have to arrive first.
-            let discard = move |core: &Core| match core.discard(k, offset, length) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            };
-            if self.core.may_wait(k, offset, length) {
-                let core = Arc::clone(&self.core);
-                self.waiters.run(move || discard(&core));
-            } else {
-                discard(&self.core);
-            }
+            self.run_image(k, offset, length, move |core| {
+                match core.discard(k, offset, length) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
         } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Space is always "allocated"; the size never changes.
             reply.ok();
