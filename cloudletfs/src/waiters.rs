@@ -174,7 +174,8 @@ impl Waiters {
     }
 
     /// Waiter threads running now.
-    pub fn threads(&self) -> usize {
+    #[cfg(test)]
+    fn threads(&self) -> usize {
         self.pool.lock().map(|p| p.threads).unwrap_or(0)
     }
 }
