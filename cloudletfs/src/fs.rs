@@ -81,10 +81,11 @@ thread_local! {
 }
 
 /// The largest read buffer a FUSE thread keeps: the largest read the kernel sends with its
-/// default `fs.fuse.max_pages_limit` (256 pages). A larger one (the limit raised) is freed
-/// after its read, so the buffers of the 8 threads never hold more than 8 MiB. Waiter threads
-/// ([`crate::waiters`]) free theirs after every request.
-const READ_BUF_KEEP: usize = 1 << 20;
+/// default `fs.fuse.max_pages_limit` (256 pages), plus the page that aligns an `O_DIRECT` read
+/// of the base in it. A larger one (the limit raised) is freed after its read, so the buffers
+/// of the 8 threads never hold much more than 8 MiB. Waiter threads ([`crate::waiters`]) free
+/// theirs after every request.
+const READ_BUF_KEEP: usize = (1 << 20) + crate::serve::DIRECT_ALIGN;
 
 fn base_ino(k: ImageKind) -> u64 {
     match k {
@@ -630,7 +631,7 @@ fn read_image(core: &Core, k: ImageKind, offset: u64, size: u32, reply: ReplyDat
     // The thread's own buffer: a read neither allocates nor zeroes memory.
     READ_BUF.with_borrow_mut(|buf| {
         match core.read(k, offset, u64::from(size), buf) {
-            Ok(ReadOut::Buffer(n)) => reply.data(&buf[..n]),
+            Ok(ReadOut::Buffer(at)) => reply.data(&buf[at]),
             Ok(ReadOut::Mapped(b)) => {
                 reply.data(b);
                 // Replied: the daemon need not keep those base pages mapped.

@@ -16,12 +16,13 @@ use crate::fetch::FetchQueue;
 use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
 use crate::store::{StateOwner, Store};
 use crate::streams::Stream;
-use log::{debug, error};
+use log::{debug, error, warn};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,14 +35,18 @@ use synth::ImageKind;
 const LOCK_STRIPES: usize = 256;
 
 /// The base images: read with `pread` into the caller's buffer, or, for a large read of base
-/// chunks only, replied straight from a read-only mapping.
+/// chunks only, replied straight from a read-only mapping when the page cache holds them, and
+/// read from the disk with `O_DIRECT` into the caller's buffer when it does not.
 ///
 /// A small read (QEMU's random 4 KiB reads) costs less as a `pread` into a warm buffer than as
 /// a reply from the mapping: that one made the kernel fault the base pages into the daemon, with
 /// fault-around, and unmap them again later to bound the RSS. A large read (sequential
 /// readahead, up to 1 MiB) costs less from the mapping: the kernel copies the base pages into
 /// the reply once, where a `pread` first copies them into the buffer. Both were measured side
-/// by side (`BENCHMARKS.md`, cloudletfs, "Run G").
+/// by side (`BENCHMARKS.md`, cloudletfs, "Run G"). A large read of pages the page cache does
+/// not hold would fill the base's page cache only for the reply to copy it into the FUSE
+/// file's own: read with `O_DIRECT`, the disk fills the warm buffer instead, and a cold GiB
+/// costs the machine less than half the CPU time (run K).
 #[derive(Debug)]
 pub struct BaseImages {
     disk: BaseFile,
@@ -57,6 +62,11 @@ struct BaseFile {
     map: Option<Mmap>,
     /// Bytes replied from the mapping since its pages were last released.
     mapped_since_release: AtomicU64,
+    /// The same file opened with `O_DIRECT`, for large reads of pages the page cache does not
+    /// hold; `None` where the file system refuses the flag.
+    direct: Option<File>,
+    /// Cleared when the file system refuses an `O_DIRECT` read (then the mapping serves).
+    direct_ok: AtomicBool,
 }
 
 impl BaseFile {
@@ -78,11 +88,19 @@ impl BaseFile {
             // bytes do not change.
             Some(unsafe { Mmap::map(&file) }.map_err(io("Mapping"))?)
         };
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| debug!("{}: no O_DIRECT reads: {e}", path.display()))
+            .ok();
         Ok(BaseFile {
             file,
             len,
             map,
             mapped_since_release: AtomicU64::new(0),
+            direct_ok: AtomicBool::new(direct.is_some()),
+            direct,
         })
     }
 }
@@ -92,6 +110,35 @@ pub const MAPPED_READ_MIN: u64 = 128 << 10;
 
 /// Bytes replied from a base mapping between two releases of its pages.
 pub const RELEASE_EVERY: u64 = 8 << 20;
+
+/// The alignment of an `O_DIRECT` read of a base image (offset, length and buffer): a page,
+/// which every block device's logical block size divides.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Whether the page cache holds every page of `mapped`, a page-aligned slice of a base
+/// mapping. `true` when the kernel cannot tell (then the mapping serves, as it always may).
+fn in_page_cache(mapped: &[u8]) -> bool {
+    const STACK_PAGES: usize = 256;
+    let pages = mapped.len().div_ceil(DIRECT_ALIGN);
+    let mut stack = [0u8; STACK_PAGES];
+    let mut heap = Vec::new();
+    let vec: &mut [u8] = if pages <= STACK_PAGES {
+        &mut stack[..pages]
+    } else {
+        heap.resize(pages, 0);
+        &mut heap
+    };
+    // SAFETY: `mapped` lies inside a live mapping of the base file and starts on a page (the
+    // caller checks), and `vec` has one byte per page of it, which is all mincore writes.
+    let r = unsafe {
+        libc::mincore(
+            mapped.as_ptr() as *mut libc::c_void,
+            mapped.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    r != 0 || vec.iter().all(|p| p & 1 == 1)
+}
 
 impl BaseImages {
     /// Opens and maps the two base images.
@@ -124,6 +171,83 @@ impl BaseImages {
         f.file.read_exact_at(data, offset)?;
         past_end.fill(0);
         Ok(())
+    }
+
+    /// Reads the base bytes `offset..offset + n` from the disk with `O_DIRECT` into `buf`,
+    /// grown as needed, at an aligned place; returns that place. The read is padded to
+    /// [`DIRECT_ALIGN`] (the kernel splits an `O_DIRECT` read of a FUSE file at the pages of
+    /// the reader's buffer, so a request's length need not be aligned). `Ok(None)` when this
+    /// file or this offset cannot be read that way (then the mapping serves); a refusal of the
+    /// file system on a first read turns `O_DIRECT` off for the file.
+    fn read_direct(
+        &self,
+        image: ImageKind,
+        offset: u64,
+        n: usize,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<Option<Range<usize>>> {
+        let f = self.file(image);
+        let Some(direct) = f
+            .direct
+            .as_ref()
+            .filter(|_| f.direct_ok.load(Ordering::Relaxed))
+        else {
+            return Ok(None);
+        };
+        if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+            return Ok(None);
+        }
+        let padded = n.next_multiple_of(DIRECT_ALIGN);
+        if buf.len() < padded + DIRECT_ALIGN {
+            buf.resize(padded + DIRECT_ALIGN, 0);
+        }
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        if start >= DIRECT_ALIGN {
+            return Ok(None);
+        }
+        let mut done = 0;
+        while done < n {
+            let into = &mut buf[start + done..start + padded];
+            match direct.read_at(into, offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(got) => done += got,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if done == 0 {
+                        f.direct_ok.store(false, Ordering::Relaxed);
+                        warn!(
+                            "the base {} refuses O_DIRECT reads ({e}); reading it through \
+                             the page cache",
+                            image.name()
+                        );
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(start..start + n))
+    }
+
+    /// A large read of base bytes `offset..end`: the mapped bytes when the page cache holds
+    /// them all, else the bytes read with `O_DIRECT` into `buf` (see [`BaseImages`]). `None`
+    /// when the range is not all inside the base.
+    fn read_large<'a>(
+        &'a self,
+        image: ImageKind,
+        offset: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<Option<ReadOut<'a>>> {
+        let Some(mapped) = self.mapped(image, offset, end) else {
+            return Ok(None);
+        };
+        if offset.is_multiple_of(DIRECT_ALIGN as u64) && !in_page_cache(mapped) {
+            if let Some(at) = self.read_direct(image, offset, mapped.len(), buf)? {
+                return Ok(Some(ReadOut::Buffer(at)));
+            }
+        }
+        Ok(Some(ReadOut::Mapped(mapped)))
     }
 
     /// The mapped base bytes `offset..end`, if they are all inside the base.
@@ -249,8 +373,8 @@ pub enum ReadOut<'a> {
     /// In the base mapping (a large read of base chunks only); account them with
     /// [`BaseImages::release`] once replied.
     Mapped(&'a [u8]),
-    /// The first this many bytes of the caller's buffer.
-    Buffer(usize),
+    /// These bytes of the caller's buffer.
+    Buffer(Range<usize>),
 }
 
 /// Everything a mounted overlay shares between FUSE threads and fetch workers.
@@ -705,7 +829,7 @@ impl Core {
     ) -> Result<ReadOut<'_>, ServeError> {
         let img = self.image(kind);
         let Some((end, first, last)) = self.range(img, offset, len) else {
-            return Ok(ReadOut::Buffer(0));
+            return Ok(ReadOut::Buffer(0..0));
         };
         let mut all_base = true;
         // The first pending chunk's segment is decoded by this thread (`await_chunk`); the
@@ -732,8 +856,9 @@ impl Core {
         }
         Counters::add(&img.counters.bytes_read, end - offset);
         if all_base && end - offset >= MAPPED_READ_MIN {
-            if let Some(b) = self.base.mapped(kind, offset, end) {
-                return Ok(ReadOut::Mapped(b));
+            let large = self.base.read_large(kind, offset, end, buf);
+            if let Some(out) = large.map_err(ServeError::io("Reading the base image"))? {
+                return Ok(out);
             }
         }
         let n = usize::try_from(end - offset).map_err(|_| ServeError::OutOfRange(offset))?;
@@ -778,7 +903,7 @@ impl Core {
             }
             c = j;
         }
-        Ok(ReadOut::Buffer(n))
+        Ok(ReadOut::Buffer(0..n))
     }
 
     /// Writes `data` at `offset` (clipped to the image size); returns the bytes written.

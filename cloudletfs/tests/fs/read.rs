@@ -1,6 +1,7 @@
 //! Byte-identical reads against `cloudlet reconstruct`, through read() and mmap.
 
 use crate::*;
+use std::os::fd::AsRawFd;
 use synth::codec::Codec;
 use synth::ImageKind;
 
@@ -244,6 +245,96 @@ fn small_and_large_reads_of_base_runs_match_reconstruct() {
     // were long enough for the mapping: most of the image was base.
     let st = g.mounted().stats();
     assert!(st.disk.chunks.from_base * 2 > st.disk.chunks.total);
+}
+
+/// Pages of `path` in `range` that the page cache holds (`mincore` of a fresh mapping).
+fn cached_pages(path: &std::path::Path, range: std::ops::Range<usize>) -> usize {
+    let f = File::open(path).expect("open base");
+    // SAFETY: the test's base file is not written or truncated while the mapping lives.
+    let m = unsafe { memmap2::Mmap::map(&f) }.expect("map base");
+    let pages = range.len().div_ceil(4096);
+    let mut v = vec![0u8; pages];
+    // SAFETY: `range` lies inside the mapping and starts on a page; `v` has a byte per page.
+    let r = unsafe {
+        libc::mincore(
+            m[range].as_ptr() as *mut libc::c_void,
+            pages * 4096,
+            v.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    v.iter().filter(|p| *p & 1 == 1).count()
+}
+
+/// A large read of base chunks that the page cache does not hold is read from the disk with
+/// `O_DIRECT`: the reply has the reconstruction's bytes and the base's page cache stays empty.
+/// Once the page cache holds the base, the same reads are served from the mapping, with the
+/// same bytes.
+#[test]
+fn large_reads_of_an_uncached_base_bypass_its_page_cache() {
+    if !fuse_ok() {
+        return;
+    }
+    let shape = Shape {
+        disk: 8 << 20,
+        memory: 2 << 20,
+        changes: 4,
+        ..Shape::default()
+    };
+    let s = Setup::new(7, shape);
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.background_fill = false
+    });
+    let base_path = s.fx.base.disk_path();
+    let base = File::open(&base_path).expect("open base");
+    base.sync_all().expect("sync base");
+    // SAFETY: plain advice on an open descriptor; no memory is involved.
+    let r = unsafe { libc::posix_fadvise(base.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+    let base_len = s.fx.base_disk.len();
+    if cached_pages(&base_path, 0..base_len) != 0 {
+        // tmpfs, for one, keeps its pages whatever the advice.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the base's page cache cannot be emptied here (required when CI=true)"
+        );
+        eprintln!("skipping: the base's page cache cannot be emptied here");
+        return;
+    }
+    // The 1 MiB regions that are all base: chunks equal to the base at the same place.
+    let mib = 1usize << 20;
+    let regions: Vec<usize> = (0..base_len.min(s.disk.len()) / mib)
+        .map(|i| i * mib)
+        .filter(|&off| s.disk[off..off + mib] == s.fx.base_disk[off..off + mib])
+        .collect();
+    assert!(regions.len() >= 4, "too few all-base regions: {regions:?}");
+    let img = open_direct(&g.path("disk/image"), false);
+    // One FUSE read of 1 MiB each: the kernel splits an O_DIRECT read at the pages of the
+    // reader's buffer, so it is aligned (as QEMU's are).
+    let mut buf = vec![0u8; mib + 4096];
+    let at = buf.as_ptr().align_offset(4096);
+    for &off in &regions {
+        img.read_exact_at(&mut buf[at..at + mib], off as u64)
+            .expect("read through the mount");
+        assert!(
+            buf[at..at + mib] == s.disk[off..off + mib],
+            "uncached read at {off} differs"
+        );
+        assert_eq!(
+            cached_pages(&base_path, off..off + mib),
+            0,
+            "the read at {off} went through the base's page cache"
+        );
+    }
+    // Now cached: served from the mapping.
+    assert_eq!(read_all(&base_path), s.fx.base_disk);
+    for &off in &regions {
+        let got = pread(&img, off as u64, mib).expect("read through the mount");
+        assert!(
+            got == s.disk[off..off + mib],
+            "cached read at {off} differs"
+        );
+    }
 }
 
 /// A base image that shrinks under a mount (an operator's mistake: the registry's files are
