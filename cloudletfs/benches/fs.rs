@@ -149,6 +149,11 @@ struct Timed {
 /// Times `read` (which returns the bytes it read) with a cold page cache.
 fn timed(read: impl FnOnce() -> u64) -> Timed {
     drop_caches();
+    measured(read)
+}
+
+/// Times `read` (which returns the bytes it read) in the page cache's present state.
+fn measured(read: impl FnOnce() -> u64) -> Timed {
     let before = busy_ticks();
     let t = Instant::now();
     let bytes = read();
@@ -334,13 +339,7 @@ fn timed_mount(t: &ThroughputSetup, read: FileRead<'_>, warm_base: bool) -> Time
     let r = if warm_base {
         drop_caches();
         seq_read(&t.base.disk_path());
-        let before = busy_ticks();
-        let start = Instant::now();
-        let bytes = read(&image);
-        Timed {
-            rate: bytes as f64 / start.elapsed().as_secs_f64(),
-            cpu_ticks: busy_ticks().saturating_sub(before),
-        }
+        measured(|| read(&image))
     } else {
         timed(|| read(&image))
     };
