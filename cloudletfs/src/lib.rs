@@ -19,7 +19,7 @@
 //! ```text
 //!  kernel READ ─► fs::CloudletFs::read ─► serve::Image::read
 //!                                     │  chunk state (chunkmap)
-//!        base ◄───────────────────────┼── Base: mmap of the base image
+//!        base ◄───────────────────────┼── Base: pread (a large read: mmap if cached, else O_DIRECT)
 //!        cache file ◄─────────────────┼── Ready: decoded + verified overlay chunk
 //!        state file ◄─────────────────┼── Modified: copy-on-write store
 //!        zeros ◄──────────────────────┼── Discarded
