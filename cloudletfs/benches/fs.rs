@@ -222,10 +222,7 @@ impl Pairs {
             .zip(&self.a)
             .map(|(b, a)| b.rate / a.rate)
             .collect();
-        let (lo, hi) = (
-            ratios.iter().copied().fold(f64::MAX, f64::min),
-            ratios.iter().copied().fold(0.0, f64::max),
-        );
+        let (lo, hi) = spread(&ratios);
         println!(
             "| {what} | {:.2} {unit_name} | {:.2} {unit_name} | **{:.2}** | {lo:.2}–{hi:.2} | {:.2} s | {:.2} s |",
             med(rates(&self.a)),
@@ -378,10 +375,7 @@ fn throughput() {
         .iter()
         .map(|w| w.cpu_ticks as f64 / 100.0 / t.gib as f64)
         .collect();
-    let (lo, hi) = (
-        rates.iter().copied().fold(f64::MAX, f64::min),
-        rates.iter().copied().fold(0.0, f64::max),
-    );
+    let (lo, hi) = spread(&rates);
     println!(
         "FUSE side alone (the base file read into the page cache first, the mount fresh), \
          sequential 1 MiB through cloudletfs: **{:.2} GB/s** (rounds {lo:.2}–{hi:.2}), CPU \
@@ -389,6 +383,14 @@ fn throughput() {
         percentile(&mut rates, 0.5),
         percentile(&mut cpu, 0.5),
     );
+}
+
+/// The smallest and the largest of `v`.
+fn spread(v: &[f64]) -> (f64, f64) {
+    (
+        v.iter().copied().fold(f64::MAX, f64::min),
+        v.iter().copied().fold(0.0, f64::max),
+    )
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {

@@ -99,7 +99,7 @@ impl BaseFile {
             len,
             map,
             mapped_since_release: AtomicU64::new(0),
-            direct_ok: AtomicBool::new(direct.is_some()),
+            direct_ok: AtomicBool::new(true),
             direct,
         })
     }
@@ -118,16 +118,7 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// Whether the page cache holds every page of `mapped`, a page-aligned slice of a base
 /// mapping. `true` when the kernel cannot tell (then the mapping serves, as it always may).
 fn in_page_cache(mapped: &[u8]) -> bool {
-    const STACK_PAGES: usize = 256;
-    let pages = mapped.len().div_ceil(DIRECT_ALIGN);
-    let mut stack = [0u8; STACK_PAGES];
-    let mut heap = Vec::new();
-    let vec: &mut [u8] = if pages <= STACK_PAGES {
-        &mut stack[..pages]
-    } else {
-        heap.resize(pages, 0);
-        &mut heap
-    };
+    let mut vec = vec![0u8; mapped.len().div_ceil(DIRECT_ALIGN)];
     // SAFETY: `mapped` lies inside a live mapping of the base file and starts on a page (the
     // caller checks), and `vec` has one byte per page of it, which is all mincore writes.
     let r = unsafe {

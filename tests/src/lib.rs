@@ -342,7 +342,7 @@ pub fn require_fuse() -> bool {
 pub const LIBVIRT_URI: &str = "qemu:///system";
 
 /// Skips (returns `false`, or fails under `CI=true`) with `why`.
-fn skip(why: &str) -> bool {
+pub fn skip(why: &str) -> bool {
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
         "{why} (required when CI=true)"
