@@ -414,6 +414,9 @@ pub enum Command {
 
 /// Maps an error to the process exit code.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(DaemonFailed(code)) = e.downcast_ref::<DaemonFailed>() {
+        return u8::try_from(*code).unwrap_or(1);
+    }
     let invalid = e.chain().any(|c| {
         c.downcast_ref::<FormatError>().is_some()
             || matches!(
@@ -449,6 +452,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         1
     }
 }
+
+/// `cloudlet mount`: the `cloudletfs` daemon failed and has already told the user why on
+/// stderr; `cloudlet` exits with its exit code and adds nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("cloudletfs exited with code {0}")]
+pub struct DaemonFailed(pub i32);
 
 /// `--backend` of `cloudlet synthesis`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -881,7 +890,8 @@ pub fn run(ctx: &Context, cmd: Command) -> Result<()> {
                 .status()
                 .with_context(|| format!("running {}", daemon.display()))?;
             if !status.success() {
-                bail!("cloudletfs exited with {status}");
+                // cloudletfs has said why on stderr; its exit code already means what ours do.
+                bail!(DaemonFailed(status.code().unwrap_or(1)));
             }
         }
         Command::Unmount { mountpoint } => {

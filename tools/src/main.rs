@@ -52,7 +52,9 @@ fn main() -> ExitCode {
     match commands::run(&ctx, cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if e.downcast_ref::<commands::DaemonFailed>().is_none() {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(commands::exit_code(&e))
         }
     }

@@ -1,11 +1,17 @@
 //! `cloudletfs`: the daemon serving a synthesized VM's images over FUSE.
 //!
 //! Without `--foreground` it starts itself again in the foreground, detached, and returns once
-//! the mount is up (or prints why it failed).
+//! the mount is up (or prints why it failed, as the detached daemon said it on its stderr, and
+//! exits with its exit code).
+//!
+//! Exit codes, as `cloudlet`'s: `0` ok, `1` error, `2` bad arguments, `3` input refused as
+//! invalid, corrupt or made for another base (the overlay, or a `--state` folder).
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use cloudletfs::{mount, MountOptions, OverlaySource};
+use cloudletfs::{mount, MountError, MountOptions, OverlaySource};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +57,16 @@ struct Args {
     /// Log file when running in the background.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Set by the starting process on the daemon it detaches: stderr is a pipe that process
+    /// reads only until the mount is up.
+    #[arg(long, hide = true)]
+    detached: bool,
 }
+
+/// Exit code: the input was refused as invalid, corrupt or made for something else.
+const EXIT_INVALID: i32 = 3;
+/// How much of a detached daemon's early stderr is kept to relay.
+const RELAY_MAX: u64 = 64 << 10;
 
 fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {
@@ -67,6 +82,14 @@ fn is_mounted(path: &Path) -> bool {
     })
 }
 
+/// The detached daemon ended before mounting: it said why on its stderr, relayed already.
+#[derive(Debug, thiserror::Error)]
+#[error("the cloudletfs daemon exited with code {0} before mounting")]
+struct DaemonFailed(i32);
+
+/// Starts the daemon detached (own process group, so the terminal's signals do not reach it)
+/// and waits until it has mounted or ended. Without `--log`, its stderr is a pipe read here
+/// until then, so that why it failed reaches the user; once mounted it stops writing there.
 fn spawn_background(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("Finding the cloudletfs executable")?;
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -75,19 +98,34 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
         Some(p) => Stdio::from(
             std::fs::File::create(p).with_context(|| format!("Creating {}", p.display()))?,
         ),
-        None => Stdio::null(),
+        None => {
+            argv.push("--detached".into());
+            Stdio::piped()
+        }
     };
     let mut child = Command::new(exe)
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
+        .process_group(0)
         .spawn()
         .context("Starting the daemon")?;
+    let said = child.stderr.take().map(|pipe| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.take(RELAY_MAX).read_to_string(&mut text);
+            text
+        })
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
-            bail!("cloudletfs exited with {status} before mounting (see --log)");
+            // The pipe is closed now that the daemon is gone: the reader ends.
+            if let Some(text) = said.and_then(|t| t.join().ok()) {
+                eprint!("{text}");
+            }
+            bail!(DaemonFailed(status.code().unwrap_or(1)));
         }
         if is_mounted(&args.mountpoint) {
             println!("{}", child.id());
@@ -96,6 +134,40 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("cloudletfs did not mount within 60 s")
+}
+
+/// Points stderr at /dev/null: a detached daemon's stderr is a pipe that nobody reads once
+/// the mount is up.
+fn quiet_stderr() -> anyhow::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("Opening /dev/null")?;
+    // SAFETY: dup2 on two file descriptors this process owns; `null` stays open for the call,
+    // and fd 2 then refers to /dev/null (Rust's stderr is unbuffered, so nothing is lost).
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("Redirecting stderr");
+    }
+    Ok(())
+}
+
+/// The exit code for `e` (see the module docs).
+fn exit_code(e: &anyhow::Error) -> i32 {
+    if let Some(DaemonFailed(code)) = e.downcast_ref::<DaemonFailed>() {
+        return *code;
+    }
+    let invalid = e.chain().any(|c| {
+        c.downcast_ref::<synth::format::FormatError>().is_some()
+            || matches!(
+                c.downcast_ref::<MountError>(),
+                Some(MountError::StateMismatch(_))
+            )
+    });
+    if invalid {
+        EXIT_INVALID
+    } else {
+        1
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -121,6 +193,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("Installing signal handlers")?;
     }
     let mounted = mount(opts).context("Mounting")?;
+    if args.detached {
+        quiet_stderr()?;
+    }
     while !stop.load(Ordering::Relaxed) && mounted.is_alive() {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -133,7 +208,10 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser=off"))
         .init();
     if let Err(e) = run(Args::parse()) {
-        eprintln!("cloudletfs: {e:#}");
-        std::process::exit(1);
+        let code = exit_code(&e);
+        if e.downcast_ref::<DaemonFailed>().is_none() {
+            eprintln!("cloudletfs: {e:#}");
+        }
+        std::process::exit(code);
     }
 }

@@ -214,3 +214,90 @@ fn cli_missing_base_gives_clear_error() {
     assert_eq!(code, 1);
     assert!(err.contains("No base matches"), "{err}");
 }
+
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+fn ended(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+#[test]
+fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
+    if !cloudlet_e2e::require_fuse() {
+        return;
+    }
+    let cli = Cli::new();
+    let id = cli.setup();
+    cli.ok(&[
+        "diff",
+        &id,
+        "--disk",
+        &cli.p("cd"),
+        "--memory",
+        &cli.p("cm"),
+        "-o",
+        &cli.p("ov"),
+    ]);
+    let mut rng = Rng::new(9);
+    std::fs::write(cli.p("junk"), random_image(&mut rng, 8192)).unwrap();
+    std::fs::write(cli.p("od"), random_image(&mut rng, 8192)).unwrap();
+    let other = cli.ok(&[
+        "add-base",
+        "--disk",
+        &cli.p("od"),
+        "--memory",
+        &cli.p("od"),
+        "--link",
+    ]);
+    let mnt = cli.p("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // The detached daemon's own words reach the user, once, with its exit code.
+    let cases: [(&str, String, &str, i32, &str); 4] = [
+        ("missing overlay", cli.p("missing"), &mnt, 1, "No such file"),
+        ("not an overlay", cli.p("junk"), &mnt, 3, "bad magic"),
+        (
+            "overlay of another base",
+            cli.p("ov"),
+            &mnt,
+            3,
+            "was made for base",
+        ),
+        (
+            "missing mount point",
+            cli.p("ov"),
+            "/nonexistent/mnt",
+            1,
+            "/nonexistent/mnt",
+        ),
+    ];
+    for (what, overlay, at, want, says) in cases {
+        let base = if what == "overlay of another base" {
+            other.trim()
+        } else {
+            id.as_str()
+        };
+        let (code, err) = cli.fails(&["mount", base, &overlay, at]);
+        assert_eq!(code, want, "{what}: {err}");
+        assert_eq!(err.matches(says).count(), 1, "{what}: {err}");
+        assert!(!err.contains("error: cloudletfs exited"), "{what}: {err}");
+    }
+    // Mounted: stdout is the pid of the daemon serving the mount; unmount ends it.
+    let pid = cli.ok(&["mount", &id, &cli.p("ov"), &mnt]);
+    let pid = pid.trim();
+    assert!(pid.parse::<u32>().is_ok(), "not a pid: {pid:?}");
+    let served = std::fs::read(Path::new(&mnt).join("disk/image"));
+    cli.ok(&["unmount", &mnt]);
+    assert_eq!(served.unwrap(), read(&cli.p("cd")));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ended(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon {pid} still runs after unmount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
