@@ -67,6 +67,9 @@ struct Args {
 const EXIT_INVALID: i32 = 3;
 /// How much of a detached daemon's early stderr is kept to relay.
 const RELAY_MAX: u64 = 64 << 10;
+/// How long the starting process waits for the detached daemon to mount: longer than the
+/// daemon's own bound on reaching an overlay URL (60 s of retries, plus one 20 s attempt).
+const MOUNT_WAIT: Duration = Duration::from_secs(120);
 
 fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else {
@@ -118,22 +121,34 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
             text
         })
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    let deadline = Instant::now() + MOUNT_WAIT;
+    let status = loop {
         if let Some(status) = child.try_wait()? {
-            // The pipe is closed now that the daemon is gone: the reader ends.
-            if let Some(text) = said.and_then(|t| t.join().ok()) {
-                eprint!("{text}");
-            }
-            bail!(DaemonFailed(status.code().unwrap_or(1)));
+            break status;
         }
         if is_mounted(&args.mountpoint) {
             println!("{}", child.id());
             return Ok(());
         }
+        if Instant::now() >= deadline {
+            // Failing must mean that nothing mounts later behind the user's back.
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(text) = said.and_then(|t| t.join().ok()) {
+                eprint!("{text}");
+            }
+            bail!(
+                "the cloudletfs daemon did not mount within {} s; stopped it",
+                MOUNT_WAIT.as_secs()
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
+    };
+    // The pipe is closed now that the daemon is gone: the reader ends.
+    if let Some(text) = said.and_then(|t| t.join().ok()) {
+        eprint!("{text}");
     }
-    bail!("cloudletfs did not mount within 60 s")
+    bail!(DaemonFailed(status.code().unwrap_or(1)))
 }
 
 /// Points stderr at /dev/null: a detached daemon's stderr is a pipe that nobody reads once
