@@ -88,6 +88,9 @@ pub enum MountError {
     /// The state directory belongs to another VM.
     #[error("State directory {0} was made for another base, overlay or image size")]
     StateMismatch(PathBuf),
+    /// Something is mounted at the mount point already (a second mount would hide it).
+    #[error("{0} is already a mount point; unmount it first")]
+    AlreadyMounted(PathBuf),
     /// Mounting failed.
     #[error("Mounting on {path} failed")]
     Mount {

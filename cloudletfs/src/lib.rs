@@ -44,6 +44,6 @@ pub mod waiters;
 
 pub use error::{MountError, ServeError};
 pub use http::{HttpOptions, HttpSource, RedirectPolicy};
-pub use mount::{mount, MountOptions, Mounted, OverlaySource, Trace};
+pub use mount::{mount, mounted_at, MountOptions, Mounted, OverlaySource, Trace};
 pub use serve::MEMORY_CACHE_NAME;
 pub use stats::{ImageStats, Stats};

@@ -163,6 +163,16 @@ fn mountinfo_dev_at(mountinfo: &str, path: &[u8]) -> Option<(u32, u32)> {
     })
 }
 
+/// The device number (`major`, `minor`) of the topmost file system mounted exactly at `path`
+/// (not merely on a folder below a mount), or `None` if `path` is not a mount point (or
+/// cannot be resolved, or `/proc/self/mountinfo` is unreadable).
+pub fn mounted_at(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo_dev_at(&mountinfo, canonical.as_os_str().as_bytes())
+}
+
 /// Undoes mountinfo's `\ooo` escapes.
 fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let b = field.as_bytes();
@@ -255,6 +265,9 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         return Err(MountError::FuseUnavailable(
             "/dev/fuse does not exist".into(),
         ));
+    }
+    if mounted_at(&opts.mountpoint).is_some() {
+        return Err(MountError::AlreadyMounted(opts.mountpoint.clone()));
     }
     let source = open_source(&opts.overlay, &opts.http)?;
     let overlay = Overlay::open(source)?;

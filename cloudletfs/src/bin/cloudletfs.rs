@@ -9,10 +9,10 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use cloudletfs::{mount, MountError, MountOptions, OverlaySource};
+use cloudletfs::{mount, mounted_at, MountError, MountOptions, OverlaySource};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -71,20 +71,6 @@ const RELAY_MAX: u64 = 64 << 10;
 /// daemon's own bound on reaching an overlay URL (60 s of retries, plus one 20 s attempt).
 const MOUNT_WAIT: Duration = Duration::from_secs(120);
 
-fn is_mounted(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = canon.to_string_lossy().to_string();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.get(4) == Some(&want.as_str()) && l.contains("cloudletfs")
-    })
-}
-
 /// The detached daemon ended before mounting: it said why on its stderr, relayed already.
 #[derive(Debug, thiserror::Error)]
 #[error("the cloudletfs daemon exited with code {0} before mounting")]
@@ -94,6 +80,10 @@ struct DaemonFailed(i32);
 /// and waits until it has mounted or ended. Without `--log`, its stderr is a pipe read here
 /// until then, so that why it failed reaches the user; once mounted it stops writing there.
 fn spawn_background(args: &Args) -> anyhow::Result<()> {
+    // Refused here too, or that mount would pass for the daemon's own.
+    if mounted_at(&args.mountpoint).is_some() {
+        bail!(MountError::AlreadyMounted(args.mountpoint.clone()));
+    }
     let exe = std::env::current_exe().context("Finding the cloudletfs executable")?;
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     argv.push("--foreground".into());
@@ -126,7 +116,7 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if is_mounted(&args.mountpoint) {
+        if mounted_at(&args.mountpoint).is_some() {
             println!("{}", child.id());
             return Ok(());
         }

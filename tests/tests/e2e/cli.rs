@@ -289,6 +289,12 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
     let pid = cli.ok(&["mount", &id, &cli.p("ov"), &mnt]);
     let pid = pid.trim();
     assert!(pid.parse::<u32>().is_ok(), "not a pid: {pid:?}");
+    // A second mount on top would hide the first and pass for mounted: refused, either way.
+    for fg in [&[][..], &["--foreground"][..]] {
+        let (code, err) = cli.fails(&[&["mount", &id, &cli.p("ov"), &mnt][..], fg].concat());
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("already a mount point"), "{err}");
+    }
     let served = std::fs::read(Path::new(&mnt).join("disk/image"));
     cli.ok(&["unmount", &mnt]);
     assert_eq!(served.unwrap(), read(&cli.p("cd")));
