@@ -57,6 +57,33 @@ impl Cli {
         ]);
         out.trim().to_string()
     }
+    /// `cloudlet diff` of the custom images against base `id`, into `ov`.
+    fn overlay(&self, id: &str) {
+        self.ok(&[
+            "diff",
+            id,
+            "--disk",
+            &self.p("cd"),
+            "--memory",
+            &self.p("cm"),
+            "-o",
+            &self.p("ov"),
+        ]);
+    }
+    /// Registers a second, unrelated base; returns its id.
+    fn other_base(&self) -> String {
+        let mut rng = Rng::new(5);
+        std::fs::write(self.p("od"), random_image(&mut rng, 8192)).unwrap();
+        let out = self.ok(&[
+            "add-base",
+            "--disk",
+            &self.p("od"),
+            "--memory",
+            &self.p("od"),
+            "--link",
+        ]);
+        out.trim().to_string()
+    }
 }
 
 fn read(p: &str) -> Vec<u8> {
@@ -153,33 +180,9 @@ fn cli_import_package_with_path_in_names_cannot_escape() {
 fn cli_reconstruct_with_wrong_base_is_refused() {
     let cli = Cli::new();
     let id = cli.setup();
-    cli.ok(&[
-        "diff",
-        &id,
-        "--disk",
-        &cli.p("cd"),
-        "--memory",
-        &cli.p("cm"),
-        "-o",
-        &cli.p("ov"),
-    ]);
-    let mut rng = Rng::new(5);
-    std::fs::write(cli.p("od"), random_image(&mut rng, 8192)).unwrap();
-    let other = cli.ok(&[
-        "add-base",
-        "--disk",
-        &cli.p("od"),
-        "--memory",
-        &cli.p("od"),
-        "--link",
-    ]);
-    let (code, err) = cli.fails(&[
-        "reconstruct",
-        other.trim(),
-        &cli.p("ov"),
-        "-o",
-        &cli.p("out"),
-    ]);
+    cli.overlay(&id);
+    let other = cli.other_base();
+    let (code, err) = cli.fails(&["reconstruct", &other, &cli.p("ov"), "-o", &cli.p("out")]);
     assert_eq!(code, 3);
     assert!(err.contains("was made for base"), "{err}");
 }
@@ -188,16 +191,7 @@ fn cli_reconstruct_with_wrong_base_is_refused() {
 fn cli_corrupt_overlay_is_refused_with_exit_3() {
     let cli = Cli::new();
     let id = cli.setup();
-    cli.ok(&[
-        "diff",
-        &id,
-        "--disk",
-        &cli.p("cd"),
-        "--memory",
-        &cli.p("cm"),
-        "-o",
-        &cli.p("ov"),
-    ]);
+    cli.overlay(&id);
     let mut ov = read(&cli.p("ov"));
     let n = ov.len();
     ov[n - 3] ^= 0x55;
@@ -232,27 +226,10 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
     }
     let cli = Cli::new();
     let id = cli.setup();
-    cli.ok(&[
-        "diff",
-        &id,
-        "--disk",
-        &cli.p("cd"),
-        "--memory",
-        &cli.p("cm"),
-        "-o",
-        &cli.p("ov"),
-    ]);
+    cli.overlay(&id);
     let mut rng = Rng::new(9);
     std::fs::write(cli.p("junk"), random_image(&mut rng, 8192)).unwrap();
-    std::fs::write(cli.p("od"), random_image(&mut rng, 8192)).unwrap();
-    let other = cli.ok(&[
-        "add-base",
-        "--disk",
-        &cli.p("od"),
-        "--memory",
-        &cli.p("od"),
-        "--link",
-    ]);
+    let other = cli.other_base();
     let mnt = cli.p("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // The detached daemon's own words reach the user, once, with its exit code.
@@ -276,7 +253,7 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
     ];
     for (what, overlay, at, want, says) in cases {
         let base = if what == "overlay of another base" {
-            other.trim()
+            other.as_str()
         } else {
             id.as_str()
         };
