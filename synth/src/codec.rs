@@ -337,8 +337,9 @@ mod tests {
     fn calls(len: usize) -> Vec<u8> {
         let mut d = vec![0u8; len];
         for (n, pos) in (0..len.saturating_sub(16)).step_by(16).enumerate() {
-            let target = [0x1000u32, 0x2345, 0x7777, 0xabcd][n % 4] as i64;
-            let rel = (target - (pos as i64 + 5)) as i32;
+            let target = [0x1000u32, 0x2345, 0x7777, 0xabcd][n % 4];
+            // x86's rel32 wraps: the operand is the target minus the next instruction's address.
+            let rel = target.wrapping_sub(u32::try_from(pos + 5).unwrap());
             d[pos] = 0xe8;
             d[pos + 1..pos + 5].copy_from_slice(&rel.to_le_bytes());
             d[pos + 5..pos + 16].copy_from_slice(b"\x48\x89\xc7\x31\xc0\x90\x90\x90\x90\x90\x90");
