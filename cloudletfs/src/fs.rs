@@ -33,8 +33,13 @@ use std::time::{Duration, SystemTime};
 use synth::ImageKind;
 
 const TTL: Duration = Duration::from_secs(1);
-/// Largest readahead the kernel is asked for (one FUSE request carries at most 1 MiB here).
-pub const MAX_READAHEAD: u32 = 1 << 20;
+/// The mount's readahead window (one FUSE request still carries at most 1 MiB, so a window
+/// is up to four requests in flight). 4 MiB rather than 1 MiB keeps more `O_DIRECT` base
+/// reads in flight for a disk that needs them (`BENCHMARKS.md`, runs K and L); it does not
+/// widen what a resumed VM pulls from `memory/image`, because QEMU maps guest RAM with
+/// `MADV_HUGEPAGE`, and for such a mapping the kernel reads 2 to 4 MiB around each fault
+/// whatever the readahead is.
+pub const MAX_READAHEAD: u32 = 4 << 20;
 
 /// Readahead (background) requests the kernel may have in flight at once.
 pub const MAX_BACKGROUND: u16 = 256;

@@ -41,7 +41,7 @@ const LOCK_STRIPES: usize = 256;
 /// A small read (QEMU's random 4 KiB reads) costs less as a `pread` into a warm buffer than as
 /// a reply from the mapping: that one made the kernel fault the base pages into the daemon, with
 /// fault-around, and unmap them again later to bound the RSS. A large read (sequential
-/// readahead, up to 1 MiB) costs less from the mapping: the kernel copies the base pages into
+/// readahead, up to 1 MiB a request) costs less from the mapping: the kernel copies the base pages into
 /// the reply once, where a `pread` first copies them into the buffer. Both were measured side
 /// by side (`BENCHMARKS.md`, cloudletfs, "Run G"). A large read of pages the page cache does
 /// not hold would fill the base's page cache only for the reply to copy it into the FUSE

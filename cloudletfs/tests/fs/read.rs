@@ -2,6 +2,7 @@
 
 use crate::*;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use synth::codec::Codec;
 use synth::ImageKind;
 
@@ -191,6 +192,22 @@ fn tree_lists_original_cloudletfs_layout() {
         std::fs::metadata(g.path("disk/image")).expect("stat").len(),
         s.disk.len() as u64
     );
+    // The mount's readahead window is raised through sysfs (the kernel offers 128 KiB at
+    // init); as root, as here, that must have happened.
+    let dev = std::fs::metadata(g.path("")).expect("stat root").dev();
+    let ra = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let kb = std::fs::read_to_string(&ra).expect("read_ahead_kb");
+        assert_eq!(
+            kb.trim(),
+            (cloudletfs::fs::MAX_READAHEAD / 1024).to_string()
+        );
+    }
     assert_eq!(
         std::fs::metadata(g.path("memory/image"))
             .expect("stat")
