@@ -111,6 +111,12 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
             text
         })
     });
+    // Once the daemon is gone its end of the pipe is closed, so the reader has ended too.
+    let relay = |said: Option<std::thread::JoinHandle<String>>| {
+        if let Some(text) = said.and_then(|t| t.join().ok()) {
+            eprint!("{text}");
+        }
+    };
     let deadline = Instant::now() + MOUNT_WAIT;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -124,9 +130,7 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
             // Failing must mean that nothing mounts later behind the user's back.
             let _ = child.kill();
             let _ = child.wait();
-            if let Some(text) = said.and_then(|t| t.join().ok()) {
-                eprint!("{text}");
-            }
+            relay(said);
             bail!(
                 "the cloudletfs daemon did not mount within {} s; stopped it",
                 MOUNT_WAIT.as_secs()
@@ -134,10 +138,7 @@ fn spawn_background(args: &Args) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // The pipe is closed now that the daemon is gone: the reader ends.
-    if let Some(text) = said.and_then(|t| t.join().ok()) {
-        eprint!("{text}");
-    }
+    relay(said);
     bail!(DaemonFailed(status.code().unwrap_or(1)))
 }
 

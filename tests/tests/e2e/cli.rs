@@ -233,11 +233,19 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
     let mnt = cli.p("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // The detached daemon's own words reach the user, once, with its exit code.
-    let cases: [(&str, String, &str, i32, &str); 4] = [
-        ("missing overlay", cli.p("missing"), &mnt, 1, "No such file"),
-        ("not an overlay", cli.p("junk"), &mnt, 3, "bad magic"),
+    let cases: [(&str, &str, String, &str, i32, &str); 4] = [
+        (
+            "missing overlay",
+            &id,
+            cli.p("missing"),
+            &mnt,
+            1,
+            "No such file",
+        ),
+        ("not an overlay", &id, cli.p("junk"), &mnt, 3, "bad magic"),
         (
             "overlay of another base",
+            &other,
             cli.p("ov"),
             &mnt,
             3,
@@ -245,18 +253,14 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
         ),
         (
             "missing mount point",
+            &id,
             cli.p("ov"),
             "/nonexistent/mnt",
             1,
             "/nonexistent/mnt",
         ),
     ];
-    for (what, overlay, at, want, says) in cases {
-        let base = if what == "overlay of another base" {
-            other.as_str()
-        } else {
-            id.as_str()
-        };
+    for (what, base, overlay, at, want, says) in cases {
         let (code, err) = cli.fails(&["mount", base, &overlay, at]);
         assert_eq!(code, want, "{what}: {err}");
         assert_eq!(err.matches(says).count(), 1, "{what}: {err}");
