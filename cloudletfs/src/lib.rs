@@ -13,6 +13,7 @@
 //! | copy-on-write | [`store`] | sparse state file plus a durable journal of modified/discarded chunks |
 //! | observability | [`stats`], [`streams`] | JSON counters and bounded trace streams |
 //! | lifecycle | [`mount`](mod@mount) | [`mount()`] → [`Mounted`], unmount on drop |
+//! | program edge | [`cli`] | exit codes, signals and daemon failures shared with `cloudlet` |
 //!
 //! # Flow of a read
 //!
@@ -31,6 +32,7 @@
 //! a sparse per-image cache file, so the daemon's memory stays flat in the image size.
 
 pub mod chunkmap;
+pub mod cli;
 pub mod error;
 pub mod fetch;
 pub mod fs;

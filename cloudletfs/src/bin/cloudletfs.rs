@@ -9,13 +9,13 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use cloudletfs::cli::{self, DaemonFailed};
 use cloudletfs::{mount, mounted_at, MountError, MountOptions, OverlaySource};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use synth::registry::Registry;
 
@@ -63,18 +63,11 @@ struct Args {
     detached: bool,
 }
 
-/// Exit code: the input was refused as invalid, corrupt or made for something else.
-const EXIT_INVALID: i32 = 3;
 /// How much of a detached daemon's early stderr is kept to relay.
 const RELAY_MAX: u64 = 64 << 10;
 /// How long the starting process waits for the detached daemon to mount: longer than the
 /// daemon's own bound on reaching an overlay URL (60 s of retries, plus one 20 s attempt).
 const MOUNT_WAIT: Duration = Duration::from_secs(120);
-
-/// The detached daemon ended before mounting: it said why on its stderr, relayed already.
-#[derive(Debug, thiserror::Error)]
-#[error("the cloudletfs daemon exited with code {0} before mounting")]
-struct DaemonFailed(i32);
 
 /// Starts the daemon detached (own process group, so the terminal's signals do not reach it)
 /// and waits until it has mounted or ended. Without `--log`, its stderr is a pipe read here
@@ -157,25 +150,6 @@ fn quiet_stderr() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The exit code for `e` (see the module docs).
-fn exit_code(e: &anyhow::Error) -> i32 {
-    if let Some(DaemonFailed(code)) = e.downcast_ref::<DaemonFailed>() {
-        return *code;
-    }
-    let invalid = e.chain().any(|c| {
-        c.downcast_ref::<synth::format::FormatError>().is_some()
-            || matches!(
-                c.downcast_ref::<MountError>(),
-                Some(MountError::StateMismatch(_))
-            )
-    });
-    if invalid {
-        EXIT_INVALID
-    } else {
-        1
-    }
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     if !args.foreground {
         return spawn_background(&args);
@@ -193,11 +167,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     opts.background_fill = !args.no_background;
     opts.fetch_threads = args.fetch_threads;
     opts.wait_timeout = Duration::from_secs(args.wait_timeout);
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("Installing signal handlers")?;
-    }
+    let stop = cli::interrupt_flag().context("Installing signal handlers")?;
     let mounted = mount(opts).context("Mounting")?;
     if args.detached {
         quiet_stderr()?;
@@ -210,14 +180,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser=off"))
         .init();
-    if let Err(e) = run(Args::parse()) {
-        let code = exit_code(&e);
-        if e.downcast_ref::<DaemonFailed>().is_none() {
-            eprintln!("cloudletfs: {e:#}");
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if !cli::already_reported(e.as_ref()) {
+                eprintln!("cloudletfs: {e:#}");
+            }
+            std::process::ExitCode::from(cli::exit_code(e.as_ref()))
         }
-        std::process::exit(code);
     }
 }
