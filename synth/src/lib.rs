@@ -18,7 +18,13 @@
 //! ```
 //!
 //! `cloudletfs` serves the same reconstruction lazily through FUSE, using [`format::Overlay`]
-//! and [`resolve::Resolver`] to decode single chunks on demand.
+//! and [`resolve::Resolver`] to decode single chunks on demand. [`vm`] drives stock QEMU (and,
+//! with the `libvirt` feature, libvirt); [`protocol`] is the synthesis server's wire protocol
+//! (with the `discovery` feature, on by default, its mDNS announcements).
+//!
+//! No unsafe code: everything here is safe Rust.
+
+#![forbid(unsafe_code)]
 
 pub mod base;
 pub mod chunk;

@@ -11,7 +11,7 @@
 //! | [`url`]     | [`UrlPolicy`]: which URLs (and redirects) the server may fetch                |
 //! | [`server`]  | server-side pieces: handshake, head and segment assemblers                    |
 //! | [`client`]  | [`Client`]: the library behind `cloudlet client`                             |
-//! | [`discovery`]| mDNS/DNS-SD: [`discovery::Advertiser`] and [`discovery::discover`]          |
+//! | `discovery` | mDNS/DNS-SD: `discovery::Advertiser` and `discovery::discover` (feature `discovery`, on by default) |
 //!
 //! The flow of an overlay session:
 //!
@@ -34,6 +34,7 @@
 //! allocated for it, and authentication happens before any large frame is accepted.
 
 pub mod client;
+#[cfg(feature = "discovery")]
 pub mod discovery;
 pub mod frame;
 pub mod messages;

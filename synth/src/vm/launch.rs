@@ -172,6 +172,35 @@ impl HostFwd {
     }
 }
 
+/// A `--hostfwd` value that is not `tcp:[HOST]:PORT-:GUESTPORT` or `PORT:GUESTPORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: expected tcp:[HOST]:PORT-:GUESTPORT or PORT:GUESTPORT")]
+pub struct BadHostFwd(pub String);
+
+impl std::str::FromStr for HostFwd {
+    type Err = BadHostFwd;
+
+    /// Parses QEMU's `tcp:[HOST]:PORT-:GUESTPORT` (an empty host is 127.0.0.1) or the short
+    /// `PORT:GUESTPORT` (on 127.0.0.1).
+    fn from_str(s: &str) -> Result<HostFwd, BadHostFwd> {
+        let bad = || BadHostFwd(s.to_owned());
+        let (host, hport, gport) = if let Some(rest) = s.strip_prefix("tcp:") {
+            let (h, g) = rest.split_once("-:").ok_or_else(bad)?;
+            let (addr, port) = h.rsplit_once(':').ok_or_else(bad)?;
+            let addr = if addr.is_empty() { "127.0.0.1" } else { addr };
+            (addr, port, g)
+        } else {
+            let (h, g) = s.split_once(':').ok_or_else(bad)?;
+            ("127.0.0.1", h, g)
+        };
+        Ok(HostFwd {
+            host_addr: host.parse().map_err(|_| bad())?,
+            host_port: hport.parse().map_err(|_| bad())?,
+            guest_port: gport.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 impl fmt::Display for HostFwd {
     /// The `hostfwd=` value: `tcp:ADDR:PORT-:GUESTPORT`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -886,6 +915,37 @@ fn check_memory_image(path: &Path, expected: u64, mode: MemoryMode) -> Result<()
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hostfwd_from_str_qemu_and_short_forms() {
+        let h: HostFwd = "tcp:127.0.0.1:8080-:80".parse().unwrap();
+        assert_eq!(
+            (h.host_addr.to_string(), h.host_port, h.guest_port),
+            ("127.0.0.1".into(), 8080, 80)
+        );
+        let h: HostFwd = "tcp::9000-:22".parse().unwrap();
+        assert_eq!(
+            (h.host_addr.to_string(), h.host_port, h.guest_port),
+            ("127.0.0.1".into(), 9000, 22)
+        );
+        let h: HostFwd = "8081:8080".parse().unwrap();
+        assert_eq!((h.host_port, h.guest_port), (8081, 8080));
+    }
+
+    #[test]
+    fn hostfwd_from_str_garbage_is_refused() {
+        for bad in [
+            "",
+            "tcp:1.2.3.4:80",
+            "udp:1:2-:3",
+            "80",
+            "a:b",
+            "tcp:host:80-:22",
+            "70000:80",
+        ] {
+            assert!(bad.parse::<HostFwd>().is_err(), "{bad}");
+        }
+    }
     use super::*;
 
     const PVM_CPUINFO: &str = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr hypervisor\n";

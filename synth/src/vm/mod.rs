@@ -35,8 +35,8 @@ pub mod qmp;
 pub mod serial;
 
 pub use launch::{
-    escape_option_value, qemu_binary, Accel, DomainDisk, DomainLaunch, HostFwd, LaunchError,
-    LaunchOptions, MemoryMode, QemuArgs, VmPaths,
+    escape_option_value, qemu_binary, Accel, BadHostFwd, DomainDisk, DomainLaunch, HostFwd,
+    LaunchError, LaunchOptions, MemoryMode, QemuArgs, VmPaths,
 };
 pub use qmp::{Qmp, QmpError};
 pub use serial::{CMD_DONE_MARKER, READY_MARKER};
