@@ -1,29 +1,18 @@
 //! `cloudlet`: manage base VMs, create overlays and synthesize VMs.
 //!
-//! This binary is the only place with `anyhow`: it parses arguments, calls the libraries
-//! (`synth`, `cloudletfs`), prints results (text or `--json`) and maps failures to exit codes.
+//! This binary parses arguments, calls the libraries (`cloudlet_tools` for sessions, capture,
+//! the server and the client; `synth` and `cloudletfs` for the rest), prints results (text or
+//! `--json`) and maps failures to exit codes. It is the only place with `anyhow`.
 
-mod admin;
-mod client_cmd;
-mod commands;
-mod discovery;
-mod progress;
-mod server;
-mod synth_cmds;
-mod vm_cmds;
+mod cli;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Exit code: input was refused as invalid, corrupt or not matching (an overlay, a package).
-pub const EXIT_INVALID: u8 = 3;
-/// Exit code: the thing named does not exist (a session, for close-session).
-pub const EXIT_NOT_FOUND: u8 = 4;
-
 /// VM synthesis for cloudlets: base VMs, VM overlays, reconstruction.
 #[derive(Debug, Parser)]
-#[command(name = "cloudlet", version, about, long_about = None)]
+#[command(name = "cloudlet", version, long_about = None)]
 struct Cli {
     /// Registry folder (default: $CLOUDLET_HOME, else ~/.cloudlet).
     #[arg(long, global = true, value_name = "DIR")]
@@ -32,7 +21,64 @@ struct Cli {
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
-    command: commands::Command,
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
+    ///
+    /// Guest RAM lives in a shared memory file, so the capture is that file plus the device
+    /// state (saved with x-ignore-shared). The disk is copied first; DISK is not modified.
+    Base(cloudlet_tools::capture::BaseArgs),
+    /// Customize a base VM and capture the changes as an overlay.
+    ///
+    /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
+    /// traced); after the customization (a script typed on the serial console, or by hand
+    /// until Enter) the device state is saved and the overlay built from the traces: disk
+    /// chunks written or discarded, memory chunks written back, stored in first-touch order.
+    Overlay(cloudlet_tools::capture::OverlayArgs),
+    /// Synthesize a VM: mount base + overlay with cloudletfs and resume it on QEMU.
+    ///
+    /// Runs until SIGINT/SIGTERM, then stops the VM and unmounts.
+    Synthesis(cloudlet_tools::session::SynthesisArgs),
+    /// Mount base + overlay as files (disk/image, memory/image, device-state, stats, traces).
+    ///
+    /// Runs the cloudletfs daemon; see `cloudletfs --help` for its options.
+    Mount(cli::vm::MountArgs),
+    /// Unmount a cloudletfs mount.
+    Unmount(cli::vm::UnmountArgs),
+    /// Register a base VM: disk image, memory image, device state and launch config.
+    AddBase(cli::registry::AddBaseArgs),
+    /// List registered base VMs.
+    ListBase(cli::registry::ListBaseArgs),
+    /// Delete a base VM.
+    DelBase(cli::registry::DelBaseArgs),
+    /// Write a base VM as one portable package file.
+    ExportBase(cli::registry::ExportBaseArgs),
+    /// Import a package written by export-base, verifying every hash.
+    ImportBase(cli::registry::ImportBaseArgs),
+    /// Create a VM overlay: the chunks of a custom VM that differ from its base.
+    Diff(cli::engine::DiffArgs),
+    /// Describe an overlay: sizes, chunk classes, segments, codec.
+    InfoOverlay(cli::engine::InfoOverlayArgs),
+    /// Check an overlay completely: structure, every segment, and (with --base) every chunk.
+    Verify(cli::engine::VerifyArgs),
+    /// Rebuild the custom VM's disk.img, memory.img and device-state from base + overlay.
+    Reconstruct(cli::engine::ReconstructArgs),
+    /// Serve synthesis sessions over TCP (docs/protocol.md): clients send an overlay (or a
+    /// URL), the server resumes the VM on one of its bases and forwards the guest ports.
+    ///
+    /// Runs until SIGINT/SIGTERM, then ends every session (VMs stopped, mounts removed).
+    Server(cloudlet_tools::server::ServerArgs),
+    /// List the sessions of the `cloudlet server` running on this machine (admin socket).
+    ListSession(cli::net::ListSessionArgs),
+    /// End one session of the running `cloudlet server`: its VM is stopped, its mount removed,
+    /// its slot freed; returns once that is done. Exit code 4 if there is no such session.
+    CloseSession(cli::net::CloseSessionArgs),
+    /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
+    /// fetch), print where the guest ports are reachable, keep the session until Ctrl-C.
+    Client(cloudlet_tools::client::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,26 +86,42 @@ fn main() -> ExitCode {
     // the kernel already dropped; none of that is the user's business unless RUST_LOG asks.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=off"))
         .init();
-    let cli = Cli::parse();
-    let ctx = commands::Context {
-        home: cli
+    let args = Cli::parse();
+    let ctx = cli::Context {
+        home: args
             .home
             .unwrap_or_else(synth::registry::Registry::default_home),
-        threads: cli
+        threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
     };
-    match commands::run(&ctx, cli.command) {
+    let result = match args.command {
+        Command::Base(a) => cli::vm::base(&ctx, &a),
+        Command::Overlay(a) => cli::vm::overlay(&ctx, &a),
+        Command::Synthesis(a) => cli::vm::synthesis(&ctx, &a),
+        Command::Mount(a) => cli::vm::mount(&ctx, &a),
+        Command::Unmount(a) => cli::vm::unmount(&a),
+        Command::AddBase(a) => cli::registry::add_base(&ctx, &a),
+        Command::ListBase(a) => cli::registry::list_base(&ctx, &a),
+        Command::DelBase(a) => cli::registry::del_base(&ctx, &a),
+        Command::ExportBase(a) => cli::registry::export_base(&ctx, &a),
+        Command::ImportBase(a) => cli::registry::import_base(&ctx, &a),
+        Command::Diff(a) => cli::engine::diff(&ctx, &a),
+        Command::InfoOverlay(a) => cli::engine::info_overlay(&a),
+        Command::Verify(a) => cli::engine::verify(&ctx, &a),
+        Command::Reconstruct(a) => cli::engine::reconstruct(&ctx, &a),
+        Command::Server(a) => cli::net::server(&ctx, &a),
+        Command::ListSession(a) => cli::net::list_session(&ctx, &a),
+        Command::CloseSession(a) => cli::net::close_session(&ctx, &a),
+        Command::Client(a) => cli::net::client(&a),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.downcast_ref::<commands::DaemonFailed>().is_none() {
+            if !cloudletfs::cli::already_reported(e.as_ref()) {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::from(commands::exit_code(&e))
+            ExitCode::from(cloudlet_tools::exit_code(e.as_ref()))
         }
     }
 }
-
-// Keep `Subcommand` in scope for the derive in `commands`.
-#[allow(unused_imports)]
-use Subcommand as _;

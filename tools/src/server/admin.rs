@@ -17,10 +17,9 @@
 //! A request is at most [`MAX_REQUEST_LEN`] bytes and must arrive within
 //! [`REQUEST_TIMEOUT`]; at most [`MAX_ADMIN_CONNECTIONS`] requests are handled at once.
 
-use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -111,7 +110,8 @@ pub enum SessionState {
 }
 
 impl SessionState {
-    fn name(self) -> &'static str {
+    /// The state's name, as `list-session` prints it.
+    pub fn name(self) -> &'static str {
         match self {
             SessionState::Authenticated => "authenticated",
             SessionState::Metadata => "metadata",
@@ -156,6 +156,62 @@ pub trait Sessions: Send + Sync {
     fn close(&self, id: u64) -> Result<(), (ErrorKind, String)>;
 }
 
+/// Errors of the admin socket, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Something other than a socket is in the way.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// A live server answers on the socket already.
+    #[error("Another cloudlet server answers on {0} (use --admin-socket)")]
+    InUse(PathBuf),
+    /// A file operation on the socket or its folder failed.
+    #[error("{what} {path} failed")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No server listens on the socket.
+    #[error(
+        "Connecting to the server's admin socket {path} failed (is `cloudlet server` running?)"
+    )]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sending the request or reading the answer failed.
+    #[error("Talking to the server's admin socket failed")]
+    Exchange(#[source] std::io::Error),
+    /// The server closed the connection without answering.
+    #[error("The server closed the admin connection without an answer")]
+    NoAnswer,
+    /// The answer is not what the protocol says.
+    #[error("Decoding the admin response failed")]
+    Decode(#[source] serde_json::Error),
+    /// The answer does not fit the request.
+    #[error("Unexpected answer to {0}")]
+    Unexpected(&'static str),
+    /// No live session has this id (exit code [`crate::EXIT_NOT_FOUND`]).
+    #[error("{0}")]
+    NotFound(String),
+    /// The server refused the request.
+    #[error("The server refused ({kind:?}): {message}")]
+    Refused {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// Why.
+        message: String,
+    },
+}
+
 /// A bound admin socket; removes its file when dropped (if the file is still this socket).
 pub struct AdminSocket {
     path: PathBuf,
@@ -167,66 +223,65 @@ pub struct AdminSocket {
 impl AdminSocket {
     /// Binds `path` with mode 0600. A stale socket (no server answers on it) is removed; a live
     /// one, or a file that is not a socket, is an error.
-    pub fn bind(path: &Path) -> Result<AdminSocket> {
+    pub fn bind(path: &Path) -> Result<AdminSocket, AdminError> {
         use std::os::unix::fs::FileTypeExt;
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AdminError::Io { what, path, source }
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                bail!("{} exists and is not a socket", path.display());
+                return Err(AdminError::NotASocket(path.to_path_buf()));
             }
             if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another cloudlet server answers on {} (use --admin-socket)",
-                    path.display()
-                );
+                return Err(AdminError::InUse(path.to_path_buf()));
             }
             log::info!("removing stale admin socket {}", path.display());
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path).map_err(io("Removing the stale socket", path))?;
         }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        // Bind inside a private folder, restrict the socket, then move it into place: nobody
-        // else can connect before the mode is 0600.
-        let private = parent.join(format!(".admin-socket-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&private);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&private)
-            .with_context(|| format!("creating {}", private.display()))?;
-        let result = (|| {
-            let tmp = private.join("s");
-            let listener = UnixListener::bind(&tmp)
-                .with_context(|| format!("binding admin socket {}", path.display()))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .context("setting the admin socket's mode")?;
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("moving the admin socket to {}", path.display()))?;
-            let meta = std::fs::symlink_metadata(path)?;
-            Ok(AdminSocket {
-                path: path.to_path_buf(),
-                listener,
-                file_id: (meta.dev(), meta.ino()),
-            })
-        })();
-        let _ = std::fs::remove_dir_all(&private);
-        result
+        std::fs::create_dir_all(parent).map_err(io("Creating", parent))?;
+        // Bind inside a private folder (0700, unpredictable name), restrict the socket, then
+        // move it into place: nobody else can connect before the mode is 0600.
+        let private = tempfile::Builder::new()
+            .prefix(".admin-socket-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
+            .map_err(io("Creating a private folder in", parent))?;
+        let tmp = private.path().join("s");
+        let listener = UnixListener::bind(&tmp).map_err(io("Binding the admin socket", path))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("Setting the mode of", path))?;
+        std::fs::rename(&tmp, path).map_err(io("Moving the admin socket to", path))?;
+        let meta = std::fs::symlink_metadata(path).map_err(io("Inspecting", path))?;
+        Ok(AdminSocket {
+            path: path.to_path_buf(),
+            listener,
+            file_id: (meta.dev(), meta.ino()),
+        })
     }
 
     /// Serves requests on a background thread until `shutdown` is set.
-    pub fn serve(&self, sessions: Arc<dyn Sessions>, shutdown: Arc<AtomicBool>) -> Result<()> {
-        let listener = self
-            .listener
-            .try_clone()
-            .context("cloning the admin socket")?;
-        listener.set_nonblocking(true)?;
+    pub fn serve(
+        &self,
+        sessions: Arc<dyn Sessions>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<(), AdminError> {
+        let io = |what| {
+            let path = self.path.clone();
+            move |source| AdminError::Io { what, path, source }
+        };
+        let listener = self.listener.try_clone().map_err(io("Cloning"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("Setting non-blocking mode on"))?;
         std::thread::Builder::new()
             .name("admin".into())
             .spawn(move || accept_loop(&listener, &sessions, &shutdown))
-            .context("starting the admin thread")?;
+            .map_err(io("Starting the thread serving"))?;
         Ok(())
     }
 
@@ -327,105 +382,51 @@ fn handle(stream: UnixStream, sessions: &dyn Sessions) {
     }
 }
 
-/// No live session has this id (exit code [`crate::EXIT_NOT_FOUND`]).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NotFound(pub String);
-
 /// Sends `req` to the server at `path` and returns its answer; a server-side error is an
-/// error here ([`NotFound`] for an unknown session).
-pub fn request(path: &Path, req: &Request) -> Result<Response> {
-    let stream = UnixStream::connect(path).with_context(|| {
-        format!(
-            "connecting to the server's admin socket {} (is `cloudlet server` running?)",
-            path.display()
-        )
+/// error here ([`AdminError::NotFound`] for an unknown session).
+pub fn request(path: &Path, req: &Request) -> Result<Response, AdminError> {
+    let stream = UnixStream::connect(path).map_err(|source| AdminError::Connect {
+        path: path.to_path_buf(),
+        source,
     })?;
-    stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let mut line = serde_json::to_vec(req)?;
+    stream
+        .set_read_timeout(Some(RESPONSE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+        .map_err(AdminError::Exchange)?;
+    let mut line = serde_json::to_vec(req).map_err(AdminError::Decode)?;
     line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .context("sending the admin request")?;
+    (&stream).write_all(&line).map_err(AdminError::Exchange)?;
     let mut answer = Vec::new();
     BufReader::new((&stream).take(MAX_RESPONSE_LEN))
         .read_until(b'\n', &mut answer)
-        .context("reading the admin response")?;
+        .map_err(AdminError::Exchange)?;
     if answer.is_empty() {
-        bail!("the server closed the admin connection without an answer");
+        return Err(AdminError::NoAnswer);
     }
-    match serde_json::from_slice(answer.trim_ascii()).context("decoding the admin response")? {
+    match serde_json::from_slice(answer.trim_ascii()).map_err(AdminError::Decode)? {
         Response::Error {
             kind: ErrorKind::NotFound,
             message,
-        } => Err(NotFound(message).into()),
-        Response::Error { kind, message } => bail!("the server refused ({kind:?}): {message}"),
+        } => Err(AdminError::NotFound(message)),
+        Response::Error { kind, message } => Err(AdminError::Refused { kind, message }),
         r => Ok(r),
     }
 }
 
-/// `cloudlet list-session`: prints the server's live sessions (a table, or JSON).
-pub fn list_sessions(path: &Path, json: bool) -> Result<()> {
-    let Response::Sessions(sessions) = request(path, &Request::List)? else {
-        bail!("unexpected answer to list");
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&sessions)?);
-        return Ok(());
+/// `cloudlet list-session`: the server's live sessions.
+pub fn list_sessions(path: &Path) -> Result<Vec<SessionInfo>, AdminError> {
+    match request(path, &Request::List)? {
+        Response::Sessions(sessions) => Ok(sessions),
+        _ => Err(AdminError::Unexpected("list")),
     }
-    if sessions.is_empty() {
-        println!("no sessions");
-        return Ok(());
-    }
-    println!(
-        "{:<6} {:<22} {:<13} {:<12} {:>7} {:>12} {:>6} {:<8} PORTS",
-        "ID", "PEER", "STATE", "BASE", "AGE", "RECEIVED", "DEMAND", "QEMU"
-    );
-    for s in &sessions {
-        let base: String = s
-            .base_id
-            .as_deref()
-            .unwrap_or("-")
-            .chars()
-            .take(12)
-            .collect();
-        let ports: Vec<String> = s
-            .ports
-            .iter()
-            .map(|p| format!("{}->{}:{}", p.guest, p.host_addr, p.host_port))
-            .collect();
-        println!(
-            "{:<6} {:<22} {:<13} {:<12} {:>6}s {:>12} {:>6} {:<8} {}",
-            s.id,
-            s.peer,
-            s.state.name(),
-            base,
-            s.age_s,
-            s.bytes_received,
-            s.demand_requests,
-            s.qemu_pid.map_or_else(|| "-".into(), |p| p.to_string()),
-            if ports.is_empty() {
-                "-".into()
-            } else {
-                ports.join(",")
-            }
-        );
-    }
-    Ok(())
 }
 
-/// `cloudlet close-session ID`: ends a session and returns once it is cleaned up.
-pub fn close_session(path: &Path, id: u64, json: bool) -> Result<()> {
-    let Response::Closed { id } = request(path, &Request::Close { id })? else {
-        bail!("unexpected answer to close");
-    };
-    if json {
-        println!("{}", serde_json::json!({ "closed": id }));
-    } else {
-        println!("session {id} closed");
+/// `cloudlet close-session ID`: ends a session; returns its id once it is cleaned up.
+pub fn close_session(path: &Path, id: u64) -> Result<u64, AdminError> {
+    match request(path, &Request::Close { id })? {
+        Response::Closed { id } => Ok(id),
+        _ => Err(AdminError::Unexpected("close")),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -509,8 +510,8 @@ mod tests {
     fn admin_socket_unknown_id_not_found_error() {
         let (_dir, sock, stop) = served();
         let e = request(sock.path(), &Request::Close { id: 99 }).unwrap_err();
-        assert!(e.downcast_ref::<NotFound>().is_some(), "{e:#}");
-        assert!(format!("{e}").contains("99"), "{e:#}");
+        assert!(matches!(e, AdminError::NotFound(_)), "{e}");
+        assert!(format!("{e}").contains("99"), "{e}");
         stop.store(true, Ordering::Relaxed);
     }
 
@@ -557,10 +558,7 @@ mod tests {
         assert_eq!(mode, 0o600);
         // A live one is not taken over.
         let e = AdminSocket::bind(&path).err().expect("second bind refused");
-        assert!(
-            format!("{e:#}").contains("another cloudlet server"),
-            "{e:#}"
-        );
+        assert!(format!("{e}").contains("Another cloudlet server"), "{e}");
         drop(sock);
         assert!(!path.exists());
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
@@ -573,7 +571,7 @@ mod tests {
         let path = dir.path().join("s.sock");
         std::fs::write(&path, b"data").unwrap();
         let e = AdminSocket::bind(&path).err().expect("bind refused");
-        assert!(format!("{e:#}").contains("not a socket"), "{e:#}");
+        assert!(format!("{e}").contains("not a socket"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
     }
 }

@@ -1,0 +1,163 @@
+//! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
+//! guest is ready, save the device state and register disk + memory + device state + launch
+//! config as a base.
+
+use super::CaptureError;
+use crate::session::{wait_marker, RunDir, SessionError};
+use crate::Reporter;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use synth::base::{Device, LaunchConfig};
+use synth::registry::{AddBase, Base, Registry};
+use synth::vm::{Accel, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+
+/// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
+///
+/// Guest RAM lives in a shared memory file, so the capture is that file plus the device
+/// state (saved with x-ignore-shared). The disk is copied first; DISK is not modified.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BaseArgs {
+    /// Raw disk image to boot.
+    pub disk: PathBuf,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mb: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// QEMU machine type.
+    #[arg(long, default_value = "q35")]
+    pub machine: String,
+    /// QEMU CPU model.
+    #[arg(long, default_value = "max")]
+    pub cpu: String,
+    /// Kernel to boot directly (stored in the base).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (stored in the base).
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, requires = "kernel")]
+    pub append: Option<String>,
+    /// Capture once the guest prints this on its serial console (else: wait for Enter).
+    #[arg(long, value_name = "MARKER")]
+    pub ready: Option<String>,
+    /// How long to wait for --ready, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Show the guest on a VNC display (e.g. 127.0.0.1:1) to prepare it by hand.
+    #[arg(long, value_name = "HOST:DISPLAY")]
+    pub vnc: Option<String>,
+    /// Add a virtio-balloon with free page reporting (freed guest pages leave the memory
+    /// image while the base boots).
+    #[arg(long)]
+    pub balloon: bool,
+    /// Name of the base.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print the base record as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Further QEMU arguments, recorded in the base's launch config.
+    #[arg(last = true)]
+    pub extra: Vec<String>,
+}
+
+/// Boots `args.disk` headless, waits until it is ready, captures memory and device state, and
+/// registers the result as a base.
+pub fn make_base(
+    home: &Path,
+    threads: usize,
+    args: &BaseArgs,
+    reporter: &dyn Reporter,
+) -> Result<Base, CaptureError> {
+    let stop = cloudletfs::cli::interrupt_flag().map_err(SessionError::Signals)?;
+    let registry = Registry::open(home)?;
+    let run = RunDir::new(home, "base")?;
+    let disk = run.join("disk.img");
+    reporter.note(&format!("copying {} …", args.disk.display()));
+    std::fs::copy(&args.disk, &disk).map_err(|source| CaptureError::Io {
+        what: "Copying",
+        path: args.disk.clone(),
+        source,
+    })?;
+    let memory = run.join("memory.img");
+    let mut devices = vec![Device::VirtioBlk { discard: true }, Device::VirtioNet];
+    if args.balloon {
+        devices.push(Device::VirtioBalloon {
+            free_page_reporting: true,
+        });
+    }
+    let config = LaunchConfig {
+        machine: args.machine.clone(),
+        cpu: args.cpu.clone(),
+        memory_mb: args.memory_mb,
+        vcpus: args.vcpus,
+        devices,
+        kernel: args.kernel.as_ref().map(|p| p.display().to_string()),
+        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
+        append: args.append.clone(),
+        extra_args: args.extra.clone(),
+    };
+    let paths = VmPaths {
+        disk: disk.clone(),
+        memory: memory.clone(),
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        run_dir: run.join("run"),
+    };
+    let options = LaunchOptions {
+        memory: MemoryMode::Capture,
+        incoming: false,
+        hostfwd: Vec::new(),
+        accel: Accel::detect()?,
+        vnc: args.vnc.clone(),
+    };
+    let qemu = QemuArgs::new(&config, &paths, &options)?;
+    let mut vm = Vm::spawn(&qemu)?;
+    reporter.note(&format!(
+        "booting (serial console log: {})",
+        qemu.serial_log().display()
+    ));
+    match &args.ready {
+        Some(marker) => {
+            let t = wait_marker(&mut vm, marker, Duration::from_secs(args.timeout), &stop)?;
+            reporter.note(&format!("guest ready after {:.1}s", t.as_secs_f64()));
+        }
+        None => {
+            let how = match &args.vnc {
+                Some(addr) => format!("on VNC display {addr}"),
+                None => format!("(serial console log: {})", qemu.serial_log().display()),
+            };
+            reporter.wait_for_user(
+                &format!("Prepare the guest {how}, then press Enter to capture it."),
+                &stop,
+            )?;
+        }
+    }
+    let ds = run.join("device-state");
+    let t = vm.save_device_state(&ds)?;
+    vm.quit()?;
+    reporter.note(&format!(
+        "captured device state in {:.0} ms",
+        t.as_secs_f64() * 1e3
+    ));
+    let add = AddBase {
+        disk,
+        memory,
+        device_state: Some(ds),
+        config: Some(config),
+        name: args.name.clone().or_else(|| {
+            args.disk
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        }),
+        link: false,
+        adopt: true,
+        threads,
+    };
+    let total = std::fs::metadata(&add.disk).map(|m| m.len()).unwrap_or(0) + (args.memory_mb << 20);
+    let progress = reporter.progress("indexing", total);
+    Ok(registry.add(&add, progress.counter())?)
+}

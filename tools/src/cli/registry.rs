@@ -1,0 +1,175 @@
+//! `add-base`, `list-base`, `del-base`, `export-base`, `import-base`: the base registry
+//! (`synth::registry`) from the command line.
+
+use super::{file_size, print_json, Context, Terminal};
+use anyhow::{Context as _, Result};
+use cloudlet_tools::Reporter;
+use serde::Serialize;
+use std::path::PathBuf;
+use synth::base::LaunchConfig;
+use synth::registry::{AddBase, Base};
+
+/// Arguments of `add-base`.
+#[derive(Debug, clap::Args)]
+pub struct AddBaseArgs {
+    /// Raw disk image.
+    #[arg(long)]
+    disk: PathBuf,
+    /// Flat memory image (guest RAM).
+    #[arg(long)]
+    memory: PathBuf,
+    /// Device state (QEMU migration stream without RAM).
+    #[arg(long)]
+    device_state: Option<PathBuf>,
+    /// Launch config (JSON; see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Name (default: the disk file's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Leave the disk and memory images where they are instead of copying them.
+    #[arg(long)]
+    link: bool,
+    /// Print the base record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `list-base`.
+#[derive(Debug, clap::Args)]
+pub struct ListBaseArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `del-base`.
+#[derive(Debug, clap::Args)]
+pub struct DelBaseArgs {
+    /// Base id (or unique prefix, or name).
+    id: String,
+}
+
+/// Arguments of `export-base`.
+#[derive(Debug, clap::Args)]
+pub struct ExportBaseArgs {
+    /// Base id (or unique prefix, or name).
+    id: String,
+    /// Package file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// Arguments of `import-base`.
+#[derive(Debug, clap::Args)]
+pub struct ImportBaseArgs {
+    /// Package file.
+    package: PathBuf,
+    /// Print the base record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints a base's id, or its whole record with `--json`.
+pub fn print_base(base: &Base, json: bool) -> Result<()> {
+    if json {
+        print_json(&base.record)
+    } else {
+        println!("{}", base.record.id);
+        Ok(())
+    }
+}
+
+pub fn add_base(ctx: &Context, a: &AddBaseArgs) -> Result<()> {
+    let config = match &a.config {
+        Some(p) => {
+            let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(
+                serde_json::from_slice::<LaunchConfig>(&text)
+                    .with_context(|| format!("launch config {} is invalid", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let reg = ctx.registry()?;
+    let total = file_size(&a.disk)? + file_size(&a.memory)?;
+    let req = AddBase {
+        disk: a.disk.clone(),
+        memory: a.memory.clone(),
+        device_state: a.device_state.clone(),
+        config,
+        name: a.name.clone(),
+        link: a.link,
+        adopt: false,
+        threads: ctx.threads,
+    };
+    let progress = Terminal.progress("indexing", total);
+    let base = reg.add(&req, progress.counter())?;
+    drop(progress);
+    print_base(&base, a.json)
+}
+
+#[derive(Serialize)]
+struct BaseRow<'a> {
+    id: &'a str,
+    name: &'a str,
+    disk_size: u64,
+    memory_size: u64,
+    path: String,
+}
+
+pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
+    let reg = ctx.registry()?;
+    let bases = reg.list()?;
+    let rows: Vec<BaseRow> = bases
+        .iter()
+        .map(|b| BaseRow {
+            id: &b.record.id,
+            name: &b.record.name,
+            disk_size: b.record.disk_size,
+            memory_size: b.record.memory_size,
+            path: b.dir.display().to_string(),
+        })
+        .collect();
+    if a.json {
+        print_json(&rows)?;
+    } else if rows.is_empty() {
+        eprintln!("no base VMs in {}", reg.home().display());
+    } else {
+        println!(
+            "{:<16} {:<20} {:>12} {:>12}",
+            "ID", "NAME", "DISK", "MEMORY"
+        );
+        for r in rows {
+            println!(
+                "{:<16} {:<20} {:>12} {:>12}",
+                &r.id[..16],
+                r.name,
+                r.disk_size,
+                r.memory_size
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn del_base(ctx: &Context, a: &DelBaseArgs) -> Result<()> {
+    let base = ctx.registry()?.remove(&a.id)?;
+    println!("deleted {} ({})", base.record.id, base.record.name);
+    Ok(())
+}
+
+pub fn export_base(ctx: &Context, a: &ExportBaseArgs) -> Result<()> {
+    let len = ctx.registry()?.export(&a.id, &a.output)?;
+    println!("wrote {} ({len} bytes)", a.output.display());
+    Ok(())
+}
+
+pub fn import_base(ctx: &Context, a: &ImportBaseArgs) -> Result<()> {
+    let reg = ctx.registry()?;
+    let total = file_size(&a.package)?;
+    let progress = Terminal.progress("verifying", total);
+    let base = reg.import(&a.package, progress.counter())?;
+    drop(progress);
+    print_base(&base, a.json)
+}

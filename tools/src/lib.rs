@@ -1,0 +1,105 @@
+//! The cloudlet's orchestration, as a library: what the `cloudlet` binary runs, and what an
+//! embedder or a test can run without it.
+//!
+//! A **session** is one VM on this machine: a private run folder, a cloudletfs mount of base +
+//! overlay (disk and memory served lazily, copy-on-write, traced), and a QEMU resumed over that
+//! mount, with its forwarded guest ports. Every flow builds on it:
+//!
+//! ```text
+//!  capture (once per app)                       synthesis (every time a user arrives)
+//!  ──────────────────────                       ─────────────────────────────────────
+//!  capture::base:    boot a disk on QEMU,       session::synthesis: base + overlay (file or
+//!    wait until ready, save device state          URL) ─► session::resume ─► timeline,
+//!    ─► registry (synth::registry)                until a signal
+//!  capture::overlay: session::resume of the     server: clients stream an overlay over TCP
+//!    base with an empty overlay ─► customize     (or name a URL) ─► server::session (state
+//!    (script / by hand) ─► device state +         machine) ─► server::net_source (segments
+//!    cloudletfs traces ─► synth::create           on demand) ─► session::resume
+//!  capture::profile: resume the new overlay,    client: the other end (synth::protocol)
+//!    wait for the first HTTP 200, reorder by    discovery: mDNS announcement and lookup
+//!    what the VM touched first
+//! ```
+//!
+//! Long work reports through a [`Reporter`] (the CLI draws progress bars and prints notes;
+//! [`Quiet`] says nothing). Errors are one enum per flow (`thiserror`); the binary maps them to
+//! exit codes with [`exit_code`].
+
+pub mod capture;
+pub mod client;
+pub mod discovery;
+pub mod inspect;
+pub mod server;
+pub mod session;
+
+use std::error::Error;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+pub use cloudletfs::cli::{
+    interrupt_flag, DaemonFailed, EXIT_ERROR, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE,
+};
+
+/// How long work tells whoever runs it how it is going.
+pub trait Reporter: Sync {
+    /// A step worth telling the user ("booting", "guest ready after 3.1 s").
+    fn note(&self, text: &str);
+
+    /// Starts showing the progress of work of `total` bytes labelled `label`; the work counts
+    /// the bytes it has done into [`Progress::counter`]; the display ends when it is dropped.
+    fn progress(&self, label: &str, total: u64) -> Box<dyn Progress>;
+
+    /// Waits until the user says to go on (Enter on a terminal), giving up when `stop` is set;
+    /// `prompt` says what to do first. Without a user this fails at once.
+    fn wait_for_user(&self, prompt: &str, stop: &AtomicBool) -> Result<(), session::WaitError> {
+        let _ = (prompt, stop);
+        Err(session::WaitError::NoUser)
+    }
+}
+
+/// A [`Reporter`] that says nothing and has no user to wait for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Quiet;
+
+impl Reporter for Quiet {
+    fn note(&self, text: &str) {
+        log::info!("{text}");
+    }
+
+    fn progress(&self, _label: &str, _total: u64) -> Box<dyn Progress> {
+        Box::new(Counter::default())
+    }
+}
+
+/// The progress of one piece of long work, shown until dropped.
+pub trait Progress {
+    /// Where the work counts the bytes it has done.
+    fn counter(&self) -> &AtomicU64;
+}
+
+/// A [`Progress`] shown nowhere.
+#[derive(Debug, Default)]
+pub struct Counter(pub AtomicU64);
+
+impl Progress for Counter {
+    fn counter(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
+/// The exit code for a failure of any flow (see [`cloudletfs::cli`] for the codes).
+pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
+    let mut chain = std::iter::successors(Some(e), |&c| c.source());
+    if chain.any(|c| c.downcast_ref::<session::LibvirtNotBuilt>().is_some()) {
+        // An option this build cannot honour: a usage error, like clap's own.
+        return EXIT_USAGE;
+    }
+    let mut chain = std::iter::successors(Some(e), |&c| c.source());
+    if chain.any(|c| {
+        matches!(
+            c.downcast_ref::<server::admin::AdminError>(),
+            Some(server::admin::AdminError::NotFound(_))
+        )
+    }) {
+        return EXIT_NOT_FOUND;
+    }
+    cloudletfs::cli::exit_code(e)
+}

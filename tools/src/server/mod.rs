@@ -1,0 +1,364 @@
+//! `cloudlet server`: accepts synthesis sessions over TCP (`docs/protocol.md`) and runs one
+//! synthesized VM ([`crate::session`]) per session.
+//!
+//! ```text
+//!  serve: accept loop ──► connection thread (session.rs): slot (max sessions) ─► handshake
+//!    ─► first message
+//!    StartOverlay: Head parts ─► HeadAssembler ─► registry ─► Accepted
+//!                  reader thread: Segment parts ─► SegmentAssembler ─► NetSource (spill file)
+//!                  resume_vm(OverlaySource::Source(NetSource)) ─► Resumed ─► FillDone
+//!    StartUrl:     UrlPolicy ─► HttpSource ─► registry ─► Accepted ─► resume_vm ─► Resumed …
+//!  ticker thread: Keepalive every KEEPALIVE_INTERVAL of silence, server SIGTERM
+//!  end (Finish, error, timeout, vanished client, SIGTERM, close-session): stop QEMU, unmount,
+//!  free the slot
+//!  admin thread (admin.rs): list-session reads each live session's `Conn`; close-session
+//!  ends it like any other ending and waits until its slot is free
+//! ```
+//!
+//! A cloudletfs read of a segment not received yet blocks in [`net_source::NetSource`]
+//! (bounded: the session's end, or no segment byte for the idle timeout); a demand read sends
+//! `NeedSegment` once, so the client sends that segment next.
+
+pub mod admin;
+pub mod net_source;
+mod session;
+
+use admin::{AdminSocket, ErrorKind, SessionInfo};
+use session::{connection, Conn};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use synth::protocol::{ProtoError, Token, UrlPolicy, KEEPALIVE_INTERVAL};
+use synth::registry::Registry;
+
+/// Connections allowed in the handshake on top of the sessions (further ones are dropped).
+const MAX_PENDING: usize = 16;
+/// How often waiting loops wake up.
+pub(crate) const TICK: Duration = Duration::from_millis(200);
+/// Longest the server waits for its sessions to clean up after SIGTERM.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+/// Allocations above this size are mmapped (and returned to the system when freed).
+const MMAP_THRESHOLD: i32 = 128 << 10;
+
+/// Pins glibc's mmap and trim thresholds. By default glibc raises the mmap threshold to the
+/// largest block freed (up to 32 MiB), after which every session's segment-sized buffers stay
+/// in the malloc arenas once freed: measured 95 MiB of heap per session with 16 sessions, most
+/// of it kept after they ended, against 4.4 MiB with the thresholds pinned (BENCHMARKS.md).
+fn pin_malloc_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets allocator parameters (glibc takes its own lock); it is
+        // given valid parameter names and values and is called before any session starts.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, MMAP_THRESHOLD) == 1
+        };
+        if !ok {
+            log::warn!("could not pin the malloc thresholds; memory per session will be higher");
+        }
+    }
+}
+
+/// Serve synthesis sessions over TCP (docs/protocol.md): clients send an overlay (or a
+/// URL), the server resumes the VM on one of its bases and forwards the guest ports.
+///
+/// Runs until SIGINT/SIGTERM, then ends every session (VMs stopped, mounts removed).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "0.0.0.0:8021", value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// Require this pre-shared token (the file's content, without surrounding whitespace).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Sessions at once; further clients are refused as busy.
+    #[arg(long, default_value_t = 4)]
+    pub max_sessions: u32,
+    /// URL prefix the server may fetch overlays from (flow 2); none by default.
+    #[arg(long, value_name = "PREFIX")]
+    pub allow_url_prefix: Vec<String>,
+    /// Address reported to clients for the forwarded guest ports.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub public_addr: String,
+    /// Announce this cloudlet on the local network (mDNS/DNS-SD, `_cloudlet._tcp`).
+    #[arg(long)]
+    pub advertise: bool,
+    /// Instance name announced (default: "cloudlet on HOSTNAME").
+    #[arg(long, value_name = "NAME", requires = "advertise")]
+    pub advertise_name: Option<String>,
+    /// Admin socket for list-session and close-session (default: HOME/server.sock).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// A client that sends nothing for this long, or takes longer for one frame, is cut
+    /// off (at least 20).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub idle_timeout: u64,
+}
+
+/// Errors of starting or stopping the server (a session's failure is its client's business
+/// and the log's, not the server's).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Installing the SIGINT/SIGTERM handlers failed.
+    #[error("Installing the signal handlers failed")]
+    Signals(#[source] std::io::Error),
+    /// The token file could not be read.
+    #[error("Reading the token file failed")]
+    Token(#[source] ProtoError),
+    /// An `--allow-url-prefix` is not a usable prefix.
+    #[error("--allow-url-prefix: {0}")]
+    UrlPrefix(String),
+    /// The registry could not be opened.
+    #[error("Opening the registry {path} failed")]
+    Registry {
+        /// The registry folder.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: synth::registry::RegistryError,
+    },
+    /// An option is out of range.
+    #[error("{0}")]
+    Option(String),
+    /// Binding the listening socket failed.
+    #[error("Listening on {addr} failed")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin socket could not be set up.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// Starting the mDNS announcement failed.
+    #[error("--advertise failed")]
+    Advertise(#[source] crate::discovery::FindError),
+    /// Sessions were still cleaning up when the server gave up waiting.
+    #[error("{0} sessions did not end within {SHUTDOWN_WAIT:?}")]
+    SessionsLeft(usize),
+}
+
+/// State shared by the accept loop and every connection.
+pub(crate) struct Server {
+    pub(crate) home: PathBuf,
+    pub(crate) token: Option<Token>,
+    pub(crate) policy: UrlPolicy,
+    pub(crate) max_sessions: u32,
+    pub(crate) public_addr: String,
+    /// Host address QEMU's port forwards listen on.
+    pub(crate) fwd_addr: Ipv4Addr,
+    pub(crate) sessions: Mutex<HashSet<u64>>,
+    /// Authenticated sessions, for the admin socket (removed with their slot).
+    pub(crate) live: Mutex<HashMap<u64, Weak<Conn>>>,
+    /// A client silent this long (or slower than this for one frame) is gone.
+    pub(crate) idle_timeout: Duration,
+    pub(crate) connections: AtomicUsize,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) shutdown: Arc<AtomicBool>,
+}
+
+/// Locks `m`, taking over the data of a thread that panicked while holding it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Frees a connection (and its session slot, if it has one) when dropped.
+pub(crate) struct ConnGuard {
+    pub(crate) srv: Arc<Server>,
+    pub(crate) slot: Option<u64>,
+}
+
+impl ConnGuard {
+    /// Frees the session slot (the session is cleaned up; its last message may still follow).
+    pub(crate) fn release(&mut self) {
+        if let Some(id) = self.slot.take() {
+            lock(&self.srv.live).remove(&id);
+            lock(&self.srv.sessions).remove(&id);
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.release();
+        self.srv.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl admin::Sessions for Server {
+    fn list(&self) -> Vec<SessionInfo> {
+        let conns: Vec<Arc<Conn>> = lock(&self.live)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut v: Vec<SessionInfo> = conns.iter().map(|c| c.info()).collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Ends the session like any other ending and waits until its slot is freed, which
+    /// happens after its VM is stopped, its mount removed and its run folder deleted.
+    fn close(&self, id: u64) -> Result<(), (ErrorKind, String)> {
+        let conn = lock(&self.live).get(&id).and_then(Weak::upgrade);
+        let Some(conn) = conn else {
+            return Err((ErrorKind::NotFound, format!("no live session {id}")));
+        };
+        conn.close_by_operator();
+        drop(conn);
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while lock(&self.live).contains_key(&id) {
+            if Instant::now() > deadline {
+                return Err((
+                    ErrorKind::Timeout,
+                    format!("session {id} did not end within {SHUTDOWN_WAIT:?}"),
+                ));
+            }
+            std::thread::sleep(TICK / 4);
+        }
+        log::info!("session {id}: closed by the operator");
+        Ok(())
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM; then ends every session and waits for the cleanup.
+/// `reporter` hears where it listens and what it announces.
+pub fn serve(
+    home: &Path,
+    opts: &ServerArgs,
+    reporter: &dyn crate::Reporter,
+) -> Result<(), ServerError> {
+    let shutdown = cloudletfs::cli::interrupt_flag().map_err(ServerError::Signals)?;
+    let token = opts
+        .token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()
+        .map_err(ServerError::Token)?;
+    let policy = UrlPolicy::new(opts.allow_url_prefix.clone())
+        .map_err(|r| ServerError::UrlPrefix(r.to_string()))?;
+    Registry::open(home).map_err(|source| ServerError::Registry {
+        path: home.to_path_buf(),
+        source,
+    })?;
+    pin_malloc_thresholds();
+    if opts.max_sessions == 0 {
+        return Err(ServerError::Option(
+            "--max-sessions must be at least 1".into(),
+        ));
+    }
+    let idle_timeout = Duration::from_secs(opts.idle_timeout);
+    if idle_timeout < 2 * KEEPALIVE_INTERVAL {
+        return Err(ServerError::Option(format!(
+            "--idle-timeout must be at least {} s (twice the keepalive interval)",
+            (2 * KEEPALIVE_INTERVAL).as_secs()
+        )));
+    }
+    let listen_err = |source| ServerError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&opts.listen).map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let fwd_addr = match local.ip() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
+    let srv = Arc::new(Server {
+        home: home.to_path_buf(),
+        token,
+        policy,
+        max_sessions: opts.max_sessions,
+        public_addr: opts.public_addr.clone(),
+        fwd_addr,
+        sessions: Mutex::new(HashSet::new()),
+        live: Mutex::new(HashMap::new()),
+        idle_timeout,
+        connections: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        shutdown: Arc::clone(&shutdown),
+    });
+    let admin_path = admin::socket_path(home, opts.admin_socket.clone());
+    let admin = AdminSocket::bind(&admin_path)?;
+    admin.serve(
+        Arc::clone(&srv) as Arc<dyn admin::Sessions>,
+        Arc::clone(&shutdown),
+    )?;
+    log::info!("admin socket {}", admin.path().display());
+    log::info!(
+        "listening on {local} (token {}, at most {} sessions)",
+        if srv.token.is_some() {
+            "required"
+        } else {
+            "not required"
+        },
+        srv.max_sessions
+    );
+    reporter.note(&format!("cloudlet server listening on {local}"));
+    let advert = if opts.advertise {
+        let adv = crate::discovery::advertise(
+            opts.advertise_name.as_deref(),
+            home,
+            local,
+            srv.max_sessions,
+            srv.token.is_some(),
+        )
+        .map_err(ServerError::Advertise)?;
+        reporter.note(&format!("advertising {}", adv.fullname()));
+        Some(adv)
+    } else {
+        None
+    };
+    while !shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => accept(&srv, stream, peer),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(TICK / 4),
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                std::thread::sleep(TICK);
+            }
+        }
+    }
+    drop(listener);
+    drop(advert); // Goodbye first: no new client should pick a server that is going away.
+    log::info!("shutting down: ending every session");
+    let deadline = Instant::now() + SHUTDOWN_WAIT;
+    while srv.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(TICK / 4);
+    }
+    let left = srv.connections.load(Ordering::SeqCst);
+    if left > 0 {
+        return Err(ServerError::SessionsLeft(left));
+    }
+    Ok(())
+}
+
+fn accept(srv: &Arc<Server>, stream: TcpStream, peer: SocketAddr) {
+    let limit = usize::try_from(srv.max_sessions)
+        .unwrap_or(usize::MAX)
+        .saturating_add(MAX_PENDING);
+    if srv.connections.fetch_add(1, Ordering::SeqCst) >= limit {
+        srv.connections.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("{peer}: too many connections, dropped");
+        return;
+    }
+    let id = srv.next_id.fetch_add(1, Ordering::SeqCst);
+    let guard = ConnGuard {
+        srv: Arc::clone(srv),
+        slot: None,
+    };
+    let spawned = std::thread::Builder::new()
+        .name(format!("session-{id}"))
+        .spawn(move || connection(guard, stream, peer, id));
+    if let Err(e) = spawned {
+        log::warn!("{peer}: starting a session thread failed: {e}");
+    }
+}

@@ -1,0 +1,284 @@
+//! Resuming a VM from base + overlay: the run folder, the cloudletfs mount, the VM on one of
+//! the backends (QEMU directly, or a libvirt domain), and its orderly end.
+
+use super::{RunDir, SessionError, WaitError};
+use cloudletfs::{mount, MountOptions, Mounted, OverlaySource};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use synth::registry::Base;
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Timings, Vm, VmPaths};
+
+/// Which VM manager runs a synthesized VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU started and driven directly (the default).
+    Qemu,
+    /// A transient libvirt domain on the libvirt daemon at `uri`.
+    Libvirt {
+        /// Connection URI, e.g. `qemu:///system`.
+        uri: String,
+    },
+}
+
+/// `--backend` of `cloudlet synthesis`: the kind, without its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// QEMU started and driven directly.
+    Qemu,
+    /// A transient libvirt domain.
+    Libvirt,
+}
+
+/// `--backend libvirt` on a build without the `libvirt` feature.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "This cloudlet was built without libvirt support; rebuild it with \
+     `cargo build --release --features libvirt` (needs libvirt-dev), or use --backend qemu"
+)]
+pub struct LibvirtNotBuilt;
+
+impl Backend {
+    /// The backend of `kind`, connecting to `libvirt_uri` for libvirt.
+    pub fn new(kind: BackendKind, libvirt_uri: &str) -> Backend {
+        match kind {
+            BackendKind::Qemu => Backend::Qemu,
+            BackendKind::Libvirt => Backend::Libvirt {
+                uri: libvirt_uri.to_owned(),
+            },
+        }
+    }
+
+    /// Fails when this build cannot run the backend.
+    pub fn check(&self) -> Result<(), LibvirtNotBuilt> {
+        match self {
+            Backend::Qemu => Ok(()),
+            Backend::Libvirt { .. } if cfg!(feature = "libvirt") => Ok(()),
+            Backend::Libvirt { .. } => Err(LibvirtNotBuilt),
+        }
+    }
+
+    /// `qemu` or `libvirt`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Libvirt { .. } => "libvirt",
+        }
+    }
+}
+
+/// A resumed VM on one of the backends; dropping it stops the VM.
+#[derive(Debug)]
+pub enum ResumedVm {
+    /// A QEMU process of ours.
+    Qemu(Vm),
+    /// A libvirt domain (destroyed on drop).
+    #[cfg(feature = "libvirt")]
+    Libvirt(synth::vm::libvirt::LibvirtVm),
+}
+
+impl ResumedVm {
+    /// "QEMU pid N" or "libvirt domain NAME", for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ResumedVm::Qemu(vm) => format!("QEMU pid {}", vm.pid()),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(vm) => format!("libvirt domain {}", vm.name()),
+        }
+    }
+
+    /// QEMU's pid when this process started it.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            ResumedVm::Qemu(vm) => Some(vm.pid()),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(_) => None,
+        }
+    }
+
+    /// Step durations (for libvirt, `qmp_connected` is the domain start).
+    pub fn timings(&self) -> Timings {
+        match self {
+            ResumedVm::Qemu(vm) => vm.timings(),
+            #[cfg(feature = "libvirt")]
+            ResumedVm::Libvirt(vm) => vm.timings(),
+        }
+    }
+}
+
+/// A synthesized VM: QEMU running over a cloudletfs mount of base + overlay. Dropping it stops
+/// QEMU, then unmounts, then removes the run folder (fields drop in declaration order).
+pub struct RunningVm {
+    /// The VM (QEMU process or libvirt domain).
+    pub vm: ResumedVm,
+    /// The cloudletfs mount serving its disk and memory.
+    pub mounted: Mounted,
+    /// The guest's serial console log.
+    pub serial_log: PathBuf,
+    /// Scratch folder of this VM (mount point, state, QEMU sockets).
+    pub run: RunDir,
+}
+
+impl RunningVm {
+    /// Stops QEMU and unmounts; returns the final cloudletfs stats.
+    pub fn stop(self) -> Result<cloudletfs::Stats, SessionError> {
+        let RunningVm {
+            vm, mounted, run, ..
+        } = self;
+        drop(vm);
+        let stats = mounted.stats();
+        mounted.unmount().map_err(SessionError::Unmount)?;
+        drop(run);
+        Ok(stats)
+    }
+}
+
+/// How [`resume_vm`] runs the VM.
+pub struct ResumeOptions<'a> {
+    /// Resume before every chunk is in.
+    pub early_start: bool,
+    /// Host ports forwarded into the guest.
+    pub hostfwd: &'a [HostFwd],
+    /// What runs the VM.
+    pub backend: &'a Backend,
+}
+
+/// The runtime paths of a VM of `base` with its images at `disk` and `memory`.
+pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: PathBuf) -> VmPaths {
+    VmPaths {
+        disk,
+        memory,
+        kernel: base.kernel_path(),
+        initrd: base.initrd_path(),
+        run_dir,
+    }
+}
+
+/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`.
+pub(crate) fn mount_vm(
+    base: &Base,
+    overlay: OverlaySource,
+    run: &RunDir,
+    fill: bool,
+) -> Result<Mounted, SessionError> {
+    let mnt = run.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(|source| SessionError::RunDir {
+        path: mnt.clone(),
+        source,
+    })?;
+    let mut opts = MountOptions::new(base.clone(), overlay, &mnt);
+    opts.state_dir = Some(run.join("state"));
+    opts.cache_dir = Some(run.path().to_path_buf());
+    opts.background_fill = fill;
+    mount(opts).map_err(SessionError::Mount)
+}
+
+/// Mounts `overlay` over `base` and resumes the VM: early (right away) or eager (once every
+/// chunk is in). `on_event` hears "overlay opened", "overlay fetched (eager)", "VM resumed".
+/// A set `stop` flag abandons the eager wait.
+pub fn resume_vm(
+    home: &Path,
+    base: &Base,
+    overlay: OverlaySource,
+    how: &ResumeOptions<'_>,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<RunningVm, SessionError> {
+    let ResumeOptions {
+        early_start,
+        hostfwd,
+        backend,
+    } = *how;
+    backend.check()?;
+    let run = RunDir::new(home, "synthesis")?;
+    let mounted = mount_vm(base, overlay, &run, true)?;
+    on_event("overlay opened");
+    if !early_start {
+        while !mounted.wait_filled(Some(Duration::from_millis(250))) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(WaitError::Interrupted.into());
+            }
+        }
+        on_event("overlay fetched (eager)");
+    }
+    let mnt = mounted.mountpoint().to_path_buf();
+    let paths = base_paths(
+        base,
+        mnt.join("disk/image"),
+        mnt.join("memory/image"),
+        run.join("run"),
+    );
+    let options = LaunchOptions {
+        memory: MemoryMode::Resume,
+        incoming: true,
+        hostfwd: hostfwd.to_vec(),
+        accel: Accel::detect()?,
+        vnc: None,
+    };
+    let device_state = mnt.join("device-state");
+    let (vm, serial_log) = match backend {
+        Backend::Qemu => {
+            let args = QemuArgs::new(&base.record.config, &paths, &options)?;
+            let mut vm = Vm::spawn(&args)?;
+            vm.resume_from(&device_state)?;
+            (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
+        }
+        Backend::Libvirt { uri } => {
+            let name = format!("cloudlet-{}", run.name());
+            resume_libvirt(uri, &name, base, &paths, &options, &device_state)?
+        }
+    };
+    on_event("VM resumed");
+    Ok(RunningVm {
+        vm,
+        mounted,
+        serial_log,
+        run,
+    })
+}
+
+/// Starts the VM as a transient libvirt domain and loads its device state.
+#[cfg(feature = "libvirt")]
+fn resume_libvirt(
+    uri: &str,
+    name: &str,
+    base: &Base,
+    paths: &VmPaths,
+    options: &LaunchOptions,
+    device_state: &Path,
+) -> Result<(ResumedVm, PathBuf), SessionError> {
+    let launch = synth::vm::DomainLaunch::new(&base.record.config, paths, options)?;
+    let mut vm = synth::vm::libvirt::LibvirtVm::start(uri, name, launch)?;
+    vm.resume_from(device_state)?;
+    let log = vm.serial_log().to_path_buf();
+    Ok((ResumedVm::Libvirt(vm), log))
+}
+
+/// Without the `libvirt` feature: refused ([`Backend::check`] normally says so earlier).
+#[cfg(not(feature = "libvirt"))]
+fn resume_libvirt(
+    _uri: &str,
+    _name: &str,
+    _base: &Base,
+    _paths: &VmPaths,
+    _options: &LaunchOptions,
+    _device_state: &Path,
+) -> Result<(ResumedVm, PathBuf), SessionError> {
+    Err(LibvirtNotBuilt.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_check_libvirt_follows_the_build() {
+        let r = Backend::new(BackendKind::Libvirt, synth::vm::DEFAULT_LIBVIRT_URI).check();
+        assert_eq!(r.is_ok(), cfg!(feature = "libvirt"));
+        if let Err(e) = r {
+            assert!(e.to_string().contains("--features libvirt"), "{e}");
+            assert_eq!(crate::exit_code(&e), crate::EXIT_USAGE);
+        }
+        assert!(Backend::Qemu.check().is_ok());
+    }
+}

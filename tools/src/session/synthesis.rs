@@ -1,0 +1,138 @@
+//! `cloudlet synthesis`: one session run until a signal, with its timeline:
+//! "overlay opened" → ["overlay fetched (eager)"] → "VM resumed" → "background fill done" →
+//! "VM stopped".
+
+use super::{resume_vm, Backend, BackendKind, ResumeOptions, SessionError};
+use cloudletfs::OverlaySource;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use synth::registry::Registry;
+use synth::vm::HostFwd;
+
+/// Synthesize a VM: mount base + overlay with cloudletfs and resume it on QEMU.
+///
+/// Runs until SIGINT/SIGTERM, then stops the VM and unmounts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SynthesisArgs {
+    /// Base id (or unique prefix, or name).
+    pub base: String,
+    /// Overlay file or http(s):// URL.
+    pub overlay: String,
+    /// Resume as soon as the metadata is in; chunks arrive on demand and in background.
+    #[arg(long)]
+    pub early_start: bool,
+    /// Forward a host port to the guest: tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
+    #[arg(long)]
+    pub hostfwd: Vec<HostFwd>,
+    /// Stop by itself after this many seconds.
+    #[arg(long)]
+    pub exit_after: Option<u64>,
+    /// Print the timeline as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// What runs the VM: QEMU directly, or a transient libvirt domain (needs a cloudlet
+    /// built with `--features libvirt` and a running libvirtd).
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub backend: BackendKind,
+    /// libvirt connection URI (with --backend libvirt).
+    #[arg(long, default_value = synth::vm::DEFAULT_LIBVIRT_URI)]
+    pub libvirt_uri: String,
+}
+
+/// One step of the timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TimelineEvent {
+    /// What happened.
+    pub event: &'static str,
+    /// Seconds since the synthesis started.
+    pub seconds: f64,
+    /// Details (ports, backend, timings, final stats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Mounts base + overlay, resumes the VM (early: right away; eager: after every chunk is in),
+/// reports the timeline to `on_event`, and runs until `stop` is set (or `exit_after`).
+pub fn synthesis(
+    home: &Path,
+    args: &SynthesisArgs,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(TimelineEvent),
+) -> Result<(), SessionError> {
+    let backend = Backend::new(args.backend, &args.libvirt_uri);
+    backend.check()?;
+    let t0 = Instant::now();
+    let mut emit = |event: &'static str, detail: Option<serde_json::Value>| {
+        on_event(TimelineEvent {
+            event,
+            seconds: t0.elapsed().as_secs_f64(),
+            detail,
+        });
+    };
+    let base = Registry::open(home)?.get(&args.base)?;
+    let ports: Vec<String> = args
+        .hostfwd
+        .iter()
+        .map(|h| format!("{}:{} -> guest {}", h.host_addr, h.host_port, h.guest_port))
+        .collect();
+    let running = resume_vm(
+        home,
+        &base,
+        OverlaySource::parse(&args.overlay),
+        &ResumeOptions {
+            early_start: args.early_start,
+            hostfwd: &args.hostfwd,
+            backend: &backend,
+        },
+        stop,
+        &mut |e: &str| match e {
+            "overlay opened" => emit("overlay opened", None),
+            "overlay fetched (eager)" => emit("overlay fetched (eager)", None),
+            _ => {}
+        },
+    )?;
+    let timings = running.vm.timings();
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    emit(
+        "VM resumed",
+        Some(serde_json::json!({
+            "ports": ports,
+            "backend": backend.name(),
+            "vm": running.vm.describe(),
+            // Start of QEMU (or of the libvirt domain) to the guest running.
+            "start_to_running_seconds": secs(timings.spawn_to_running),
+            // Loading the device state, to `cont`.
+            "device_state_seconds": secs(timings.resume),
+        })),
+    );
+    log::info!("serial console log: {}", running.serial_log.display());
+    let mut filled = !args.early_start;
+    let deadline = args
+        .exit_after
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    loop {
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if !filled
+            && running
+                .mounted
+                .wait_filled(Some(Duration::from_millis(200)))
+        {
+            filled = true;
+            emit("background fill done", None);
+        } else if filled {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !running.mounted.is_alive() {
+            return Err(SessionError::MountGone);
+        }
+    }
+    let stats = running.stop()?;
+    emit(
+        "VM stopped",
+        Some(serde_json::to_value(&stats).unwrap_or_default()),
+    );
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Bounded waits that give up cleanly on SIGINT/SIGTERM: for a marker on a VM's serial
+//! console, and for an HTTP 200 from a guest's service.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use synth::vm::{Vm, VmError};
+
+/// How often a wait checks its stop flag.
+const TICK: Duration = Duration::from_millis(250);
+/// Bound on one HTTP attempt of [`wait_http_ok`].
+const HTTP_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// Why a wait ended without what it waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// SIGINT or SIGTERM arrived.
+    #[error("Interrupted")]
+    Interrupted,
+    /// The VM failed (or exited) while waiting for a marker.
+    #[error("Waiting for {marker:?} on the serial console failed")]
+    Marker {
+        /// The marker.
+        marker: String,
+        /// What happened.
+        #[source]
+        source: VmError,
+    },
+    /// The URL did not answer 200 in time.
+    #[error("{url}: no HTTP 200 within {timeout:?} (last: {last})")]
+    NoHttpOk {
+        /// The URL.
+        url: String,
+        /// The time allowed.
+        timeout: Duration,
+        /// The last answer or error.
+        last: String,
+    },
+    /// Nobody can be asked to go on (no terminal).
+    #[error("Standard input is closed; use --ready MARKER for unattended runs")]
+    NoUser,
+}
+
+/// Waits for `marker` on the VM's serial console, up to `timeout`; returns the time since the
+/// VM started.
+pub fn wait_marker(
+    vm: &mut Vm,
+    marker: &str,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<Duration, WaitError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match vm.wait_ready_marker(marker, TICK) {
+            Ok(t) => return Ok(t),
+            Err(VmError::Timeout { .. }) if Instant::now() < deadline => {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(WaitError::Interrupted);
+                }
+            }
+            Err(source) => {
+                return Err(WaitError::Marker {
+                    marker: marker.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Polls `url` until it answers 200, `timeout` passes or `stop` is set.
+pub fn wait_http_ok(url: &str, timeout: Duration, stop: &AtomicBool) -> Result<(), WaitError> {
+    let deadline = Instant::now() + timeout;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(HTTP_ATTEMPT))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if stop.load(Ordering::Relaxed) {
+            return Err(WaitError::Interrupted);
+        }
+        match agent.get(url).call() {
+            Ok(r) if r.status() == 200 => return Ok(()),
+            Ok(r) => last = format!("HTTP {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(WaitError::NoHttpOk {
+        url: url.to_owned(),
+        timeout,
+        last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A one-shot HTTP server answering `status` to every request, on a thread.
+    fn serve(status: u16) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn wait_http_ok_real_server_200_returns() {
+        let url = serve(200);
+        wait_http_ok(&url, Duration::from_secs(20), &AtomicBool::new(false)).unwrap();
+    }
+
+    #[test]
+    fn wait_http_ok_404_times_out_with_last_status() {
+        let url = serve(404);
+        let e =
+            wait_http_ok(&url, Duration::from_millis(500), &AtomicBool::new(false)).unwrap_err();
+        assert!(e.to_string().contains("HTTP 404"), "{e}");
+    }
+
+    #[test]
+    fn wait_http_ok_stop_flag_interrupts() {
+        let e = wait_http_ok(
+            "http://127.0.0.1:9/",
+            Duration::from_secs(60),
+            &AtomicBool::new(true),
+        )
+        .unwrap_err();
+        assert!(matches!(e, WaitError::Interrupted), "{e}");
+    }
+}
