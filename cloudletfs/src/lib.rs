@@ -30,6 +30,8 @@
 //! Decoded segments are never kept in memory: each overlay chunk is written, once verified, into
 //! a sparse per-image cache file, so the daemon's memory stays flat in the image size.
 
+pub mod base;
+pub mod cache;
 pub mod chunkmap;
 pub mod error;
 pub mod fetch;
@@ -42,8 +44,8 @@ pub mod store;
 pub mod streams;
 pub mod waiters;
 
+pub use cache::MEMORY_CACHE_NAME;
 pub use error::{MountError, ServeError};
 pub use http::{HttpOptions, HttpSource, RedirectPolicy};
 pub use mount::{mount, mounted_at, MountOptions, Mounted, OverlaySource, Trace};
-pub use serve::MEMORY_CACHE_NAME;
 pub use stats::{ImageStats, Stats};
