@@ -5,7 +5,7 @@
 //!  reader of a pending chunk (serve) ─► FetchQueue::claim ─► run_claimed in the reader's thread
 //!                                    └► FetchQueue::demand ─► demand workers (or the filler)
 //!  background filler ─► its own walk over the segments, demands and rests first
-//!  fetch_segment: Overlay::read_segment ─► publish ─► rebuild_rest
+//!  fetch_segment: Overlay::read_segment_with(priority) ─► publish ─► rebuild_rest
 //!                 ─► ChunkSink::rebuild per chunk (cache, Ready) ─► FetchQueue::finish
 //! ```
 //!
@@ -15,7 +15,7 @@
 //!   references), then walks the segments in overlay order, always taking a queued demand
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
 //!   stops: nothing more is fetched unless a read asks.
-//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`] and
+//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment_with`] and
 //!   *publishes* it ([`FetchQueue::decoded`]) until all its chunks (and every self reference to
 //!   them) are rebuilt and verified into the cache by [`ChunkSink::rebuild`]:
 //!   the filler rebuilds them all at once, a demand worker hands them on as a reader does
@@ -36,12 +36,17 @@
 //!   which takes a waiting rest before its next own segment. Published rests are bounded
 //!   ([`MAX_QUEUED_REST_BYTES`]); past that, the thread that decoded the segment rebuilds its
 //!   rest itself.
+//! - Each segment read tells the byte source who waits for it ([`Priority`]): a demand
+//!   request or a reader's claimed segment is read as [`Priority::Demand`], whichever thread
+//!   runs it (the reader itself, a demand worker, or the filler taking a queued demand); the
+//!   filler's own walk as [`Priority::Background`]. The rest worker reads no segment: it only
+//!   rebuilds decoded ones.
 //!
 //! Fetching knows the serving core only through [`ChunkSink`] (rebuild a chunk, fail a
 //! chunk, the segment a chunk needs, shutdown) and owns what it shares with it in
 //! [`Fetcher`]: the overlay, the queue and the waiter that wakes readers of pending chunks.
 //!
-//! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
+//! [`Overlay::read_segment_with`]: synth::format::Overlay::read_segment_with
 
 use crate::chunkmap::Waiter;
 use crate::error::{chain, ServeError};
@@ -52,6 +57,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use synth::format::{ChunkEntry, ChunkSource, FormatError, Metadata, Overlay};
+use synth::source::Priority;
 use synth::ImageKind;
 
 /// The fetching side of a mount: the overlay its segments are read from, their queue, and
@@ -616,12 +622,18 @@ fn fetch_segment(core: &impl ChunkSink, seg: u32, demand: bool) -> Option<Arc<Ve
     let f = core.fetcher();
     let i = usize::try_from(seg).ok()?;
     let entry = f.meta().segments.get(i)?;
+    // A demand job reads for a request waiting on the segment, whichever thread runs it.
+    let priority = if demand {
+        Priority::Demand
+    } else {
+        Priority::Background
+    };
     debug!(
         "fetching segment {seg} ({} bytes, {})",
         entry.length,
         if demand { "demand" } else { "background" }
     );
-    let outcome = match f.overlay.read_segment(i) {
+    let outcome = match f.overlay.read_segment_with(i, priority) {
         Ok(data) => {
             let data = Arc::new(data);
             f.queue.publish(seg, &data);
