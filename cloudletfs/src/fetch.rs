@@ -1,20 +1,29 @@
 //! Segment fetching: a priority queue where demand requests (a read waiting for a chunk) jump
 //! ahead of the background filler.
 //!
+//! ```text
+//!  reader of a pending chunk (serve) ─► FetchQueue::claim ─► run_claimed in the reader's thread
+//!                                    └► FetchQueue::demand ─► demand workers (or the filler)
+//!  background filler ─► its own walk over the segments, demands and rests first
+//!  fetch_segment: Overlay::read_segment_with(priority) ─► publish ─► rebuild_rest
+//!                 ─► ChunkSink::rebuild per chunk (cache, Ready) ─► FetchQueue::finish
+//! ```
+//!
 //! - Demand workers (`fetch_threads` of them) take only demand requests, so a demand never
 //!   waits behind a background decode.
 //! - One background filler first rebuilds the overlay chunks that need no segment (zeros, base
 //!   references), then walks the segments in overlay order, always taking a queued demand
 //!   first. When it reaches the end (retrying transiently failed segments a few times), it
 //!   stops: nothing more is fetched unless a read asks.
-//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment`] and
+//! - A worker fetches, verifies and decodes a segment with [`Overlay::read_segment_with`] and
 //!   *publishes* it ([`FetchQueue::decoded`]) until all its chunks (and every self reference to
-//!   them) are rebuilt and verified into the cache file by `Core::rebuild`:
+//!   them) are rebuilt and verified into the cache by [`ChunkSink::rebuild`]:
 //!   the filler rebuilds them all at once, a demand worker hands them on as a reader does
 //!   (below).
 //! - A reader waiting for a chunk of a published segment takes the chunk from it (verified)
-//!   straight into its reply, and writes nothing: the cache-file write, which on ext4 can queue
-//!   behind the idle worker's writes to the same file, stays off the reply's path.
+//!   straight into its reply, and writes nothing: the cache write, which in a cache file on
+//!   ext4 can queue behind the idle worker's writes to the same file, stays off the reply's
+//!   path.
 //! - A reader that finds its chunk's segment not yet taken claims it ([`FetchQueue::claim`])
 //!   and runs `run_claimed` in its own (FUSE or waiter) thread: fetch, decode, publish,
 //!   reply, and only then hand the rebuilding of the segment on (`RestAfterReply`). That
@@ -23,22 +32,105 @@
 //!   the others leave their segment to the demand workers.
 //! - The *rest* of a segment decoded on demand is rebuilt by one rest worker under
 //!   `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice 19 thread still keeps its
-//!   CPU for a whole time slice, ~3 ms here, when a reader wakes), or by the background filler
-//!   once it has nothing else to do. Published rests are bounded ([`MAX_QUEUED_REST_BYTES`]);
-//!   past that, the thread that decoded the segment rebuilds its rest itself.
+//!   CPU for a whole time slice, ~3 ms here, when a reader wakes), or by the background filler,
+//!   which takes a waiting rest before its next own segment. Published rests are bounded
+//!   ([`MAX_QUEUED_REST_BYTES`]); past that, the thread that decoded the segment rebuilds its
+//!   rest itself.
+//! - Each segment read tells the byte source who waits for it ([`Priority`]): a demand
+//!   request or a reader's claimed segment is read as [`Priority::Demand`], whichever thread
+//!   runs it (the reader itself, a demand worker, or the filler taking a queued demand); the
+//!   filler's own walk as [`Priority::Background`]. The rest worker reads no segment: it only
+//!   rebuilds decoded ones.
 //!
-//! [`Overlay::read_segment`]: synth::format::Overlay::read_segment
+//! Fetching knows the serving core only through [`ChunkSink`] (rebuild a chunk, fail a
+//! chunk, the segment a chunk needs, shutdown) and owns what it shares with it in
+//! [`Fetcher`]: the overlay, the queue and the waiter that wakes readers of pending chunks.
+//!
+//! [`Overlay::read_segment_with`]: synth::format::Overlay::read_segment_with
 
-use crate::serve::{chain, Core};
+use crate::chunkmap::Waiter;
+use crate::error::{chain, ServeError};
 use crate::stats::FetchStats;
 use log::{debug, info, warn};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use synth::format::FormatError;
-use synth::resolve::Resolver;
+use synth::format::{ChunkEntry, ChunkSource, FormatError, Metadata, Overlay};
+use synth::source::Priority;
 use synth::ImageKind;
+
+/// The fetching side of a mount: the overlay its segments are read from, their queue, and
+/// the waiter that wakes readers of pending chunks when a segment arrives.
+#[derive(Debug)]
+pub struct Fetcher {
+    /// The overlay reader.
+    pub overlay: Overlay,
+    /// Segment scheduling.
+    pub queue: FetchQueue,
+    /// Wakes readers waiting for pending chunks.
+    pub waiter: Waiter,
+    /// Self references by target payload chunk: `(image, chunk)` → referring chunks.
+    referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>>,
+}
+
+impl Fetcher {
+    /// The fetching side of a mount of `overlay`: every segment still to fetch.
+    pub fn new(overlay: Overlay) -> Self {
+        let meta = overlay.metadata();
+        let mut referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>> = HashMap::new();
+        for kind in ImageKind::ALL {
+            for e in &meta.image(kind).chunks {
+                if let ChunkSource::SelfRef { image, chunk } = e.source {
+                    referrers
+                        .entry((image, chunk))
+                        .or_default()
+                        .push((kind, e.chunk));
+                }
+            }
+        }
+        Fetcher {
+            queue: FetchQueue::new(meta.segments.len()),
+            overlay,
+            waiter: Waiter::default(),
+            referrers,
+        }
+    }
+
+    fn meta(&self) -> &Metadata {
+        self.overlay.metadata()
+    }
+
+    /// The chunks that refer to `chunk` of `kind` (a payload chunk) by self reference.
+    fn referrers(&self, kind: ImageKind, chunk: u64) -> &[(ImageKind, u64)] {
+        self.referrers
+            .get(&(kind, chunk))
+            .map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// What fetching needs of the images it fills: the serving core implements it, and fetching
+/// knows the core by this trait alone.
+pub trait ChunkSink: Send + Sync {
+    /// The mount's fetching side.
+    fn fetcher(&self) -> &Fetcher;
+    /// The segment a chunk needs decoded, if any (zeros and base references need none).
+    fn needed_segment(&self, kind: ImageKind, entry: &ChunkEntry) -> Option<u32>;
+    /// Rebuilds a pending chunk from `segment` (decoded) into the cache and marks it ready,
+    /// counted as fetched on demand or filled in the background; a chunk failing verification
+    /// is marked failed. A chunk no longer pending is left alone.
+    fn rebuild(
+        &self,
+        kind: ImageKind,
+        entry: &ChunkEntry,
+        segment: Option<&[u8]>,
+        demand: bool,
+    ) -> Result<(), ServeError>;
+    /// Marks a pending chunk failed (its segment is corrupt), counting and logging it once.
+    fn fail_chunk(&self, kind: ImageKind, chunk: u64, why: &dyn std::error::Error);
+    /// Whether the mount is shutting down.
+    fn is_shut_down(&self) -> bool;
+}
 
 /// Background passes over the segments (the later ones only retry failed fetches).
 const FILLER_PASSES: u32 = 3;
@@ -352,8 +444,8 @@ enum Outcome {
 
 /// Starts `demand_threads` demand workers, the rest worker and, if `background`, the
 /// background filler.
-pub fn spawn_workers(
-    core: &Arc<Core>,
+pub fn spawn_workers<S: ChunkSink + 'static>(
+    core: &Arc<S>,
     demand_threads: usize,
     background: bool,
 ) -> Vec<JoinHandle<()>> {
@@ -362,7 +454,7 @@ pub fn spawn_workers(
         let core = Arc::clone(core);
         let h = std::thread::Builder::new()
             .name(format!("fetch-{i}"))
-            .spawn(move || worker(&core, Role::Demand));
+            .spawn(move || worker(&*core, Role::Demand));
         match h {
             Ok(h) => handles.push(h),
             Err(e) => warn!("starting fetch worker {i} failed: {e}"),
@@ -373,7 +465,7 @@ pub fn spawn_workers(
         .name("fetch-rest".into())
         .spawn(move || {
             lowest_priority();
-            worker(&rest, Role::Rest);
+            worker(&*rest, Role::Rest);
         }) {
         Ok(h) => handles.push(h),
         Err(e) => warn!("starting the rest worker failed: {e}"),
@@ -383,8 +475,8 @@ pub fn spawn_workers(
         match std::thread::Builder::new()
             .name("filler".into())
             .spawn(move || {
-                fill_local(&core);
-                worker(&core, Role::Filler);
+                fill_local(&*core);
+                worker(&*core, Role::Filler);
             }) {
             Ok(h) => handles.push(h),
             Err(e) => warn!("starting the background filler failed: {e}"),
@@ -394,22 +486,21 @@ pub fn spawn_workers(
 }
 
 /// Rebuilds the overlay chunks that need no segment (zeros, references to the base).
-fn fill_local(core: &Core) {
-    let resolver = Resolver::new(&core.meta, &core.base);
+fn fill_local(core: &impl ChunkSink) {
+    let meta = core.fetcher().meta();
     let mut n = 0u64;
     for kind in ImageKind::ALL {
-        for e in &core.meta.image(kind).chunks {
+        for e in &meta.image(kind).chunks {
             if core.is_shut_down() {
                 return;
             }
-            if resolver.needed_segment(kind, e).is_none()
-                && core.rebuild(kind, e, None, false).is_ok()
+            if core.needed_segment(kind, e).is_none() && core.rebuild(kind, e, None, false).is_ok()
             {
                 n += 1;
             }
         }
     }
-    core.waiter.notify();
+    core.fetcher().waiter.notify();
     debug!("background filler: {n} local chunks rebuilt");
 }
 
@@ -428,8 +519,8 @@ fn lowest_priority() {
     }
 }
 
-fn worker(core: &Core, role: Role) {
-    while let Some(job) = core.queue.next(role) {
+fn worker(core: &impl ChunkSink, role: Role) {
+    while let Some(job) = core.fetcher().queue.next(role) {
         match job {
             Job::Fetch { seg, demand } => {
                 if let Some(data) = fetch_segment(core, seg, demand) {
@@ -447,8 +538,8 @@ fn worker(core: &Core, role: Role) {
 
 /// Gives the rest of a segment decoded on demand to the rest worker, or rebuilds it now if
 /// too much already waits.
-fn hand_off_rest(core: &Core, seg: u32, data: Arc<Vec<u8>>) {
-    if let Err(data) = core.queue.push_rest(seg, data) {
+fn hand_off_rest(core: &impl ChunkSink, seg: u32, data: Arc<Vec<u8>>) {
+    if let Err(data) = core.fetcher().queue.push_rest(seg, data) {
         rebuild_rest(core, seg, &data, true);
     }
 }
@@ -456,14 +547,14 @@ fn hand_off_rest(core: &Core, seg: u32, data: Arc<Vec<u8>>) {
 /// Runs a segment the calling reader claimed with [`FetchQueue::claim`]: fetches, decodes and
 /// publishes it, and hands its rebuilding on: once the reply is sent if a [`RestAfterReply`]
 /// is alive, at once otherwise.
-pub(crate) fn run_claimed(core: &Core, seg: u32) {
+pub(crate) fn run_claimed(core: &impl ChunkSink, seg: u32) {
     struct Unclaim<'a>(&'a FetchQueue);
     impl Drop for Unclaim<'_> {
         fn drop(&mut self) {
             self.0.unclaim();
         }
     }
-    let _unclaim = Unclaim(&core.queue);
+    let _unclaim = Unclaim(&core.fetcher().queue);
     if let Some(data) = fetch_segment(core, seg, true) {
         let kept = DEFERRED_REST.with(|d| match &mut *d.borrow_mut() {
             Some(rests) => {
@@ -491,14 +582,14 @@ thread_local! {
 /// Handing it on before woke the rest worker while the reply was still to be sent; on a small
 /// machine the woken worker could take the reader's CPU, and the reply then waited for most
 /// of the rest (~0.7 ms for a 256 KiB segment).
-pub(crate) struct RestAfterReply<'a> {
-    core: &'a Core,
+pub(crate) struct RestAfterReply<'a, S: ChunkSink> {
+    core: &'a S,
     outer: bool,
 }
 
-impl<'a> RestAfterReply<'a> {
+impl<'a, S: ChunkSink> RestAfterReply<'a, S> {
     /// Starts keeping rests for `core` (nested guards leave it to the outermost one).
-    pub(crate) fn new(core: &'a Core) -> Self {
+    pub(crate) fn new(core: &'a S) -> Self {
         let outer = DEFERRED_REST.with(|d| {
             let mut d = d.borrow_mut();
             let outer = d.is_none();
@@ -511,7 +602,7 @@ impl<'a> RestAfterReply<'a> {
     }
 }
 
-impl Drop for RestAfterReply<'_> {
+impl<S: ChunkSink> Drop for RestAfterReply<'_, S> {
     fn drop(&mut self) {
         if !self.outer {
             return;
@@ -527,20 +618,27 @@ impl Drop for RestAfterReply<'_> {
 
 /// Fetches, verifies and decodes a segment and publishes it (see [`FetchQueue::decoded`]); on
 /// failure marks it failed or corrupt (finishing it) and returns `None`.
-fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
+fn fetch_segment(core: &impl ChunkSink, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
+    let f = core.fetcher();
     let i = usize::try_from(seg).ok()?;
-    let entry = core.meta.segments.get(i)?;
+    let entry = f.meta().segments.get(i)?;
+    // A demand job reads for a request waiting on the segment, whichever thread runs it.
+    let priority = if demand {
+        Priority::Demand
+    } else {
+        Priority::Background
+    };
     debug!(
         "fetching segment {seg} ({} bytes, {})",
         entry.length,
         if demand { "demand" } else { "background" }
     );
-    let outcome = match core.overlay.read_segment(i) {
+    let outcome = match f.overlay.read_segment_with(i, priority) {
         Ok(data) => {
             let data = Arc::new(data);
-            core.queue.publish(seg, &data);
+            f.queue.publish(seg, &data);
             // Waiting readers take their chunks from the published segment.
-            core.waiter.notify();
+            f.waiter.notify();
             return Some(data);
         }
         Err(e @ FormatError::Source(_)) => {
@@ -549,46 +647,56 @@ fn fetch_segment(core: &Core, seg: u32, demand: bool) -> Option<Arc<Vec<u8>>> {
         }
         Err(e) => {
             log::error!("segment {seg} is corrupt: {}", chain(&e));
-            core.fail_segment(i, &e);
+            fail_segment(core, i, &e);
             Outcome::Corrupt
         }
     };
-    core.queue.finish(seg, outcome, entry.length);
-    core.waiter.notify();
+    f.queue.finish(seg, outcome, entry.length);
+    f.waiter.notify();
     None
+}
+
+/// Marks the chunks of a corrupt segment, and those referring to them, failed.
+fn fail_segment(core: &impl ChunkSink, seg: usize, why: &FormatError) {
+    let f = core.fetcher();
+    let Some(s) = f.meta().segments.get(seg) else {
+        return;
+    };
+    for &(kind, chunk) in &s.chunks {
+        core.fail_chunk(kind, chunk, why);
+        for &(rk, rc) in f.referrers(kind, chunk) {
+            core.fail_chunk(rk, rc, why);
+        }
+    }
 }
 
 /// Rebuilds every chunk of a decoded segment (and every self reference to them) that is still
 /// pending, then marks the segment done.
-fn rebuild_rest(core: &Core, seg: u32, data: &[u8], demand: bool) {
+fn rebuild_rest(core: &impl ChunkSink, seg: u32, data: &[u8], demand: bool) {
+    let f = core.fetcher();
     let Some(entry) = usize::try_from(seg)
         .ok()
-        .and_then(|i| core.meta.segments.get(i))
+        .and_then(|i| f.meta().segments.get(i))
     else {
         return;
     };
     for &(kind, chunk) in &entry.chunks {
-        let targets = std::iter::once((kind, chunk)).chain(
-            core.referrers
-                .get(&(kind, chunk))
-                .into_iter()
-                .flatten()
-                .copied(),
-        );
+        let targets =
+            std::iter::once((kind, chunk)).chain(f.referrers(kind, chunk).iter().copied());
         for (k, c) in targets {
-            if let Some(e) = core.meta.image(k).find(c) {
+            if let Some(e) = f.meta().image(k).find(c) {
                 if let Err(err) = core.rebuild(k, e, Some(data), demand) {
                     debug!("segment {seg}: {} chunk {c}: {err}", k.name());
                 }
                 // A reader waits on one chunk: let it go as soon as that one is in.
                 if demand {
-                    core.waiter.notify();
+                    f.waiter.notify();
                 }
             }
         }
     }
-    core.queue.finish(seg, Outcome::Done, entry.length);
-    core.waiter.notify();
+    f.queue.finish(seg, Outcome::Done, entry.length);
+    f.waiter.notify();
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@
 //! └── memory/                 (same as disk/)
 //! ```
 
-use crate::error::ServeError;
+use crate::base::ReadOut;
+use crate::error::{chain, ServeError};
 use crate::fetch::RestAfterReply;
-use crate::serve::{Core, ReadOut};
+use crate::serve::Core;
 use crate::streams::{Cursor, Stream};
 use crate::waiters::Waiters;
 use fuser::{
@@ -90,7 +91,7 @@ thread_local! {
 /// of the base in it. A larger one (the limit raised) is freed after its read, so the buffers
 /// of the 8 threads never hold much more than 8 MiB. Waiter threads ([`crate::waiters`]) free
 /// theirs after every request.
-const READ_BUF_KEEP: usize = (1 << 20) + crate::serve::DIRECT_ALIGN;
+const READ_BUF_KEEP: usize = (1 << 20) + crate::base::DIRECT_ALIGN;
 
 fn base_ino(k: ImageKind) -> u64 {
     match k {
@@ -278,7 +279,7 @@ impl CloudletFs {
     fn stats_json(&self, k: ImageKind) -> Vec<u8> {
         let mut s = self.core.image(k).stats();
         s.image = k.name().to_string();
-        let fetch = self.core.queue.stats();
+        let fetch = self.core.fetcher.queue.stats();
         let v = serde_json::json!({ "image": s, "fetch": fetch });
         let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
         out.push(b'\n');
@@ -646,7 +647,7 @@ fn read_image(core: &Core, k: ImageKind, offset: u64, size: u32, reply: ReplyDat
                 warn!(
                     "read of {} at {offset}+{size} failed: {}",
                     k.name(),
-                    crate::serve::chain(&e)
+                    chain(&e)
                 );
                 reply.error(errno(&e));
             }
@@ -667,7 +668,7 @@ fn write_image(core: &Core, k: ImageKind, offset: u64, data: &[u8], reply: Reply
                 "write of {} at {offset}+{} failed: {}",
                 k.name(),
                 data.len(),
-                crate::serve::chain(&e)
+                chain(&e)
             );
             reply.error(errno(&e));
         }

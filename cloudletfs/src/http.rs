@@ -236,6 +236,8 @@ fn retryable_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
 
+/// Demand and background reads are the same Range request: a static server sends what it
+/// is asked, in the order asked, so [`ByteSource::read_range_with`] keeps its default.
 impl ByteSource for HttpSource {
     fn size(&self) -> u64 {
         self.size

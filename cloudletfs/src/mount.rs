@@ -2,17 +2,18 @@
 //! the [`Core`], starts the fetch workers and the FUSE session, and returns a [`Mounted`]
 //! handle that unmounts on drop.
 
+use crate::base::BaseImages;
+use crate::cache::{available_memory, CacheReservation};
 use crate::error::MountError;
 use crate::fetch::spawn_workers;
 use crate::fs::{spawn_reaper, CloudletFs};
 use crate::http::{HttpOptions, HttpSource};
-use crate::serve::{BaseImages, Core, CoreParts};
+use crate::serve::{Core, CoreParts};
 use crate::stats::Stats;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use log::info;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -423,7 +424,7 @@ impl Mounted {
     /// Waits until the background filler has finished (`None`: no limit); returns whether
     /// every overlay chunk is now rebuilt (or failed verification).
     pub fn wait_filled(&self, timeout: Option<Duration>) -> bool {
-        self.core.queue.wait_filled(timeout) && self.core.pending() == 0
+        self.core.fetcher.queue.wait_filled(timeout) && self.core.pending() == 0
     }
 
     /// Whether the FUSE session is still running (false after an external `umount`).
@@ -471,7 +472,7 @@ impl Mounted {
     }
 
     /// Makes the modified/discarded state of both images durable.
-    pub fn sync(&self) -> Result<(), crate::ServeError> {
+    pub fn sync(&self) -> Result<(), crate::error::ServeError> {
         self.core.sync(ImageKind::Disk)?;
         self.core.sync(ImageKind::Memory)
     }
@@ -580,70 +581,10 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if self.session.is_some() {
             if let Err(e) = self.stop() {
-                log::warn!("{}", crate::serve::chain(&e));
+                log::warn!("{}", crate::error::chain(&e));
             }
         }
     }
-}
-
-/// Bytes reserved by this process's memory caches of rebuilt chunks (see [`CacheReservation`]).
-static MEMORY_CACHES: AtomicU64 = AtomicU64::new(0);
-
-/// A mount's share of the process-wide memory budget for caches of rebuilt chunks, given
-/// back when the mount ends.
-#[derive(Debug)]
-struct CacheReservation(u64);
-
-impl CacheReservation {
-    /// Reserves `bytes` if all of the process's memory caches, these included, stay within
-    /// `limit`.
-    fn take(bytes: u64, limit: u64) -> Option<Self> {
-        MEMORY_CACHES
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                held.checked_add(bytes).filter(|&total| total <= limit)
-            })
-            .ok()
-            .map(|_| CacheReservation(bytes))
-    }
-
-    /// Bytes reserved by the process's memory caches now.
-    fn held() -> u64 {
-        MEMORY_CACHES.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for CacheReservation {
-    fn drop(&mut self) {
-        MEMORY_CACHES.fetch_sub(self.0, Ordering::SeqCst);
-    }
-}
-
-/// Bytes of memory this process could still use: the system's `MemAvailable`, or less if the
-/// process's cgroup (v2) has a lower limit. `None` if `/proc/meminfo` cannot be read.
-pub fn available_memory() -> Option<u64> {
-    let system = mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|c| cgroup_headroom(&c, Path::new("/sys/fs/cgroup")));
-    Some(cgroup.map_or(system, |c| c.min(system)))
-}
-
-/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
-fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
-
-/// `memory.max - memory.current` of the cgroup v2 named in a `/proc/self/cgroup` text, under
-/// the cgroup root `root`; `None` without a limit (or without cgroup v2).
-fn cgroup_headroom(self_cgroup: &str, root: &Path) -> Option<u64> {
-    let path = self_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let dir = root.join(path.trim_start_matches('/'));
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-    let max: u64 = read("memory.max")?.trim().parse().ok()?;
-    let current: u64 = read("memory.current")?.trim().parse().ok()?;
-    Some(max.saturating_sub(current))
 }
 
 #[cfg(test)]
@@ -672,51 +613,5 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/x\04"), br"/x\04");
         assert_eq!(unescape_mountinfo(r"/x\999"), br"/x\999");
         assert_eq!(unescape_mountinfo(r"/x\777"), br"/x\777");
-    }
-
-    #[test]
-    fn mem_available_reads_kib_as_bytes() {
-        let m = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
-        assert_eq!(mem_available(m), Some(2048 * 1024));
-        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
-    }
-
-    #[test]
-    fn cgroup_headroom_is_max_minus_current_and_none_without_a_limit() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let dir = root.path().join("a/b");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("memory.max"), "1000000\n").expect("write");
-        std::fs::write(dir.join("memory.current"), "250000\n").expect("write");
-        assert_eq!(cgroup_headroom("0::/a/b\n", root.path()), Some(750_000));
-        std::fs::write(dir.join("memory.max"), "max\n").expect("write");
-        assert_eq!(cgroup_headroom("0::/a/b\n", root.path()), None);
-        // cgroup v1 only: no "0::" line.
-        assert_eq!(cgroup_headroom("4:memory:/a/b\n", root.path()), None);
-    }
-
-    #[test]
-    fn memory_caches_share_one_budget_and_give_it_back() {
-        // Other tests of this binary may hold reservations meanwhile: budget on top of theirs.
-        let base = CacheReservation::held();
-        let a = CacheReservation::take(600, base + 1000).expect("first fits");
-        assert!(
-            CacheReservation::take(600, base + 1000).is_none(),
-            "budget is shared"
-        );
-        let b = CacheReservation::take(400, base + 1000).expect("the rest fits");
-        drop(a);
-        let c = CacheReservation::take(600, base + 1000).expect("given back on drop");
-        drop((b, c));
-        assert_eq!(CacheReservation::held(), base);
-        // A request that would overflow the count is refused, not wrapped.
-        let d = CacheReservation::take(1, base + 1).expect("fits");
-        assert!(CacheReservation::take(u64::MAX, u64::MAX).is_none());
-        drop(d);
-    }
-
-    #[test]
-    fn available_memory_is_known_here() {
-        assert!(available_memory().is_some_and(|m| m > 0));
     }
 }

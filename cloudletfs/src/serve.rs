@@ -1,286 +1,40 @@
-//! Serving one image: reads, writes and discards assembled chunk by chunk from the base file,
-//! the cache of rebuilt overlay chunks, the copy-on-write store or zeros, according to the
-//! chunk map.
+//! Serving one image: reads, writes and discards assembled chunk by chunk, according to the
+//! chunk map, from the base images ([`crate::base`]), the cache of rebuilt overlay chunks
+//! ([`crate::cache`]), the copy-on-write store or zeros.
 //!
-//! The cache is an unlinked file: in memory (`memory_file`) when `mount` finds that every
-//! overlay chunk fits in its memory budget, else on disk in the cache folder. In memory, a
-//! chunk costs several times less to write, and no disk writeback or journal runs behind the
-//! readers (measured in `BENCHMARKS.md`).
+//! ```text
+//!  Core::read ─► per chunk state: Base ─► BaseImages (pread, mapping or O_DIRECT)
+//!                                 Ready ─► ChunkCache
+//!                                 Modified ─► Store (state file)
+//!                                 Discarded ─► zeros
+//!                                 Pending ─► await_chunk: take the chunk from its segment
+//!                                   if decoded, else decode the segment in this thread
+//!                                   (fetch::run_claimed) or ask the fetch workers for it
+//! ```
 //!
 //! [`Core`] ties the pieces together and is shared (through an `Arc`) by the FUSE threads and
-//! the fetch workers.
+//! the fetch workers. It owns the mount's [`Fetcher`] and is the [`ChunkSink`] the fetch
+//! workers rebuild chunks into: fetching knows the core only through that trait.
 
-use crate::chunkmap::{ChunkMap, ChunkState, Waiter};
-use crate::error::{MountError, ServeError};
-use crate::fetch::FetchQueue;
+use crate::base::{BaseImages, ReadOut, MAPPED_READ_MIN};
+use crate::cache::ChunkCache;
+use crate::chunkmap::{ChunkMap, ChunkState};
+use crate::error::{chain, MountError, ServeError};
+use crate::fetch::{run_claimed, ChunkSink, Fetcher};
 use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
 use crate::store::{StateOwner, Store};
 use crate::streams::Stream;
-use log::{debug, error, warn};
-use memmap2::Mmap;
-use std::collections::HashMap;
-use std::fs::File;
-use std::ops::Range;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use log::{debug, error};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use synth::chunk::{chunk_count, is_zero, CHUNK_SIZE, CHUNK_SIZE_U64};
-use synth::format::{ChunkEntry, ChunkSource, FormatError, Metadata, Overlay};
-use synth::resolve::{BaseReader, ResolveError, Resolver};
+use synth::format::{ChunkEntry, Metadata, Overlay};
+use synth::resolve::{ResolveError, Resolver};
 use synth::ImageKind;
 
 const LOCK_STRIPES: usize = 256;
-
-/// The base images: read with `pread` into the caller's buffer, or, for a large read of base
-/// chunks only, replied straight from a read-only mapping when the page cache holds them, and
-/// read from the disk with `O_DIRECT` into the caller's buffer when it does not.
-///
-/// A small read (QEMU's random 4 KiB reads) costs less as a `pread` into a warm buffer than as
-/// a reply from the mapping: that one made the kernel fault the base pages into the daemon, with
-/// fault-around, and unmap them again later to bound the RSS. A large read (sequential
-/// readahead, up to 1 MiB a request) costs less from the mapping: the kernel copies the base pages into
-/// the reply once, where a `pread` first copies them into the buffer. Both were measured side
-/// by side (`BENCHMARKS.md`, cloudletfs, "Run G"). A large read of pages the page cache does
-/// not hold would fill the base's page cache only for the reply to copy it into the FUSE
-/// file's own: read with `O_DIRECT`, the disk fills the warm buffer instead, and a cold GiB
-/// costs the machine less than half the CPU time (run K).
-#[derive(Debug)]
-pub struct BaseImages {
-    disk: BaseFile,
-    memory: BaseFile,
-}
-
-/// One base image file, its length at mount, and its mapping.
-#[derive(Debug)]
-struct BaseFile {
-    file: File,
-    len: u64,
-    /// `None` for an empty file (which cannot be mapped).
-    map: Option<Mmap>,
-    /// Bytes replied from the mapping since its pages were last released.
-    mapped_since_release: AtomicU64,
-    /// The same file opened with `O_DIRECT`, for large reads of pages the page cache does not
-    /// hold; `None` where the file system refuses the flag.
-    direct: Option<File>,
-    /// Cleared when the file system refuses an `O_DIRECT` read (then the mapping serves).
-    direct_ok: AtomicBool,
-}
-
-impl BaseFile {
-    fn open(path: &Path) -> Result<Self, MountError> {
-        let io = |action| {
-            move |source| MountError::Io {
-                action,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
-        let file = File::open(path).map_err(io("Opening"))?;
-        let len = file.metadata().map_err(io("Reading"))?.len();
-        let map = if len == 0 {
-            None
-        } else {
-            // SAFETY: base images are immutable files of the registry: nothing writes or
-            // truncates them while they are registered, so the mapping stays valid and its
-            // bytes do not change.
-            Some(unsafe { Mmap::map(&file) }.map_err(io("Mapping"))?)
-        };
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| debug!("{}: no O_DIRECT reads: {e}", path.display()))
-            .ok();
-        Ok(BaseFile {
-            file,
-            len,
-            map,
-            mapped_since_release: AtomicU64::new(0),
-            direct_ok: AtomicBool::new(true),
-            direct,
-        })
-    }
-}
-
-/// The smallest read of base chunks only that is replied from the mapping.
-pub const MAPPED_READ_MIN: u64 = 128 << 10;
-
-/// Bytes replied from a base mapping between two releases of its pages.
-pub const RELEASE_EVERY: u64 = 8 << 20;
-
-/// The alignment of an `O_DIRECT` read of a base image (offset, length and buffer): a page,
-/// which every block device's logical block size divides.
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// Whether the page cache holds every page of `mapped`, a page-aligned slice of a base
-/// mapping. `true` when the kernel cannot tell (then the mapping serves, as it always may).
-fn in_page_cache(mapped: &[u8]) -> bool {
-    let mut vec = vec![0u8; mapped.len().div_ceil(DIRECT_ALIGN)];
-    // SAFETY: `mapped` lies inside a live mapping of the base file and starts on a page (the
-    // caller checks), and `vec` has one byte per page of it, which is all mincore writes.
-    let r = unsafe {
-        libc::mincore(
-            mapped.as_ptr() as *mut libc::c_void,
-            mapped.len(),
-            vec.as_mut_ptr(),
-        )
-    };
-    r != 0 || vec.iter().all(|p| p & 1 == 1)
-}
-
-impl BaseImages {
-    /// Opens and maps the two base images.
-    pub fn open(disk: &Path, memory: &Path) -> Result<Self, MountError> {
-        Ok(BaseImages {
-            disk: BaseFile::open(disk)?,
-            memory: BaseFile::open(memory)?,
-        })
-    }
-
-    fn file(&self, image: ImageKind) -> &BaseFile {
-        match image {
-            ImageKind::Disk => &self.disk,
-            ImageKind::Memory => &self.memory,
-        }
-    }
-
-    /// The length in bytes of a base image.
-    pub fn len(&self, image: ImageKind) -> u64 {
-        self.file(image).len
-    }
-
-    /// Copies base bytes at `offset` into `out`, zeros past the base's end.
-    pub fn copy(&self, image: ImageKind, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let f = self.file(image);
-        let n = usize::try_from(f.len.saturating_sub(offset))
-            .unwrap_or(usize::MAX)
-            .min(out.len());
-        let (data, past_end) = out.split_at_mut(n);
-        f.file.read_exact_at(data, offset)?;
-        past_end.fill(0);
-        Ok(())
-    }
-
-    /// Reads the base bytes `offset..offset + n` from the disk with `O_DIRECT` into `buf`,
-    /// grown as needed, at an aligned place; returns that place. The read is padded to
-    /// [`DIRECT_ALIGN`] (the kernel splits an `O_DIRECT` read of a FUSE file at the pages of
-    /// the reader's buffer, so a request's length need not be aligned). `Ok(None)` when this
-    /// file or this offset cannot be read that way (then the mapping serves); a refusal of the
-    /// file system on a first read turns `O_DIRECT` off for the file.
-    fn read_direct(
-        &self,
-        image: ImageKind,
-        offset: u64,
-        n: usize,
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<Option<Range<usize>>> {
-        let f = self.file(image);
-        let Some(direct) = f
-            .direct
-            .as_ref()
-            .filter(|_| f.direct_ok.load(Ordering::Relaxed))
-        else {
-            return Ok(None);
-        };
-        if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
-            return Ok(None);
-        }
-        let padded = n.next_multiple_of(DIRECT_ALIGN);
-        if buf.len() < padded + DIRECT_ALIGN {
-            buf.resize(padded + DIRECT_ALIGN, 0);
-        }
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        if start >= DIRECT_ALIGN {
-            return Ok(None);
-        }
-        let mut done = 0;
-        while done < n {
-            let into = &mut buf[start + done..start + padded];
-            match direct.read_at(into, offset + done as u64) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(got) => done += got,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    if done == 0 {
-                        f.direct_ok.store(false, Ordering::Relaxed);
-                        warn!(
-                            "the base {} refuses O_DIRECT reads ({e}); reading it through \
-                             the page cache",
-                            image.name()
-                        );
-                    }
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(Some(start..start + n))
-    }
-
-    /// A large read of base bytes `offset..end`: the mapped bytes when the page cache holds
-    /// them all, else the bytes read with `O_DIRECT` into `buf` (see [`BaseImages`]). `None`
-    /// when the range is not all inside the base.
-    fn read_large<'a>(
-        &'a self,
-        image: ImageKind,
-        offset: u64,
-        end: u64,
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<Option<ReadOut<'a>>> {
-        let Some(mapped) = self.mapped(image, offset, end) else {
-            return Ok(None);
-        };
-        if offset.is_multiple_of(DIRECT_ALIGN as u64) && !in_page_cache(mapped) {
-            if let Some(at) = self.read_direct(image, offset, mapped.len(), buf)? {
-                return Ok(Some(ReadOut::Buffer(at)));
-            }
-        }
-        Ok(Some(ReadOut::Mapped(mapped)))
-    }
-
-    /// The mapped base bytes `offset..end`, if they are all inside the base.
-    fn mapped(&self, image: ImageKind, offset: u64, end: u64) -> Option<&[u8]> {
-        let m = self.file(image).map.as_deref()?;
-        m.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)
-    }
-
-    /// Accounts `len` bytes of a base image as replied from its mapping; every
-    /// [`RELEASE_EVERY`] bytes, drops the daemon's page mappings of the whole image so that
-    /// serving a large base does not grow the daemon's RSS. The pages stay in the page cache and
-    /// are mapped again on the next access. One call per 8 MiB rather than one per read keeps
-    /// the cost (a TLB shootdown across the FUSE threads) off the read path.
-    pub fn release(&self, image: ImageKind, len: usize) {
-        let f = self.file(image);
-        let Some(m) = &f.map else { return };
-        let before = f
-            .mapped_since_release
-            .fetch_add(len as u64, Ordering::Relaxed);
-        if before.saturating_add(len as u64) < RELEASE_EVERY {
-            return;
-        }
-        f.mapped_since_release.store(0, Ordering::Relaxed);
-        // SAFETY: the mapping is of an immutable, read-only file (see `BaseFile::open`).
-        // MADV_DONTNEED on a shared file mapping only drops page-table entries: any slice into
-        // it, here or in another thread, reads the same bytes again from the page cache on its
-        // next access, so no live reference observes a change.
-        let r = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-        if let Err(e) = r {
-            debug!("madvise(DONTNEED) on the base mapping failed: {e}");
-        }
-    }
-}
-
-impl BaseReader for BaseImages {
-    fn read_chunk(&self, image: ImageKind, chunk: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let offset = chunk.checked_mul(CHUNK_SIZE_U64).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "chunk number overflows")
-        })?;
-        self.copy(image, offset, out)
-    }
-}
 
 /// One served image.
 #[derive(Debug)]
@@ -291,8 +45,7 @@ pub struct Image {
     pub size: u64,
     /// Chunk states.
     pub map: ChunkMap,
-    cache: File,
-    cache_in_memory: bool,
+    cache: ChunkCache,
     /// Copy-on-write store.
     pub store: Store,
     /// Counters.
@@ -344,7 +97,7 @@ impl Image {
             waiting_now: ld(&c.waiting_now),
             verification_failures: ld(&c.verification_failures),
             fetch_errors: ld(&c.fetch_errors),
-            cache_in_memory: self.cache_in_memory,
+            cache_in_memory: self.cache.in_memory(),
         }
     }
 }
@@ -358,35 +111,19 @@ enum Awaited {
     Served,
 }
 
-/// Where the bytes of a read are.
-#[derive(Debug)]
-pub enum ReadOut<'a> {
-    /// In the base mapping (a large read of base chunks only); account them with
-    /// [`BaseImages::release`] once replied.
-    Mapped(&'a [u8]),
-    /// These bytes of the caller's buffer.
-    Buffer(Range<usize>),
-}
-
 /// Everything a mounted overlay shares between FUSE threads and fetch workers.
 #[derive(Debug)]
 pub struct Core {
     /// Overlay metadata.
     pub meta: Arc<Metadata>,
-    /// The overlay reader.
-    pub overlay: Overlay,
     /// Base images.
     pub base: BaseImages,
     images: [Image; 2],
-    /// Segment scheduling.
-    pub queue: FetchQueue,
-    /// Wakes readers waiting for pending chunks.
-    pub waiter: Waiter,
+    /// The overlay, its segment queue and the waiter of readers of pending chunks.
+    pub fetcher: Fetcher,
     /// Longest a request waits for a pending chunk.
     pub wait_timeout: Duration,
     shutdown: AtomicBool,
-    /// Self references by target payload chunk: `(image, chunk)` → referring chunks.
-    pub referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>>,
     /// Chunks of both images in the order they were first read or written (the working set
     /// a new overlay stores first), up to [`FIRST_TOUCH_MAX`] entries.
     first_touch: Mutex<Vec<(ImageKind, u64)>>,
@@ -408,27 +145,11 @@ pub struct CoreParts<'a> {
     pub state_dir: Option<&'a Path>,
     /// Folder for unlinked cache and scratch files.
     pub cache_dir: &'a Path,
-    /// Keep rebuilt chunks in memory (`memory_file`) instead of a file in `cache_dir`.
+    /// Keep rebuilt chunks in memory (a memfd, see [`ChunkCache`]) instead of a file in
+    /// `cache_dir`.
     pub cache_in_memory: bool,
     /// Longest a request waits for a pending chunk.
     pub wait_timeout: Duration,
-}
-
-/// The name of the memfds holding rebuilt chunks (`/proc/PID/fd` shows `/memfd:` + it).
-pub const MEMORY_CACHE_NAME: &std::ffi::CStr = c"cloudletfs-cache";
-
-/// An unlinked file in memory (a memfd): pages the kernel may swap out, but never writes
-/// back to a disk. Rebuilt chunks are written there one 4 KiB chunk at a time, which costs
-/// several times less than in a file on ext4 and holds no lock a reader may queue behind.
-fn memory_file() -> std::io::Result<File> {
-    // SAFETY: the name is a NUL-terminated string that outlives the call; MFD_CLOEXEC is a
-    // valid flag. memfd_create only returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(MEMORY_CACHE_NAME.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
 /// The part of chunks `first..end_chunk` inside a request for bytes `offset..end` of an image:
@@ -464,22 +185,7 @@ impl Core {
             for e in &map_meta.chunks {
                 map.init(e.chunk, ChunkState::Pending);
             }
-            let (cache, at) = if p.cache_in_memory {
-                (memory_file(), Path::new("memory"))
-            } else {
-                (tempfile::tempfile_in(p.cache_dir), p.cache_dir)
-            };
-            let io = |action| {
-                move |source| MountError::Io {
-                    action,
-                    path: at.to_path_buf(),
-                    source,
-                }
-            };
-            let cache = cache.map_err(io("Creating a cache file in"))?;
-            cache
-                .set_len(padded(size))
-                .map_err(io("Sizing a cache file in"))?;
+            let cache = ChunkCache::create(p.cache_in_memory, p.cache_dir, padded(size))?;
             let (store, restored) =
                 Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner)?;
             let n = chunk_count(size);
@@ -488,7 +194,6 @@ impl Core {
                 size,
                 map,
                 cache,
-                cache_in_memory: p.cache_in_memory,
                 store,
                 counters: Counters::default(),
                 accessed: Stream::new(n),
@@ -516,27 +221,13 @@ impl Core {
             Ok(img)
         };
         let images = [make(ImageKind::Disk)?, make(ImageKind::Memory)?];
-        let mut referrers: HashMap<(ImageKind, u64), Vec<(ImageKind, u64)>> = HashMap::new();
-        for kind in ImageKind::ALL {
-            for e in &meta.image(kind).chunks {
-                if let ChunkSource::SelfRef { image, chunk } = e.source {
-                    referrers
-                        .entry((image, chunk))
-                        .or_default()
-                        .push((kind, e.chunk));
-                }
-            }
-        }
         Ok(Core {
-            queue: FetchQueue::new(meta.segments.len()),
             meta,
-            overlay: p.overlay,
+            fetcher: Fetcher::new(p.overlay),
             base: p.base,
             images,
-            waiter: Waiter::default(),
             wait_timeout: p.wait_timeout,
             shutdown: AtomicBool::new(false),
-            referrers,
             first_touch: Mutex::new(Vec::new()),
         })
     }
@@ -568,8 +259,8 @@ impl Core {
     /// Stops serving: waiting requests fail, workers stop, parked stream reads end.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
-        self.queue.shutdown();
-        self.waiter.notify();
+        self.fetcher.queue.shutdown();
+        self.fetcher.waiter.notify();
         self.close_streams();
     }
 
@@ -592,48 +283,13 @@ impl Core {
         Stats {
             disk: self.image(ImageKind::Disk).stats(),
             memory: self.image(ImageKind::Memory).stats(),
-            fetch: self.queue.stats(),
+            fetch: self.fetcher.queue.stats(),
         }
     }
 
     /// Chunks of both images still pending.
     pub fn pending(&self) -> u64 {
         self.images.iter().map(|i| i.map.pending()).sum()
-    }
-
-    /// Rebuilds a pending chunk from `segment` (decoded) into the cache file and marks it
-    /// ready; a chunk failing verification is marked failed.
-    pub(crate) fn rebuild(
-        &self,
-        kind: ImageKind,
-        entry: &ChunkEntry,
-        segment: Option<&[u8]>,
-        demand: bool,
-    ) -> Result<(), ServeError> {
-        let img = self.image(kind);
-        if img.map.get(entry.chunk) != ChunkState::Pending {
-            return Ok(());
-        }
-        let mut buf = [0u8; CHUNK_SIZE];
-        self.resolve(kind, entry, segment, &mut buf)?;
-        if !is_zero(&buf) {
-            let off = entry.chunk * CHUNK_SIZE_U64;
-            img.cache
-                .write_all_at(&buf, off)
-                .map_err(ServeError::io("Writing the cache file"))?;
-        }
-        if img
-            .map
-            .transition(entry.chunk, ChunkState::Pending, ChunkState::Ready)
-        {
-            let c = if demand {
-                &img.counters.fetched_on_demand
-            } else {
-                &img.counters.filled_in_background
-            };
-            Counters::add(c, 1);
-        }
-        Ok(())
     }
 
     /// Rebuilds an overlay chunk from `segment` (decoded) into `out`, verified; a chunk failing
@@ -661,22 +317,6 @@ impl Core {
         }
     }
 
-    /// Marks a pending chunk failed (verification), counting and logging it once.
-    pub(crate) fn fail_chunk(&self, kind: ImageKind, chunk: u64, why: &dyn std::error::Error) {
-        let img = self.image(kind);
-        if img
-            .map
-            .transition(chunk, ChunkState::Pending, ChunkState::Failed)
-        {
-            Counters::add(&img.counters.verification_failures, 1);
-            error!(
-                "{} chunk {chunk} failed verification: {}",
-                kind.name(),
-                chain(why)
-            );
-        }
-    }
-
     /// The overlay entry of a chunk.
     fn entry(&self, kind: ImageKind, chunk: u64) -> Result<&ChunkEntry, ServeError> {
         self.meta
@@ -686,9 +326,9 @@ impl Core {
     }
 
     /// The segment a pending chunk needs, if any.
-    fn needed_segment(&self, kind: ImageKind, chunk: u64) -> Option<u32> {
+    fn segment_of(&self, kind: ImageKind, chunk: u64) -> Option<u32> {
         let e = self.entry(kind, chunk).ok()?;
-        Resolver::new(&self.meta, &self.base).needed_segment(kind, e)
+        self.needed_segment(kind, e)
     }
 
     /// Waits until `chunk` is no longer pending (asking for its segment at top priority).
@@ -729,18 +369,17 @@ impl Core {
                 return Err(ServeError::Shutdown);
             }
             let entry = self.entry(kind, chunk)?;
-            let Some(seg) = Resolver::new(&self.meta, &self.base).needed_segment(kind, entry)
-            else {
+            let Some(seg) = self.needed_segment(kind, entry) else {
                 self.rebuild(kind, entry, None, true)?;
                 continue;
             };
-            let gen = self.waiter.generation();
+            let gen = self.fetcher.waiter.generation();
             if img.map.get(chunk) != ChunkState::Pending {
                 continue;
             }
             // Decoded but not yet rebuilt (its rest waits, maybe held by this very thread for
             // an earlier chunk of the same request): take the chunk from it, wait for no one.
-            if let Some(data) = self.queue.decoded(seg) {
+            if let Some(data) = self.fetcher.queue.decoded(seg) {
                 match out.as_deref_mut() {
                     Some(out) => {
                         self.resolve(kind, entry, Some(&data), out)?;
@@ -755,27 +394,27 @@ impl Core {
             }
             match waiting {
                 None => {
-                    waiting = Some((Instant::now(), seg, self.queue.failures(seg)));
+                    waiting = Some((Instant::now(), seg, self.fetcher.queue.failures(seg)));
                     _counted = Some(img.counters.waiting());
                     // Nobody has the segment yet: fetch and decode it in this thread.
-                    if self.queue.claim(seg) {
+                    if self.fetcher.queue.claim(seg) {
                         debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());
-                        crate::fetch::run_claimed(self, seg);
+                        run_claimed(self, seg);
                         continue;
                     }
                     debug!("{} chunk {chunk}: waiting for segment {seg}", kind.name());
-                    self.queue.demand(seg);
+                    self.fetcher.queue.demand(seg);
                 }
                 Some((_, s, fails)) => {
-                    if self.queue.failures(s) != fails {
+                    if self.fetcher.queue.failures(s) != fails {
                         Counters::add(&img.counters.fetch_errors, 1);
                         return Err(ServeError::Fetch { segment: s });
                     }
                     // A corrupt segment whose chunk was not marked (cannot happen) must not hang.
-                    if self.queue.is_corrupt(s) {
+                    if self.fetcher.queue.is_corrupt(s) {
                         return Err(ServeError::Corrupt { image: kind, chunk });
                     }
-                    self.queue.demand(s);
+                    self.fetcher.queue.demand(s);
                 }
             }
             let now = Instant::now();
@@ -783,7 +422,8 @@ impl Core {
                 Counters::add(&img.counters.fetch_errors, 1);
                 return Err(ServeError::Timeout { image: kind, chunk });
             }
-            self.waiter
+            self.fetcher
+                .waiter
                 .wait(gen, (deadline - now).min(Duration::from_millis(500)));
         }
     }
@@ -834,10 +474,10 @@ impl Core {
                 ChunkState::Base => {}
                 ChunkState::Pending => {
                     all_base = false;
-                    if let Some(seg) = self.needed_segment(kind, c) {
+                    if let Some(seg) = self.segment_of(kind, c) {
                         match own_segment {
                             None => own_segment = Some(seg),
-                            Some(s) if s != seg => self.queue.demand(seg),
+                            Some(s) if s != seg => self.fetcher.queue.demand(seg),
                             Some(_) => {}
                         }
                     }
@@ -883,7 +523,7 @@ impl Core {
                     .map_err(ServeError::io("Reading the base image"))?,
                 ChunkState::Ready => img
                     .cache
-                    .read_exact_at(out, lo)
+                    .read_at(out, lo)
                     .map_err(ServeError::io("Reading the cache file"))?,
                 ChunkState::Modified => img
                     .store
@@ -946,7 +586,7 @@ impl Core {
                                 .map_err(ServeError::io("Reading the base image"))?,
                             ChunkState::Ready => img
                                 .cache
-                                .read_exact_at(&mut buf, start)
+                                .read_at(&mut buf, start)
                                 .map_err(ServeError::io("Reading the cache file"))?,
                             _ => {}
                         }
@@ -1038,29 +678,70 @@ impl Core {
             .sync()
             .map_err(ServeError::io("Syncing the state"))
     }
-
-    /// Chunks of a corrupt segment and those referring to them: marks them failed.
-    pub(crate) fn fail_segment(&self, seg: usize, why: &FormatError) {
-        let Some(s) = self.meta.segments.get(seg) else {
-            return;
-        };
-        for &(kind, chunk) in &s.chunks {
-            self.fail_chunk(kind, chunk, why);
-            for &(rk, rc) in self.referrers.get(&(kind, chunk)).into_iter().flatten() {
-                self.fail_chunk(rk, rc, why);
-            }
-        }
-    }
 }
 
-/// An error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+/// What the fetch workers (and a reader decoding a segment itself) see of the core.
+impl ChunkSink for Core {
+    fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
     }
-    s
+
+    fn needed_segment(&self, kind: ImageKind, entry: &ChunkEntry) -> Option<u32> {
+        Resolver::new(&self.meta, &self.base).needed_segment(kind, entry)
+    }
+
+    /// Rebuilds a pending chunk from `segment` (decoded) into the cache file and marks it
+    /// ready; a chunk failing verification is marked failed.
+    fn rebuild(
+        &self,
+        kind: ImageKind,
+        entry: &ChunkEntry,
+        segment: Option<&[u8]>,
+        demand: bool,
+    ) -> Result<(), ServeError> {
+        let img = self.image(kind);
+        if img.map.get(entry.chunk) != ChunkState::Pending {
+            return Ok(());
+        }
+        let mut buf = [0u8; CHUNK_SIZE];
+        self.resolve(kind, entry, segment, &mut buf)?;
+        if !is_zero(&buf) {
+            let off = entry.chunk * CHUNK_SIZE_U64;
+            img.cache
+                .write_at(&buf, off)
+                .map_err(ServeError::io("Writing the cache file"))?;
+        }
+        if img
+            .map
+            .transition(entry.chunk, ChunkState::Pending, ChunkState::Ready)
+        {
+            let c = if demand {
+                &img.counters.fetched_on_demand
+            } else {
+                &img.counters.filled_in_background
+            };
+            Counters::add(c, 1);
+        }
+        Ok(())
+    }
+
+    /// Marks a pending chunk failed (verification), counting and logging it once.
+    fn fail_chunk(&self, kind: ImageKind, chunk: u64, why: &dyn std::error::Error) {
+        let img = self.image(kind);
+        if img
+            .map
+            .transition(chunk, ChunkState::Pending, ChunkState::Failed)
+        {
+            Counters::add(&img.counters.verification_failures, 1);
+            error!(
+                "{} chunk {chunk} failed verification: {}",
+                kind.name(),
+                chain(why)
+            );
+        }
+    }
+
+    fn is_shut_down(&self) -> bool {
+        Core::is_shut_down(self)
+    }
 }

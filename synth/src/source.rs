@@ -3,7 +3,9 @@
 //! An overlay is read by byte range: the header and metadata first, then whole segments. A
 //! [`ByteSource`] is that seam: a local file here, an HTTP server with Range requests or a
 //! network peer in `cloudletfs` and the server. Implementations are `&self` and `Send + Sync`
-//! because cloudletfs reads from several threads at once.
+//! because cloudletfs reads from several threads at once. Each read says who waits for it
+//! ([`Priority`]): a network source asks its peer at once for what a reader waits for, and
+//! lets what the background filler fetches ahead come in the peer's own order.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -38,12 +40,44 @@ pub enum SourceError {
     Remote(String),
 }
 
+/// Who waits for a read. A source that fetches from far away may serve the two differently:
+/// ask its peer for the bytes at once, or let them come in the peer's own order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// Someone waits for these bytes now: a guest's read of a chunk not yet there, a
+    /// command reading an overlay. What a read without a priority ([`ByteSource::read_range`])
+    /// is.
+    #[default]
+    Demand,
+    /// Nobody waits for them yet: the background filler fetching ahead of need.
+    Background,
+}
+
 /// A random-access, read-only byte source.
+///
+/// A read carries a [`Priority`]: [`read_range_with`](ByteSource::read_range_with) passes it,
+/// [`read_range`](ByteSource::read_range) is a demand read. A source that serves both
+/// priorities alike implements `read_range` only; one that does not overrides
+/// `read_range_with` as well, and a source that wraps another forwards `read_range_with` to
+/// it, so that the priority reaches the source that uses it. A wrapper that does not forward
+/// it turns background reads into demand reads: more eager, never stalled.
 pub trait ByteSource: Send + Sync {
     /// Total size in bytes.
     fn size(&self) -> u64;
-    /// Reads exactly `len` bytes at `offset`.
+    /// Reads exactly `len` bytes at `offset`, for a reader that waits for them
+    /// ([`Priority::Demand`]).
     fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError>;
+    /// Reads exactly `len` bytes at `offset` at `priority`. By default the priority is not
+    /// used: the same as [`read_range`](ByteSource::read_range).
+    fn read_range_with(
+        &self,
+        offset: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<Vec<u8>, SourceError> {
+        let _ = priority;
+        self.read_range(offset, len)
+    }
 }
 
 /// A local file.

@@ -5,15 +5,6 @@ use std::sync::mpsc;
 use std::time::Instant;
 use synth::ImageKind;
 
-/// Opens the gate when dropped, so that a failing test still lets its readers finish.
-struct OpenOnDrop(Arc<Gate>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
-}
-
 #[test]
 fn base_reads_served_while_many_reads_wait_for_the_network() {
     if !fuse_ok() {

@@ -7,6 +7,7 @@ mod busy;
 mod corrupt;
 mod crash;
 mod http;
+mod priority;
 mod read;
 mod streams;
 mod write;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use synth::codec::Codec;
 use synth::create::CreateOptions;
-use synth::source::{ByteSource, FileSource, SourceError};
+use synth::source::{ByteSource, FileSource, Priority, SourceError};
 
 /// Whether FUSE can be used; panics under `CI=true` when it cannot.
 pub fn fuse_ok() -> bool {
@@ -198,8 +199,16 @@ impl ByteSource for SlowSource {
         self.inner.size()
     }
     fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        self.read_range_with(offset, len, Priority::Demand)
+    }
+    fn read_range_with(
+        &self,
+        offset: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<Vec<u8>, SourceError> {
         std::thread::sleep(self.delay);
-        self.inner.read_range(offset, len)
+        self.inner.read_range_with(offset, len, priority)
     }
 }
 
@@ -232,6 +241,16 @@ impl Gate {
         self.changed.notify_all();
     }
 
+    /// Lets a read through: at once while open, else once opened (counting it as arrived).
+    pub fn pass(&self) {
+        let mut g = self.state.lock().expect("gate");
+        if g.0 {
+            g.1 += 1;
+            self.changed.notify_all();
+            let _open = self.changed.wait_while(g, |s| s.0).expect("gate");
+        }
+    }
+
     /// Waits until `n` reads have arrived or `timeout` passed; the number arrived.
     pub fn wait_arrived(&self, n: usize, timeout: Duration) -> usize {
         let g = self.state.lock().expect("gate");
@@ -254,15 +273,25 @@ impl ByteSource for GatedSource {
         self.inner.size()
     }
     fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
-        {
-            let mut g = self.gate.state.lock().expect("gate");
-            if g.0 {
-                g.1 += 1;
-                self.gate.changed.notify_all();
-                let _open = self.gate.changed.wait_while(g, |s| s.0).expect("gate");
-            }
-        }
-        self.inner.read_range(offset, len)
+        self.read_range_with(offset, len, Priority::Demand)
+    }
+    fn read_range_with(
+        &self,
+        offset: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<Vec<u8>, SourceError> {
+        self.gate.pass();
+        self.inner.read_range_with(offset, len, priority)
+    }
+}
+
+/// Opens the gate when dropped, so that a failing test still lets its readers finish.
+pub struct OpenOnDrop(pub Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
     }
 }
 

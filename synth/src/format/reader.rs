@@ -6,7 +6,7 @@ use super::{
 };
 use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
 use crate::codec::{self, Codec, CodecError};
-use crate::source::{ByteSource, SourceError};
+use crate::source::{ByteSource, Priority, SourceError};
 use std::sync::Arc;
 
 /// [`MAX_METADATA_LEN`] as bincode's limit parameter.
@@ -329,14 +329,30 @@ impl Overlay {
         Ok(())
     }
 
-    /// Fetches, verifies and decodes segment `segment`.
+    /// Fetches, verifies and decodes segment `segment` for a reader that waits for it
+    /// ([`Priority::Demand`]).
     pub fn read_segment(&self, segment: usize) -> Result<Vec<u8>, FormatError> {
-        let compressed = self.read_segment_compressed(segment)?;
+        self.read_segment_with(segment, Priority::Demand)
+    }
+
+    /// Fetches segment `segment` from the source at `priority`, verifies and decodes it.
+    pub fn read_segment_with(
+        &self,
+        segment: usize,
+        priority: Priority,
+    ) -> Result<Vec<u8>, FormatError> {
+        let compressed = self.fetch_segment(segment, priority)?;
         self.decode_segment(segment, &compressed)
     }
 
-    /// Fetches segment `segment` and verifies its digest, without decoding it.
+    /// Fetches segment `segment` and verifies its digest, without decoding it
+    /// ([`Priority::Demand`]).
     pub fn read_segment_compressed(&self, segment: usize) -> Result<Vec<u8>, FormatError> {
+        self.fetch_segment(segment, Priority::Demand)
+    }
+
+    /// Fetches segment `segment` at `priority` and verifies its digest.
+    fn fetch_segment(&self, segment: usize, priority: Priority) -> Result<Vec<u8>, FormatError> {
         let entry = self
             .meta
             .segments
@@ -345,9 +361,9 @@ impl Overlay {
                 segment,
                 reason: "no such segment".into(),
             })?;
-        let bytes = self
-            .source
-            .read_range(self.data_start + entry.offset, entry.length)?;
+        let bytes =
+            self.source
+                .read_range_with(self.data_start + entry.offset, entry.length, priority)?;
         if sha256(&bytes) != entry.digest {
             return Err(FormatError::SegmentDigest { segment });
         }
@@ -499,4 +515,61 @@ fn validate_image(meta: &Metadata, image: ImageKind) -> Result<(), FormatError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// The golden overlay in memory, recording the priority of every read (`None`: a read
+    /// without one).
+    struct Recording {
+        bytes: Vec<u8>,
+        seen: Mutex<Vec<Option<Priority>>>,
+    }
+
+    impl ByteSource for Recording {
+        fn size(&self) -> u64 {
+            self.bytes.size()
+        }
+        fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+            self.seen.lock().unwrap().push(None);
+            self.bytes.read_range(offset, len)
+        }
+        fn read_range_with(
+            &self,
+            offset: u64,
+            len: u64,
+            priority: Priority,
+        ) -> Result<Vec<u8>, SourceError> {
+            self.seen.lock().unwrap().push(Some(priority));
+            self.bytes.read_range(offset, len)
+        }
+    }
+
+    #[test]
+    fn segment_reads_pass_their_priority_to_the_source() {
+        let src = Arc::new(Recording {
+            bytes: include_bytes!("../../../tests/golden/tiny.overlay").to_vec(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let ov = Overlay::open(Arc::clone(&src) as Arc<dyn ByteSource>).unwrap();
+        let opened = src.seen.lock().unwrap().len();
+
+        ov.read_segment_with(0, Priority::Background).unwrap();
+        ov.read_segment(0).unwrap();
+        ov.read_segment_compressed(0).unwrap();
+
+        let seen = src.seen.lock().unwrap();
+        assert_eq!(opened, 2, "header and metadata");
+        assert_eq!(
+            seen[opened..],
+            [
+                Some(Priority::Background),
+                Some(Priority::Demand),
+                Some(Priority::Demand)
+            ]
+        );
+    }
 }
