@@ -14,12 +14,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use synth::format::Overlay;
 use synth::protocol::{ServerMsg, SessionStats};
-use synth::source::{check_range, ByteSource, SourceError};
+use synth::source::{check_range, ByteSource, Priority, SourceError};
 
 /// Longest a cloudletfs read waits for a segment, whatever the progress.
 const MAX_SEGMENT_WAIT: Duration = Duration::from_secs(600);
-/// Name of cloudletfs's background filler thread: its reads are not demand.
-const FILLER_THREAD: &str = "filler";
 
 /// Which segments are in, which were asked for, and when bytes last arrived.
 struct SegState {
@@ -141,10 +139,10 @@ impl NetSource {
         }
     }
 
-    /// Waits until every segment of `needed` is in. A demand read (not the background
-    /// filler) asks the client once for each missing segment it does not already send.
-    fn wait_for(&self, needed: &[u32]) -> Result<(), SourceError> {
-        let demand = std::thread::current().name() != Some(FILLER_THREAD);
+    /// Waits until every segment of `needed` is in. A demand read asks the client once for
+    /// each missing segment it does not already send; a background read only waits.
+    fn wait_for(&self, needed: &[u32], priority: Priority) -> Result<(), SourceError> {
+        let demand = priority == Priority::Demand;
         let mut ask = Vec::new();
         let mut s = lock(&self.state);
         for &i in needed {
@@ -197,6 +195,15 @@ impl ByteSource for NetSource {
     }
 
     fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        self.read_range_with(offset, len, Priority::Demand)
+    }
+
+    fn read_range_with(
+        &self,
+        offset: u64,
+        len: u64,
+        priority: Priority,
+    ) -> Result<Vec<u8>, SourceError> {
         let n = check_range(offset, len, self.file_len)?;
         let end = offset + len;
         if end > self.head_len {
@@ -207,7 +214,7 @@ impl ByteSource for NetSource {
                 .filter(|s| s.1 > 0)
                 .map(|s| s.2)
                 .collect();
-            self.wait_for(&needed)?;
+            self.wait_for(&needed, priority)?;
         }
         let mut buf = vec![0u8; n];
         self.file
@@ -304,15 +311,12 @@ mod tests {
     }
 
     #[test]
-    fn net_source_filler_read_does_not_ask() {
+    fn net_source_background_read_does_not_ask() {
         let (net, overlay, mut client, spill) = fixture("filler");
         let (off, len) = segment_range(&overlay, 0);
         let reader = {
             let net = Arc::clone(&net);
-            std::thread::Builder::new()
-                .name(FILLER_THREAD.into())
-                .spawn(move || net.read_range(off, len))
-                .unwrap()
+            std::thread::spawn(move || net.read_range_with(off, len, Priority::Background))
         };
         client
             .set_read_timeout(Some(Duration::from_millis(500)))

@@ -15,7 +15,7 @@ use super::admin::{SessionInfo, SessionState};
 use super::net_source::NetSource;
 use super::{lock, ConnGuard, Server, TICK};
 use crate::session::{resume_vm, Backend, ResumeOptions, RunDir, RunningVm};
-use cloudletfs::serve::chain;
+use cloudletfs::error::chain;
 use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
