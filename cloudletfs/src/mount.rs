@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use synth::chunk::{chunk_count, CHUNK_SIZE_U64};
-use synth::format::Overlay;
+use synth::chunk::CHUNK_SIZE_U64;
+use synth::format::{BaseLimits, Overlay};
 use synth::registry::Base;
 use synth::source::{ByteSource, FileSource};
 use synth::ImageKind;
@@ -91,11 +91,15 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Unmount automatically when the process dies (needs `fusermount3`).
     pub auto_unmount: bool,
+    /// How many bytes the overlay's disk may have beyond the base's disk
+    /// ([`BaseLimits::max_disk_growth`]); `None`: as many as the base's disk has. The memory
+    /// image must always be the base's size.
+    pub max_disk_growth: Option<u64>,
 }
 
 impl MountOptions {
     /// Options with defaults: 2 demand fetchers, 8 FUSE threads, background fill on,
-    /// `allow_other` and auto-unmount on.
+    /// `allow_other` and auto-unmount on, the disk at most twice the base's.
     pub fn new(base: Base, overlay: OverlaySource, mountpoint: impl Into<PathBuf>) -> Self {
         MountOptions {
             base,
@@ -111,6 +115,7 @@ impl MountOptions {
             wait_timeout: Duration::from_secs(120),
             allow_other: true,
             auto_unmount: true,
+            max_disk_growth: None,
         }
     }
 }
@@ -272,11 +277,12 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     let source = open_source(&opts.overlay, &opts.http)?;
     let overlay = Overlay::open(source)?;
     let base = BaseImages::open(&opts.base.disk_path(), &opts.base.memory_path())?;
-    overlay.check_base(
-        &opts.base.id(),
-        chunk_count(base.len(ImageKind::Disk)),
-        chunk_count(base.len(ImageKind::Memory)),
-    )?;
+    overlay.check_base(&BaseLimits {
+        id: opts.base.id(),
+        disk_size: base.len(ImageKind::Disk),
+        memory_size: base.len(ImageKind::Memory),
+        max_disk_growth: opts.max_disk_growth,
+    })?;
     let tmp = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
     // Every overlay chunk may end up in the cache (zeros excepted); that bound decides.
     let cache_bytes = ImageKind::ALL

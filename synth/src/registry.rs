@@ -159,6 +159,18 @@ impl Base {
         self.record.config.initrd.as_ref().map(|k| self.dir.join(k))
     }
 
+    /// What an overlay on this base is checked against
+    /// ([`Overlay::check_base`](crate::format::Overlay::check_base)), from the record's image
+    /// sizes, with the operator's disk growth limit (`None`: the base's disk size).
+    pub fn limits(&self, max_disk_growth: Option<u64>) -> crate::format::BaseLimits {
+        crate::format::BaseLimits {
+            id: self.id(),
+            disk_size: self.record.disk_size,
+            memory_size: self.record.memory_size,
+            max_disk_growth,
+        }
+    }
+
     /// Loads the chunk index.
     pub fn index(&self) -> Result<ChunkIndex, RegistryError> {
         Ok(ChunkIndex::load(&self.dir.join("index.bin"))?)

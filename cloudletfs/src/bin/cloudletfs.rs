@@ -42,6 +42,10 @@ struct Args {
     /// --cache-dir; 0: always on disk [default: a quarter of the available memory].
     #[arg(long, value_name = "MIB")]
     cache_memory_mib: Option<u64>,
+    /// How far the overlay's disk may grow past the base's disk, in MiB [default: the base's
+    /// disk size]; a larger overlay is refused (exit code 3).
+    #[arg(long, value_name = "MIB")]
+    max_disk_growth_mib: Option<u64>,
     /// Stay in the foreground.
     #[arg(long)]
     foreground: bool,
@@ -193,6 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     opts.background_fill = !args.no_background;
     opts.fetch_threads = args.fetch_threads;
     opts.wait_timeout = Duration::from_secs(args.wait_timeout);
+    opts.max_disk_growth = args.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20));
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
