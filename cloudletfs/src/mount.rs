@@ -95,11 +95,14 @@ pub struct MountOptions {
     /// ([`BaseLimits::max_disk_growth`]); `None`: as many as the base's disk has. The memory
     /// image must always be the base's size.
     pub max_disk_growth: Option<u64>,
+    /// Most bytes of modified chunks (disk and memory together) the mount keeps in its state
+    /// files; the first write of a chunk past it fails with EIO. `None`: no limit.
+    pub cow_quota: Option<u64>,
 }
 
 impl MountOptions {
     /// Options with defaults: 2 demand fetchers, 8 FUSE threads, background fill on,
-    /// `allow_other` and auto-unmount on, the disk at most twice the base's.
+    /// `allow_other` and auto-unmount on, the disk at most twice the base's, no quota.
     pub fn new(base: Base, overlay: OverlaySource, mountpoint: impl Into<PathBuf>) -> Self {
         MountOptions {
             base,
@@ -116,6 +119,7 @@ impl MountOptions {
             allow_other: true,
             auto_unmount: true,
             max_disk_growth: None,
+            cow_quota: None,
         }
     }
 }
@@ -320,6 +324,7 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         cache_dir: &tmp,
         cache_in_memory,
         wait_timeout: opts.wait_timeout,
+        cow_quota: opts.cow_quota,
     })?);
     // The first demand read should not also pay for the decoder's first use.
     if let Err(e) = synth::codec::warm_up(core.meta.codec) {

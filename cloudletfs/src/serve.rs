@@ -14,7 +14,7 @@ use crate::chunkmap::{ChunkMap, ChunkState, Waiter};
 use crate::error::{MountError, ServeError};
 use crate::fetch::FetchQueue;
 use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
-use crate::store::{StateOwner, Store};
+use crate::store::{CowQuota, StateOwner, Store};
 use crate::streams::Stream;
 use log::{debug, error, warn};
 use memmap2::Mmap;
@@ -345,6 +345,7 @@ impl Image {
             verification_failures: ld(&c.verification_failures),
             fetch_errors: ld(&c.fetch_errors),
             cache_in_memory: self.cache_in_memory,
+            cow: self.store.cow_stats(),
         }
     }
 }
@@ -412,6 +413,8 @@ pub struct CoreParts<'a> {
     pub cache_in_memory: bool,
     /// Longest a request waits for a pending chunk.
     pub wait_timeout: Duration,
+    /// Most bytes of modified chunks (both images) kept; `None`: no limit.
+    pub cow_quota: Option<u64>,
 }
 
 /// The name of the memfds holding rebuilt chunks (`/proc/PID/fd` shows `/memfd:` + it).
@@ -457,6 +460,7 @@ impl Core {
             base: p.base_id,
             overlay: p.overlay.id(),
         };
+        let quota = Arc::new(CowQuota::new(p.cow_quota));
         let make = |kind: ImageKind| -> Result<Image, MountError> {
             let map_meta = meta.image(kind);
             let size = map_meta.size;
@@ -481,7 +485,7 @@ impl Core {
                 .set_len(padded(size))
                 .map_err(io("Sizing a cache file in"))?;
             let (store, restored) =
-                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner)?;
+                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner, &quota)?;
             let n = chunk_count(size);
             let img = Image {
                 kind,
@@ -953,13 +957,8 @@ impl Core {
                     }
                     let at = usize::try_from(lo - start).unwrap_or(0);
                     buf[at..at + part.len()].copy_from_slice(part);
-                    img.store
-                        .write_at(&buf, start)
-                        .map_err(ServeError::io("Writing the state file"))?;
+                    img.store.write_chunk(c, &buf, st)?;
                     img.map.set(c, ChunkState::Modified);
-                    img.store
-                        .record(c, ChunkState::Modified)
-                        .map_err(ServeError::io("Writing the journal"))?;
                 }
             }
             drop(guard);
@@ -1014,9 +1013,9 @@ impl Core {
         }
         for c in first_full..end_full {
             let guard = img.lock(c);
-            img.map.set(c, ChunkState::Discarded);
+            let was = img.map.set(c, ChunkState::Discarded);
             img.store
-                .record(c, ChunkState::Discarded)
+                .discard(c, was)
                 .map_err(ServeError::io("Writing the journal"))?;
             drop(guard);
             img.discarded.add(c);

@@ -46,6 +46,10 @@ struct Args {
     /// disk size]; a larger overlay is refused (exit code 3).
     #[arg(long, value_name = "MIB")]
     max_disk_growth_mib: Option<u64>,
+    /// Most MiB of modified chunks (disk and memory together) kept; a guest write past it
+    /// gets an I/O error [default: no limit].
+    #[arg(long, value_name = "MIB")]
+    cow_quota_mib: Option<u64>,
     /// Stay in the foreground.
     #[arg(long)]
     foreground: bool,
@@ -198,6 +202,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     opts.fetch_threads = args.fetch_threads;
     opts.wait_timeout = Duration::from_secs(args.wait_timeout);
     opts.max_disk_growth = args.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20));
+    opts.cow_quota = args.cow_quota_mib.map(|m| m.saturating_mul(1 << 20));
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
