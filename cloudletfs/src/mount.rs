@@ -1,6 +1,27 @@
 //! Mounting: [`mount`] opens the overlay (local file or URL), checks it against the base, builds
 //! the [`Core`], starts the fetch workers and the FUSE session, and returns a [`Mounted`]
 //! handle that unmounts on drop.
+//!
+//! # Memory per mount
+//!
+//! Besides the cache of rebuilt chunks (a memfd only within the process-wide budget, else a
+//! file) and the copy-on-write data (files, bounded by [`MountOptions::cow_quota`]), a mount
+//! holds, with `R` its overlay's largest decoded segment and `L` its compressed length
+//! (`R` ≤ 256 MiB and `L` ≤ `R + R/128 + 4 KiB` by validation; `cloudlet diff` makes 16 MiB):
+//!
+//! - segments decoded by readers themselves: at most
+//!   [`MAX_CLAIMED_BYTES`](crate::fetch::MAX_CLAIMED_BYTES) (64 MiB), compressed and decoded,
+//!   until handed on;
+//! - one segment (`L + R`) per demand worker (`fetch_threads`, 2) and for the filler;
+//! - the rest worker's segment (`R`) and its queue (16 MiB, or one segment if larger);
+//! - the metadata: decoded at most [`metadata_decode_limit`] bytes while opening (at most
+//!   256 times its stored size past 64 MiB, never 1 GiB), then parsed, one entry per changed
+//!   chunk of images whose sizes the base bounds.
+//!
+//! With the defaults that is 64 MiB + 3 (`L + R`) + `R` + max(16 MiB, `R`) of segments: about
+//! 193 MiB for 16 MiB segments, 2.1 GiB at most for a hostile overlay of 256 MiB ones.
+//!
+//! [`metadata_decode_limit`]: synth::format::metadata_decode_limit
 
 use crate::error::MountError;
 use crate::fetch::spawn_workers;

@@ -762,7 +762,7 @@ impl Core {
                     waiting = Some((Instant::now(), seg, self.queue.failures(seg)));
                     _counted = Some(img.counters.waiting());
                     // Nobody has the segment yet: fetch and decode it in this thread.
-                    if self.queue.claim(seg) {
+                    if self.queue.claim(seg, crate::fetch::claim_bytes(self, seg)) {
                         debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());
                         crate::fetch::run_claimed(self, seg);
                         continue;
