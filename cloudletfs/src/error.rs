@@ -48,6 +48,19 @@ pub enum ServeError {
     /// The request lies outside the file.
     #[error("Offset {0} lies outside the image")]
     OutOfRange(u64),
+    /// The first write of a chunk would take the mount's copy-on-write data past its quota.
+    #[error(
+        "Writing the {image} chunk {chunk} would take the copy-on-write data past its quota \
+         of {quota} bytes"
+    )]
+    QuotaExceeded {
+        /// Image.
+        image: ImageKind,
+        /// Chunk number.
+        chunk: u64,
+        /// The mount's quota in bytes.
+        quota: u64,
+    },
     /// The filesystem is shutting down.
     #[error("The filesystem is shutting down")]
     Shutdown,

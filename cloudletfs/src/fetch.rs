@@ -28,8 +28,9 @@
 //!   and runs `run_claimed` in its own (FUSE or waiter) thread: fetch, decode, publish,
 //!   reply, and only then hand the rebuilding of the segment on (`RestAfterReply`). That
 //!   spares the two thread hand-offs (reader → worker → reader) that made the tail of the
-//!   first-read latency on a busy machine. At most [`MAX_CLAIMED`] readers do so at once;
-//!   the others leave their segment to the demand workers.
+//!   first-read latency on a busy machine. At most [`MAX_CLAIMED`] readers do so at once,
+//!   holding at most [`MAX_CLAIMED_BYTES`] of compressed and decoded segments together until
+//!   their rests are handed on; the others leave their segment to the demand workers.
 //! - The *rest* of a segment decoded on demand is rebuilt by one rest worker under
 //!   `SCHED_IDLE`, so that it never takes a CPU from a reader (a nice 19 thread still keeps its
 //!   CPU for a whole time slice, ~3 ms here, when a reader wakes), or by the background filler,
@@ -101,6 +102,15 @@ impl Fetcher {
         self.overlay.metadata()
     }
 
+    /// The bytes a claim of segment `seg` holds at most: its compressed and decoded lengths
+    /// (both are alive while it decodes).
+    pub fn claim_bytes(&self, seg: u32) -> u64 {
+        usize::try_from(seg)
+            .ok()
+            .and_then(|i| self.meta().segments.get(i))
+            .map_or(u64::MAX, |e| e.length.saturating_add(e.raw_length))
+    }
+
     /// The chunks that refer to `chunk` of `kind` (a payload chunk) by self reference.
     fn referrers(&self, kind: ImageKind, chunk: u64) -> &[(ImageKind, u64)] {
         self.referrers
@@ -150,9 +160,17 @@ enum SegStatus {
 
 /// Segments that readers fetch and decode themselves at once ([`FetchQueue::claim`]); past
 /// that, a reader leaves its segment to the demand workers. This bounds the segments in
-/// flight (up to 16 MiB decoded each) however many requests wait: the FUSE threads and the
-/// waiter threads ([`crate::waiters`]) can be dozens.
+/// flight however many requests wait (the FUSE threads and the waiter threads,
+/// [`crate::waiters`], can be dozens); [`MAX_CLAIMED_BYTES`] bounds their bytes.
 pub const MAX_CLAIMED: usize = 8;
+
+/// Bytes that the segments claimed by readers may hold at once (compressed plus decoded, from
+/// the claim until the rest is handed on, after the reply included): a segment that does
+/// not fit is left to the demand workers. With the default 16 MiB segments of
+/// `cloudlet diff` that is two or three claims at once; with the 256 KiB working-set
+/// segments, all [`MAX_CLAIMED`].
+pub const MAX_CLAIMED_BYTES: u64 = 64 << 20;
+
 
 /// A decoded segment, published, whose chunks are still to rebuild into the cache file.
 type Rest = (u32, Arc<Vec<u8>>);
@@ -170,6 +188,8 @@ struct Sched {
     decoded: HashMap<u32, Arc<Vec<u8>>>,
     /// Segments claimed by readers and not yet run ([`MAX_CLAIMED`]).
     claimed: usize,
+    /// Bytes the claimed segments hold ([`MAX_CLAIMED_BYTES`]).
+    claimed_bytes: u64,
     next_bg: usize,
     passes: u32,
     shutdown: bool,
@@ -204,6 +224,7 @@ impl FetchQueue {
                 rest_bytes: 0,
                 decoded: HashMap::new(),
                 claimed: 0,
+                claimed_bytes: 0,
                 next_bg: 0,
                 passes: 0,
                 shutdown: false,
@@ -238,15 +259,17 @@ impl FetchQueue {
         }
     }
 
-    /// Takes `segment` for the calling thread if no worker has it yet (idle or only queued):
-    /// the caller must then run `run_claimed`. False if it is in flight, done or corrupt,
-    /// or if [`MAX_CLAIMED`] segments are claimed already.
-    pub fn claim(&self, segment: u32) -> bool {
+    /// Takes `segment`, which holds at most `bytes` while claimed (`claim_bytes`), for the
+    /// calling thread if no worker has it yet (idle or only queued): the caller must then run
+    /// `run_claimed`. False if it is in flight, done or corrupt, or if [`MAX_CLAIMED`]
+    /// segments are claimed already, or if `bytes` more would take the claims past
+    /// [`MAX_CLAIMED_BYTES`].
+    pub fn claim(&self, segment: u32, bytes: u64) -> bool {
         let mut s = self.lock();
         let Ok(i) = usize::try_from(segment) else {
             return false;
         };
-        if s.claimed >= MAX_CLAIMED {
+        if s.claimed >= MAX_CLAIMED || s.claimed_bytes.saturating_add(bytes) > MAX_CLAIMED_BYTES {
             return false;
         }
         match s.status.get(i) {
@@ -256,7 +279,14 @@ impl FetchQueue {
         }
         s.status[i] = SegStatus::InFlight;
         s.claimed += 1;
+        s.claimed_bytes += bytes;
         true
+    }
+
+    /// Gives back the bytes of a claim whose segment the thread no longer holds.
+    fn release_claimed(&self, bytes: u64) {
+        let mut s = self.lock();
+        s.claimed_bytes = s.claimed_bytes.saturating_sub(bytes);
     }
 
     /// Ends a claim ([`run_claimed`] has run).
@@ -554,18 +584,23 @@ pub(crate) fn run_claimed(core: &impl ChunkSink, seg: u32) {
             self.0.unclaim();
         }
     }
-    let _unclaim = Unclaim(&core.fetcher().queue);
-    if let Some(data) = fetch_segment(core, seg, true) {
-        let kept = DEFERRED_REST.with(|d| match &mut *d.borrow_mut() {
-            Some(rests) => {
-                rests.push((seg, data));
-                None
-            }
-            None => Some(data),
-        });
-        if let Some(data) = kept {
-            hand_off_rest(core, seg, data);
+    let f = core.fetcher();
+    let _unclaim = Unclaim(&f.queue);
+    let bytes = f.claim_bytes(seg);
+    let Some(data) = fetch_segment(core, seg, true) else {
+        f.queue.release_claimed(bytes);
+        return;
+    };
+    let kept = DEFERRED_REST.with(|d| match &mut *d.borrow_mut() {
+        Some(rests) => {
+            rests.push((seg, data));
+            None
         }
+        None => Some(data),
+    });
+    if let Some(data) = kept {
+        hand_off_rest(core, seg, data);
+        f.queue.release_claimed(bytes);
     }
 }
 
@@ -612,6 +647,9 @@ impl<S: ChunkSink> Drop for RestAfterReply<'_, S> {
             .unwrap_or_default();
         for (seg, data) in rests {
             hand_off_rest(self.core, seg, data);
+            // Held since its claim (`run_claimed`).
+            let f = self.core.fetcher();
+            f.queue.release_claimed(f.claim_bytes(seg));
         }
     }
 }
@@ -708,17 +746,35 @@ mod tests {
         let q = FetchQueue::new(MAX_CLAIMED + 2);
         let n = u32::try_from(MAX_CLAIMED).unwrap();
         for seg in 0..n {
-            assert!(q.claim(seg), "segment {seg}");
+            assert!(q.claim(seg, 4096), "segment {seg}");
         }
         // Past the bound the reader leaves the segment to the demand workers.
-        assert!(!q.claim(n));
+        assert!(!q.claim(n, 4096));
         q.demand(n);
         q.unclaim();
         assert!(
-            q.claim(n),
+            q.claim(n, 4096),
             "a queued segment can be claimed again once a claim ended"
         );
-        assert!(!q.claim(0), "in flight");
+        assert!(!q.claim(0, 4096), "in flight");
+    }
+
+    #[test]
+    fn claims_hold_at_most_max_claimed_bytes_until_released() {
+        let q = FetchQueue::new(4);
+        let half = MAX_CLAIMED_BYTES / 2;
+        assert!(q.claim(0, half));
+        assert!(q.claim(1, half));
+        // Fewer than MAX_CLAIMED claims, but no bytes left: the demand workers take it.
+        assert!(!q.claim(2, 1));
+        // A claim that ended still holds its bytes until its rest is handed on.
+        q.unclaim();
+        assert!(!q.claim(2, 1));
+        q.release_claimed(half);
+        assert!(q.claim(2, half));
+        // A segment larger than the whole budget is never claimed.
+        q.release_claimed(2 * half);
+        assert!(!q.claim(3, MAX_CLAIMED_BYTES + 1));
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub fn errno(e: &ServeError) -> Errno {
         | ServeError::Inconsistent { .. }
         | ServeError::Shutdown => Errno::EIO,
         ServeError::Timeout { .. } => Errno::EIO,
+        // Not ENOSPC: QEMU's default `werror=enospc` pauses the whole VM on ENOSPC and
+        // reports only other errors to the guest; EIO reaches the guest's virtio-blk driver as
+        // an I/O error on that request, and the VM keeps running.
+        ServeError::QuotaExceeded { .. } => Errno::EIO,
         ServeError::OutOfRange(_) => Errno::from_i32(libc::ENOSPC),
         ServeError::Unsupported => Errno::from_i32(libc::EOPNOTSUPP),
     }

@@ -1,6 +1,27 @@
 //! Mounting: [`mount`] opens the overlay (local file or URL), checks it against the base, builds
 //! the [`Core`], starts the fetch workers and the FUSE session, and returns a [`Mounted`]
 //! handle that unmounts on drop.
+//!
+//! # Memory per mount
+//!
+//! Besides the cache of rebuilt chunks (a memfd only within the process-wide budget, else a
+//! file) and the copy-on-write data (files, bounded by [`MountOptions::cow_quota`]), a mount
+//! holds, with `R` its overlay's largest decoded segment and `L` its compressed length
+//! (`R` ≤ 256 MiB and `L` ≤ `R + R/128 + 4 KiB` by validation; `cloudlet diff` makes 16 MiB):
+//!
+//! - segments decoded by readers themselves: at most
+//!   [`MAX_CLAIMED_BYTES`](crate::fetch::MAX_CLAIMED_BYTES) (64 MiB), compressed and decoded,
+//!   until handed on;
+//! - one segment (`L + R`) per demand worker (`fetch_threads`, 2) and for the filler;
+//! - the rest worker's segment (`R`) and its queue (16 MiB, or one segment if larger);
+//! - the metadata: decoded at most [`metadata_decode_limit`] bytes while opening (at most
+//!   256 times its stored size past 64 MiB, never 1 GiB), then parsed, one entry per changed
+//!   chunk of images whose sizes the base bounds.
+//!
+//! With the defaults that is 64 MiB + 3 (`L + R`) + `R` + max(16 MiB, `R`) of segments: about
+//! 193 MiB for 16 MiB segments, 2.1 GiB at most for a hostile overlay of 256 MiB ones.
+//!
+//! [`metadata_decode_limit`]: synth::format::metadata_decode_limit
 
 use crate::base::BaseImages;
 use crate::cache::{available_memory, CacheReservation};
@@ -17,8 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use synth::chunk::{chunk_count, CHUNK_SIZE_U64};
-use synth::format::Overlay;
+use synth::chunk::CHUNK_SIZE_U64;
+use synth::format::{BaseLimits, Overlay};
 use synth::registry::Base;
 use synth::source::{ByteSource, FileSource};
 use synth::ImageKind;
@@ -92,11 +113,18 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Unmount automatically when the process dies (needs `fusermount3`).
     pub auto_unmount: bool,
+    /// How many bytes the overlay's disk may have beyond the base's disk
+    /// ([`BaseLimits::max_disk_growth`]); `None`: as many as the base's disk has. The memory
+    /// image must always be the base's size.
+    pub max_disk_growth: Option<u64>,
+    /// Most bytes of modified chunks (disk and memory together) the mount keeps in its state
+    /// files; the first write of a chunk past it fails with EIO. `None`: no limit.
+    pub cow_quota: Option<u64>,
 }
 
 impl MountOptions {
     /// Options with defaults: 2 demand fetchers, 8 FUSE threads, background fill on,
-    /// `allow_other` and auto-unmount on.
+    /// `allow_other` and auto-unmount on, the disk at most twice the base's, no quota.
     pub fn new(base: Base, overlay: OverlaySource, mountpoint: impl Into<PathBuf>) -> Self {
         MountOptions {
             base,
@@ -112,6 +140,8 @@ impl MountOptions {
             wait_timeout: Duration::from_secs(120),
             allow_other: true,
             auto_unmount: true,
+            max_disk_growth: None,
+            cow_quota: None,
         }
     }
 }
@@ -273,11 +303,12 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     let source = open_source(&opts.overlay, &opts.http)?;
     let overlay = Overlay::open(source)?;
     let base = BaseImages::open(&opts.base.disk_path(), &opts.base.memory_path())?;
-    overlay.check_base(
-        &opts.base.id(),
-        chunk_count(base.len(ImageKind::Disk)),
-        chunk_count(base.len(ImageKind::Memory)),
-    )?;
+    overlay.check_base(&BaseLimits {
+        id: opts.base.id(),
+        disk_size: base.len(ImageKind::Disk),
+        memory_size: base.len(ImageKind::Memory),
+        max_disk_growth: opts.max_disk_growth,
+    })?;
     let tmp = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
     // Every overlay chunk may end up in the cache (zeros excepted); that bound decides.
     let cache_bytes = ImageKind::ALL
@@ -315,6 +346,7 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         cache_dir: &tmp,
         cache_in_memory,
         wait_timeout: opts.wait_timeout,
+        cow_quota: opts.cow_quota,
     })?);
     // The first demand read should not also pay for the decoder's first use.
     if let Err(e) = synth::codec::warm_up(core.meta.codec) {

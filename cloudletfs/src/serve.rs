@@ -22,7 +22,7 @@ use crate::chunkmap::{ChunkMap, ChunkState};
 use crate::error::{chain, MountError, ServeError};
 use crate::fetch::{run_claimed, ChunkSink, Fetcher};
 use crate::stats::{ChunkCounts, Counters, ImageStats, Stats};
-use crate::store::{StateOwner, Store};
+use crate::store::{CowQuota, StateOwner, Store};
 use crate::streams::Stream;
 use log::{debug, error};
 use std::path::Path;
@@ -98,6 +98,7 @@ impl Image {
             verification_failures: ld(&c.verification_failures),
             fetch_errors: ld(&c.fetch_errors),
             cache_in_memory: self.cache.in_memory(),
+            cow: self.store.cow_stats(),
         }
     }
 }
@@ -150,6 +151,8 @@ pub struct CoreParts<'a> {
     pub cache_in_memory: bool,
     /// Longest a request waits for a pending chunk.
     pub wait_timeout: Duration,
+    /// Most bytes of modified chunks (both images) kept; `None`: no limit.
+    pub cow_quota: Option<u64>,
 }
 
 /// The part of chunks `first..end_chunk` inside a request for bytes `offset..end` of an image:
@@ -178,6 +181,7 @@ impl Core {
             base: p.base_id,
             overlay: p.overlay.id(),
         };
+        let quota = Arc::new(CowQuota::new(p.cow_quota));
         let make = |kind: ImageKind| -> Result<Image, MountError> {
             let map_meta = meta.image(kind);
             let size = map_meta.size;
@@ -187,7 +191,7 @@ impl Core {
             }
             let cache = ChunkCache::create(p.cache_in_memory, p.cache_dir, padded(size))?;
             let (store, restored) =
-                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner)?;
+                Store::open(p.state_dir, p.cache_dir, kind, padded(size), &owner, &quota)?;
             let n = chunk_count(size);
             let img = Image {
                 kind,
@@ -397,7 +401,7 @@ impl Core {
                     waiting = Some((Instant::now(), seg, self.fetcher.queue.failures(seg)));
                     _counted = Some(img.counters.waiting());
                     // Nobody has the segment yet: fetch and decode it in this thread.
-                    if self.fetcher.queue.claim(seg) {
+                    if self.fetcher.queue.claim(seg, self.fetcher.claim_bytes(seg)) {
                         debug!("{} chunk {chunk}: decoding segment {seg}", kind.name());
                         run_claimed(self, seg);
                         continue;
@@ -593,13 +597,8 @@ impl Core {
                     }
                     let at = usize::try_from(lo - start).unwrap_or(0);
                     buf[at..at + part.len()].copy_from_slice(part);
-                    img.store
-                        .write_at(&buf, start)
-                        .map_err(ServeError::io("Writing the state file"))?;
+                    img.store.write_chunk(c, &buf, st)?;
                     img.map.set(c, ChunkState::Modified);
-                    img.store
-                        .record(c, ChunkState::Modified)
-                        .map_err(ServeError::io("Writing the journal"))?;
                 }
             }
             drop(guard);
@@ -654,9 +653,9 @@ impl Core {
         }
         for c in first_full..end_full {
             let guard = img.lock(c);
-            img.map.set(c, ChunkState::Discarded);
+            let was = img.map.set(c, ChunkState::Discarded);
             img.store
-                .record(c, ChunkState::Discarded)
+                .discard(c, was)
                 .map_err(ServeError::io("Writing the journal"))?;
             drop(guard);
             img.discarded.add(c);

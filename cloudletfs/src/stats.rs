@@ -117,6 +117,17 @@ pub struct ImageStats {
     pub fetch_errors: u64,
     /// Whether rebuilt overlay chunks are kept in memory (else in a file on disk).
     pub cache_in_memory: bool,
+    /// The mount's copy-on-write data (both images together) and its quota.
+    pub cow: CowStats,
+}
+
+/// The copy-on-write data a mount keeps: modified chunks of both images, in bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct CowStats {
+    /// The mount's quota (`null`: none).
+    pub quota_bytes: Option<u64>,
+    /// Bytes of modified chunks kept now.
+    pub used_bytes: u64,
 }
 
 /// Overlay-wide fetch counters.

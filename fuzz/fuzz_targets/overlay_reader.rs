@@ -30,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
     let src: Arc<dyn ByteSource> = Arc::new(bytes);
     if let Ok(ov) = Overlay::open(src) {
         let id = ov.metadata().base_id;
-        let _ = ov.check_base(&id, 1 << 20, 1 << 20);
+        let _ = ov.check_base(&synth::format::BaseLimits {
+            id,
+            disk_size: 1 << 32,
+            memory_size: ov.metadata().memory.size,
+            max_disk_growth: None,
+        });
         for i in 0..ov.metadata().segments.len().min(16) {
             let _ = ov.read_segment(i);
         }

@@ -89,6 +89,16 @@ pub struct BaseRecord {
     pub created: u64,
 }
 
+impl BaseRecord {
+    /// The raw QEMU arguments this base's launch config puts on every QEMU command line
+    /// (`extra_args`: from `cloudlet base … -- ARGS`, or a package imported with
+    /// [`ImportOptions::trust_extra_args`](crate::registry::ImportOptions)); empty for most
+    /// bases. `list-base` shows whether a base has any.
+    pub fn raw_qemu_args(&self) -> &[String] {
+        &self.config.extra_args
+    }
+}
+
 /// The parts a base id is computed from.
 pub struct IdParts<'a> {
     /// `ChunkIndex::content_digest`.

@@ -211,7 +211,8 @@ pub fn compress(codec: Codec, level: u32, data: &[u8]) -> Result<Vec<u8>, CodecE
 pub fn decompress(codec: Codec, data: &[u8], expected: u64) -> Result<Vec<u8>, CodecError> {
     let out = match codec {
         Codec::Zstd => zstd_decompress_exact(data, expected)?,
-        Codec::Xz => decompress_at_most(codec, data, expected)?,
+        // The exact size is known and validated: one allocation, no regrowth.
+        Codec::Xz => decode_stream(codec, data, expected, expected)?,
     };
     if out.len() as u64 != expected {
         return Err(CodecError::Size {
@@ -266,9 +267,19 @@ pub fn warm_up(codec: Codec) -> Result<(), CodecError> {
     decompress(codec, &packed, sample.len() as u64).map(|_| ())
 }
 
-/// Decompresses a stream that may decode to at most `max` bytes; more is an error.
+/// Decompresses a stream that may decode to at most `max` bytes; more is an error
+/// ([`CodecError::Size`]), found while decoding: the output grows as the stream decodes, from
+/// twice the input's size, so a stream that inflates far is stopped one byte past `max`
+/// and never makes `max` bytes be allocated up front.
 pub fn decompress_at_most(codec: Codec, data: &[u8], max: u64) -> Result<Vec<u8>, CodecError> {
-    let cap = usize::try_from(max).map_err(|_| CodecError::Size {
+    let initial = max.min((data.len() as u64).saturating_mul(2));
+    decode_stream(codec, data, max, initial)
+}
+
+/// Decodes a stream into a buffer of `initial` bytes' capacity (grown as needed), stopping
+/// with [`CodecError::Size`] one byte past `max`.
+fn decode_stream(codec: Codec, data: &[u8], max: u64, initial: u64) -> Result<Vec<u8>, CodecError> {
+    let cap = usize::try_from(initial.min(max)).map_err(|_| CodecError::Size {
         expected: max,
         actual: 0,
     })?;
@@ -281,7 +292,7 @@ pub fn decompress_at_most(codec: Codec, data: &[u8], max: u64) -> Result<Vec<u8>
                     source: std::io::Error::other(e),
                 }
             })?;
-            let mut out = Vec::with_capacity(cap.min(64 << 20));
+            let mut out = Vec::with_capacity(cap);
             let dec = liblzma::read::XzDecoder::new_stream(data, stream);
             dec.take(max.saturating_add(1))
                 .read_to_end(&mut out)
@@ -296,7 +307,7 @@ pub fn decompress_at_most(codec: Codec, data: &[u8], max: u64) -> Result<Vec<u8>
                 codec: "zstd",
                 source,
             };
-            let mut out = Vec::with_capacity(cap.min(64 << 20));
+            let mut out = Vec::with_capacity(cap);
             let dec = zstd::stream::read::Decoder::with_buffer(data).map_err(err)?;
             // Reading one byte past the limit makes an oversized frame a size error.
             dec.take(max.saturating_add(1))

@@ -235,7 +235,7 @@ impl ChunkIndex {
         h.finalize().into()
     }
 
-    /// Writes the index to `path`.
+    /// Writes the index to `path`, atomically and durably ([`crate::durable::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
         let mut out = Vec::with_capacity(
             32 + 32 * (self.disk.len() + self.memory.len()) + 16 * self.table.len() + 32,
@@ -253,7 +253,7 @@ impl ChunkIndex {
         }
         let digest = sha256(&out);
         out.extend_from_slice(&digest);
-        std::fs::write(path, out).map_err(io_err(path))
+        crate::durable::write_atomic(path, &out).map_err(io_err(path))
     }
 
     /// Loads and verifies an index written by [`save`](Self::save).

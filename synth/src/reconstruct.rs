@@ -9,7 +9,7 @@
 //! Every chunk the overlay describes is checked against its SHA-256 before it is written.
 
 use crate::chunk::{chunk_count, is_zero, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
-use crate::format::{ChunkSource, Overlay};
+use crate::format::{BaseLimits, ChunkSource, Overlay};
 use crate::registry::Base;
 use crate::resolve::{BaseFiles, ResolveError, Resolver};
 use std::collections::HashMap;
@@ -94,8 +94,18 @@ impl Outputs {
     }
 }
 
+/// How [`reconstruct_with`] works.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconstructOptions {
+    /// Worker threads (at least one is used).
+    pub threads: usize,
+    /// How many bytes the overlay's disk may have beyond the base's
+    /// ([`BaseLimits::max_disk_growth`]); `None`: the base's disk size.
+    pub max_disk_growth: Option<u64>,
+}
+
 /// Rebuilds the custom VM described by `overlay` over `base` into `out_dir`
-/// (`disk.img`, `memory.img`, `device-state`).
+/// (`disk.img`, `memory.img`, `device-state`), with the default disk growth limit.
 pub fn reconstruct(
     base: &Base,
     overlay: &Overlay,
@@ -103,6 +113,24 @@ pub fn reconstruct(
     threads: usize,
     progress: &AtomicU64,
 ) -> Result<ReconstructStats, ReconstructError> {
+    let opts = ReconstructOptions {
+        threads,
+        max_disk_growth: None,
+    };
+    reconstruct_with(base, overlay, out_dir, &opts, progress)
+}
+
+/// Rebuilds the custom VM described by `overlay` over `base` into `out_dir`
+/// (`disk.img`, `memory.img`, `device-state`), once the overlay passed
+/// [`Overlay::check_base`] against the base's image files.
+pub fn reconstruct_with(
+    base: &Base,
+    overlay: &Overlay,
+    out_dir: &Path,
+    opts: &ReconstructOptions,
+    progress: &AtomicU64,
+) -> Result<ReconstructStats, ReconstructError> {
+    let threads = opts.threads;
     let meta = overlay.metadata();
     let base_files = BaseFiles::open(&base.disk_path(), &base.memory_path()).map_err(|source| {
         ReconstructError::Io {
@@ -111,11 +139,12 @@ pub fn reconstruct(
             source,
         }
     })?;
-    overlay.check_base(
-        &base.id(),
-        chunk_count(base_files.size(ImageKind::Disk)),
-        chunk_count(base_files.size(ImageKind::Memory)),
-    )?;
+    overlay.check_base(&BaseLimits {
+        id: base.id(),
+        disk_size: base_files.size(ImageKind::Disk),
+        memory_size: base_files.size(ImageKind::Memory),
+        max_disk_growth: opts.max_disk_growth,
+    })?;
     std::fs::create_dir_all(out_dir).map_err(|source| ReconstructError::Io {
         action: "Creating",
         path: out_dir.into(),

@@ -9,8 +9,17 @@
 //!                           kernel, initrd (optional)
 //! ```
 //!
-//! A base is assembled in a staging folder and renamed into place only once complete, so a
-//! failed add or import leaves nothing behind. Packages (`export`/`import`) are one file:
+//! A base is assembled in a hidden staging folder (`bases/.staging-PID-N`) and renamed into
+//! place only once complete, so a failed add or import leaves nothing behind. Every file in
+//! the staging folder is synced, then the folder, and after the rename the `bases` folder
+//! ([`crate::durable`]): after a crash, power loss included, a base is either listed whole or
+//! not at all. Removal renames the base to a hidden `.trash-PID-N-ID` folder first, for the
+//! same reason. Hidden folders of processes that are gone (a crash) are swept on the next add
+//! or import.
+//!
+//! A package's launch config may carry `extra_args`, which go verbatim on every QEMU command
+//! line (a monitor on the network, a host file…): [`Registry::import`] refuses such a package
+//! unless the caller trusts it ([`ImportOptions::trust_extra_args`]). Packages (`export`/`import`) are one file:
 //! magic `b"CLDBASE1"`, a u64 manifest length, a JSON manifest listing entries by *kind* (never
 //! by path), then the entries' bytes in manifest order. Import verifies every entry's size and
 //! SHA-256, rebuilds the index and checks that the recomputed id equals the manifest's.
@@ -62,6 +71,17 @@ pub enum RegistryError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// A package passes raw arguments to QEMU and the caller did not trust them.
+    #[error(
+        "Base package {path} passes raw arguments to QEMU: {args:?}; import it only if you \
+         trust them"
+    )]
+    UntrustedExtraArgs {
+        /// Package file.
+        path: PathBuf,
+        /// The arguments its launch config would add to every QEMU command line.
+        args: Vec<String>,
     },
     /// A stored record is unreadable.
     #[error("Base record {path} is unreadable: {reason}")]
@@ -139,10 +159,30 @@ impl Base {
         self.record.config.initrd.as_ref().map(|k| self.dir.join(k))
     }
 
+    /// What an overlay on this base is checked against
+    /// ([`Overlay::check_base`](crate::format::Overlay::check_base)), from the record's image
+    /// sizes, with the operator's disk growth limit (`None`: the base's disk size).
+    pub fn limits(&self, max_disk_growth: Option<u64>) -> crate::format::BaseLimits {
+        crate::format::BaseLimits {
+            id: self.id(),
+            disk_size: self.record.disk_size,
+            memory_size: self.record.memory_size,
+            max_disk_growth,
+        }
+    }
+
     /// Loads the chunk index.
     pub fn index(&self) -> Result<ChunkIndex, RegistryError> {
         Ok(ChunkIndex::load(&self.dir.join("index.bin"))?)
     }
+}
+
+/// How [`Registry::import_with`] treats a package.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// Accept a launch config with `extra_args` (raw QEMU arguments). Off by default: a
+    /// package from elsewhere must not choose QEMU arguments unless the operator says so.
+    pub trust_extra_args: bool,
 }
 
 /// What `add-base` is given.
@@ -227,16 +267,37 @@ fn copy_hashing(src: &Path, dst: &Path) -> Result<(u64, Digest), RegistryError> 
     Ok((total, h.finalize().into()))
 }
 
-/// Moves (`adopt`) or copies `src` to `dst`. `std::fs::copy` uses copy_file_range, which
-/// shares extents where the filesystem can.
+/// Moves (`adopt`) or copies `src` to `dst`, and syncs `dst`. `std::fs::copy` uses
+/// copy_file_range, which shares extents where the filesystem can.
 fn take_file(src: &Path, dst: &Path, adopt: bool) -> Result<(), RegistryError> {
     if adopt {
-        std::fs::rename(src, dst).map_err(io("Moving", src))
+        std::fs::rename(src, dst).map_err(io("Moving", src))?;
     } else {
-        std::fs::copy(src, dst)
-            .map(|_| ())
-            .map_err(io("Copying", src))
+        std::fs::copy(src, dst).map_err(io("Copying", src))?;
     }
+    sync_file(dst)
+}
+
+/// Makes the content of the file at `path` durable.
+fn sync_file(path: &Path) -> Result<(), RegistryError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("Syncing", path))
+}
+
+/// Whether a hidden registry folder (`.staging-PID-…`, `.trash-PID-…`) belongs to a process
+/// that is gone: left behind by a crash.
+fn is_stale(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix(".staging-")
+        .or_else(|| name.strip_prefix(".trash-"))
+    else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 fn hash_file(path: &Path) -> Result<Digest, RegistryError> {
@@ -283,12 +344,31 @@ impl Registry {
         self.home.join("bases")
     }
 
-    fn staging(&self) -> Result<PathBuf, RegistryError> {
+    /// A fresh hidden folder name in `bases/`: `.PREFIX-PID-N`.
+    fn hidden(&self, prefix: &str) -> PathBuf {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = self
-            .bases_dir()
-            .join(format!(".staging-{}-{n}", std::process::id()));
+        self.bases_dir()
+            .join(format!(".{prefix}-{}-{n}", std::process::id()))
+    }
+
+    /// Removes the staging and trash folders of processes that are gone.
+    fn sweep(&self) {
+        let dir = self.bases_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if is_stale(&e.file_name().to_string_lossy()) {
+                log::info!("removing {}, left behind by a crash", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    fn staging(&self) -> Result<PathBuf, RegistryError> {
+        self.sweep();
+        let dir = self.hidden("staging");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io("Creating", &dir))?;
         Ok(dir)
@@ -323,7 +403,7 @@ impl Registry {
         let ds_path = staging.join(EntryKind::DeviceState.file_name());
         match &req.device_state {
             Some(p) => take_file(p, &ds_path, req.adopt)?,
-            None => std::fs::write(&ds_path, b"").map_err(io("Writing", &ds_path))?,
+            None => crate::durable::write_atomic(&ds_path, b"").map_err(io("Writing", &ds_path))?,
         }
         let mut kernel = None;
         let mut initrd = None;
@@ -392,8 +472,12 @@ impl Registry {
         }
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
         let rec_path = staging.join("base.json");
-        std::fs::write(&rec_path, json).map_err(io("Writing", &rec_path))?;
+        crate::durable::write_atomic(&rec_path, &json).map_err(io("Writing", &rec_path))?;
+        // Every file in the folder is synced by now; the folder's entries, then the rename.
+        crate::durable::sync_dir(staging).map_err(io("Syncing", staging))?;
         std::fs::rename(staging, &dir).map_err(io("Renaming into", &dir))?;
+        let bases = self.bases_dir();
+        crate::durable::sync_dir(&bases).map_err(io("Syncing", &bases))?;
         log::info!("registered base {} ({})", record.id, record.name);
         Ok(Base { record, dir })
     }
@@ -448,10 +532,15 @@ impl Registry {
         }
     }
 
-    /// Removes a base.
+    /// Removes a base: first out of the listing (renamed to a hidden folder, durably), then
+    /// from the disk, so that a crash midway never leaves a half-removed base that lists.
     pub fn remove(&self, key: &str) -> Result<Base, RegistryError> {
         let base = self.get(key)?;
-        std::fs::remove_dir_all(&base.dir).map_err(io("Removing", &base.dir))?;
+        let trash = self.hidden("trash");
+        std::fs::rename(&base.dir, &trash).map_err(io("Removing", &base.dir))?;
+        let bases = self.bases_dir();
+        crate::durable::sync_dir(&bases).map_err(io("Syncing", &bases))?;
+        std::fs::remove_dir_all(&trash).map_err(io("Removing", &trash))?;
         Ok(base)
     }
 
@@ -500,16 +589,28 @@ impl Registry {
             std::io::copy(&mut input, &mut f).map_err(werr)?;
         }
         let f = f.into_inner().map_err(|e| werr(e.into_error()))?;
-        f.sync_all().map_err(werr)?;
         let len = f.metadata().map_err(werr)?.len();
-        std::fs::rename(&tmp, out).map_err(io("Renaming", out))?;
+        drop(f);
+        crate::durable::persist(&tmp, out).map_err(io("Renaming", out))?;
         Ok(len)
     }
 
-    /// Imports a package written by [`export`](Self::export), verifying everything.
+    /// Imports a package written by [`export`](Self::export), verifying everything, with
+    /// the default [`ImportOptions`]: a package whose launch config carries raw QEMU
+    /// arguments is refused ([`RegistryError::UntrustedExtraArgs`]).
     pub fn import(&self, package: &Path, progress: &AtomicU64) -> Result<Base, RegistryError> {
+        self.import_with(package, &ImportOptions::default(), progress)
+    }
+
+    /// Imports a package written by [`export`](Self::export), verifying everything.
+    pub fn import_with(
+        &self,
+        package: &Path,
+        opts: &ImportOptions,
+        progress: &AtomicU64,
+    ) -> Result<Base, RegistryError> {
         let staging = self.staging()?;
-        let result = self.import_in(&staging, package, progress);
+        let result = self.import_in(&staging, package, opts, progress);
         let _ = std::fs::remove_dir_all(&staging);
         result
     }
@@ -518,6 +619,7 @@ impl Registry {
         &self,
         staging: &Path,
         package: &Path,
+        opts: &ImportOptions,
         progress: &AtomicU64,
     ) -> Result<Base, RegistryError> {
         let bad = |reason: String| RegistryError::BadPackage {
@@ -544,6 +646,12 @@ impl Registry {
             .map_err(|_| bad("manifest truncated".into()))?;
         let manifest: Manifest = serde_json::from_slice(&mjson)
             .map_err(|e| bad(format!("manifest does not parse: {e}")))?;
+        if !manifest.config.extra_args.is_empty() && !opts.trust_extra_args {
+            return Err(RegistryError::UntrustedExtraArgs {
+                path: package.into(),
+                args: manifest.config.extra_args.clone(),
+            });
+        }
         let mut seen = Vec::new();
         let mut sum = 16 + mlen;
         for e in &manifest.entries {
@@ -600,6 +708,7 @@ impl Registry {
                 left -= n as u64;
             }
             out.flush().map_err(io("Writing", &dst))?;
+            out.get_ref().sync_all().map_err(io("Syncing", &dst))?;
             let d: Digest = h.finalize().into();
             if hex(&d) != e.sha256 {
                 return Err(bad(format!("{:?} does not match its SHA-256", e.kind)));
@@ -647,5 +756,120 @@ impl Registry {
             created: now(),
         };
         self.commit(staging, record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry with one small base whose launch config has `extra`, and its package.
+    fn exported(extra: &[&str]) -> (tempfile::TempDir, Registry, Base, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("home")).unwrap();
+        let (disk, memory) = (dir.path().join("d.img"), dir.path().join("m.img"));
+        std::fs::write(&disk, vec![7u8; 3 * 4096]).unwrap();
+        std::fs::write(&memory, vec![9u8; 2 * 4096]).unwrap();
+        let config = LaunchConfig {
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            ..LaunchConfig::default()
+        };
+        let req = AddBase {
+            disk,
+            memory,
+            config: Some(config),
+            threads: 1,
+            ..Default::default()
+        };
+        let base = reg.add(&req, &AtomicU64::new(0)).unwrap();
+        let pkg = dir.path().join("base.pkg");
+        reg.export(&base.record.id, &pkg).unwrap();
+        (dir, reg, base, pkg)
+    }
+
+    fn hidden_entries(reg: &Registry) -> Vec<String> {
+        std::fs::read_dir(reg.bases_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    #[test]
+    fn import_package_with_extra_args_is_refused_showing_them() {
+        let args = ["-monitor", "tcp:0.0.0.0:4444,server,nowait"];
+        let (dir, _, _, pkg) = exported(&args);
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+        let err = other.import(&pkg, &AtomicU64::new(0)).unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::UntrustedExtraArgs { args: a, .. } if a == &args),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tcp:0.0.0.0:4444"), "{err}");
+        assert!(other.list().unwrap().is_empty());
+        assert!(hidden_entries(&other).is_empty(), "staging left behind");
+    }
+
+    #[test]
+    fn import_package_with_extra_args_trusted_is_accepted() {
+        let (dir, _, base, pkg) = exported(&["-nodefaults"]);
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+        let opts = ImportOptions {
+            trust_extra_args: true,
+        };
+        let got = other.import_with(&pkg, &opts, &AtomicU64::new(0)).unwrap();
+        assert_eq!(got.record.id, base.record.id);
+        assert_eq!(got.record.raw_qemu_args(), ["-nodefaults"]);
+    }
+
+    #[test]
+    fn import_package_without_extra_args_needs_no_trust() {
+        let (dir, _, base, pkg) = exported(&[]);
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+        let got = other.import(&pkg, &AtomicU64::new(0)).unwrap();
+        assert_eq!(got.record.id, base.record.id);
+        assert!(got.record.raw_qemu_args().is_empty());
+    }
+
+    #[test]
+    fn add_with_extra_args_is_the_operators_choice_and_listed() {
+        let (_dir, reg, _, _) = exported(&["-nodefaults"]);
+        let listed = reg.list().unwrap();
+        assert_eq!(listed[0].record.raw_qemu_args(), ["-nodefaults"]);
+    }
+
+    #[test]
+    fn remove_leaves_no_folder_behind() {
+        let (_dir, reg, base, _) = exported(&[]);
+        reg.remove(&base.record.id).unwrap();
+        assert!(reg.list().unwrap().is_empty());
+        assert!(!base.dir.exists());
+        assert!(hidden_entries(&reg).is_empty(), "trash left behind");
+    }
+
+    #[test]
+    fn add_sweeps_folders_of_crashed_processes_only() {
+        let (dir, reg, _, _) = exported(&[]);
+        // u32::MAX is above any pid_max: that process is gone.
+        let dead = reg.bases_dir().join(format!(".staging-{}-0", u32::MAX));
+        let dead_trash = reg.bases_dir().join(format!(".trash-{}-3", u32::MAX));
+        let live = reg
+            .bases_dir()
+            .join(format!(".staging-{}-999", std::process::id()));
+        for d in [&dead, &dead_trash, &live] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        let disk = dir.path().join("d2.img");
+        std::fs::write(&disk, vec![1u8; 4096]).unwrap();
+        let req = AddBase {
+            disk,
+            memory: dir.path().join("m.img"),
+            threads: 1,
+            ..Default::default()
+        };
+        reg.add(&req, &AtomicU64::new(0)).unwrap();
+        assert!(!dead.exists() && !dead_trash.exists());
+        assert!(live.exists(), "a live process's staging folder was swept");
+        assert_eq!(reg.list().unwrap().len(), 2);
     }
 }

@@ -42,6 +42,14 @@ struct Args {
     /// --cache-dir; 0: always on disk [default: a quarter of the available memory].
     #[arg(long, value_name = "MIB")]
     cache_memory_mib: Option<u64>,
+    /// How far the overlay's disk may grow past the base's disk, in MiB [default: the base's
+    /// disk size]; a larger overlay is refused (exit code 3).
+    #[arg(long, value_name = "MIB")]
+    max_disk_growth_mib: Option<u64>,
+    /// Most MiB of modified chunks (disk and memory together) kept; a guest write past it
+    /// gets an I/O error [default: no limit].
+    #[arg(long, value_name = "MIB")]
+    cow_quota_mib: Option<u64>,
     /// Stay in the foreground.
     #[arg(long)]
     foreground: bool,
@@ -167,6 +175,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     opts.background_fill = !args.no_background;
     opts.fetch_threads = args.fetch_threads;
     opts.wait_timeout = Duration::from_secs(args.wait_timeout);
+    opts.max_disk_growth = args.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20));
+    opts.cow_quota = args.cow_quota_mib.map(|m| m.saturating_mul(1 << 20));
     let stop = cli::interrupt_flag().context("Installing signal handlers")?;
     let mounted = mount(opts).context("Mounting")?;
     if args.detached {

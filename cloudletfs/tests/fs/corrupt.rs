@@ -53,3 +53,59 @@ fn corrupt_segment_fails_exactly_its_chunks() {
         failing.len() as u64
     );
 }
+
+/// The overlay of `s` with its metadata changed by `f` (digest kept right).
+fn with_meta(s: &Setup, f: impl FnOnce(&mut synth::format::Metadata)) -> Vec<u8> {
+    let bytes = std::fs::read(&s.overlay).expect("read overlay");
+    let ov = s.overlay_meta();
+    let mut meta = ov.metadata().clone();
+    f(&mut meta);
+    let segments = &bytes[ov.data_start() as usize..];
+    let mut out = synth::format::encode_head(&meta, segments.len() as u64).expect("encode");
+    out.extend_from_slice(segments);
+    out
+}
+
+#[test]
+fn mount_overlay_of_other_memory_size_is_refused() {
+    if !fuse_ok() {
+        return;
+    }
+    let s = Setup::new(15, Shape::default());
+    let bytes = with_meta(&s, |m| m.memory.size += 4096);
+    let dir = tempfile::tempdir().expect("mnt");
+    let o = s.options(OverlaySource::Source(Arc::new(bytes)), dir.path());
+    let err = mount(o).expect_err("mounted");
+    assert!(
+        matches!(
+            err,
+            cloudletfs::MountError::Overlay(synth::format::FormatError::MemorySizeMismatch { .. })
+        ),
+        "{err}"
+    );
+    assert!(cloudletfs::mounted_at(dir.path()).is_none());
+}
+
+#[test]
+fn mount_disk_growth_past_the_option_is_refused_and_within_it_served() {
+    if !fuse_ok() {
+        return;
+    }
+    // The Setup's custom disk is 3 chunks and 512 bytes larger than the base's.
+    let s = Setup::new(16, Shape::default());
+    let base = s.fx.base.record.disk_size;
+    let grown = s.disk.len() as u64 - base;
+    let dir = tempfile::tempdir().expect("mnt");
+    let mut o = s.options(OverlaySource::Path(s.overlay.clone()), dir.path());
+    o.max_disk_growth = Some(grown - 1);
+    assert!(matches!(
+        mount(o),
+        Err(cloudletfs::MountError::Overlay(
+            synth::format::FormatError::DiskTooLarge { .. }
+        ))
+    ));
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.max_disk_growth = Some(grown)
+    });
+    assert_eq!(first_diff(&read_all(&g.path("disk/image")), &s.disk), None);
+}

@@ -191,3 +191,73 @@ fn write_then_remount_with_state_keeps_writes() {
     assert_eq!(first_diff(&read_all(&g.path("memory/image")), &want), None);
     assert_eq!(g.mounted().stats().memory.chunks.modified, 1);
 }
+
+#[test]
+fn cow_quota_write_past_it_fails_and_everything_else_keeps_working() {
+    if !fuse_ok() {
+        return;
+    }
+    let s = Setup::new(
+        14,
+        Shape {
+            disk: 1 << 20,
+            memory: 1 << 20,
+            ..Shape::default()
+        },
+    );
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.cow_quota = Some(3 * 4096)
+    });
+    let path = g.path("disk/image");
+    // O_DIRECT: each write reaches the daemon now and fails or succeeds there.
+    let f = open_direct(&path, true);
+    let mut want = s.disk.clone();
+    for c in 0..3u64 {
+        let data = vec![c as u8 + 1; 4096];
+        f.write_all_at(&data, c * 4096)
+            .expect("write within the quota");
+        want[(c * 4096) as usize..][..4096].copy_from_slice(&data);
+    }
+    let err = f
+        .write_all_at(&[0xee; 4096], 10 * 4096)
+        .expect_err("write past the quota");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // A chunk already modified can be written again, partly or whole.
+    f.write_all_at(&[0x77; 100], 4096 + 50)
+        .expect("rewrite of a modified chunk");
+    want[4096 + 50..4096 + 150].fill(0x77);
+    // Reads of the whole disk (the refused chunk unchanged) and of the memory still work.
+    assert_eq!(
+        first_diff(&pread(&f, 0, want.len()).expect("read"), &want),
+        None
+    );
+    assert_eq!(read_all(&g.path("memory/image")), s.memory);
+    let cow = g.mounted().stats().disk.cow;
+    assert_eq!(cow.quota_bytes, Some(3 * 4096));
+    assert_eq!(cow.used_bytes, 3 * 4096);
+    let json: serde_json::Value =
+        serde_json::from_slice(&read_all(&g.path("disk/stats"))).expect("stats JSON");
+    assert_eq!(json["image"]["cow"]["quota_bytes"], 3 * 4096);
+    assert_eq!(json["image"]["cow"]["used_bytes"], 3 * 4096);
+    // A discard gives its chunk back: the refused write now fits.
+    f.write_all_at(&[0; 4096], 0).expect("zero");
+    // SAFETY: fallocate on an open file descriptor with integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+    };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    f.write_all_at(&[0xee; 4096], 10 * 4096)
+        .expect("write after a discard gave a chunk back");
+    // Another mount of the same overlay has a quota of its own (none).
+    let other = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |_| {});
+    let o = open_direct(&other.path("disk/image"), true);
+    for c in 0..5u64 {
+        o.write_all_at(&[1; 4096], c * 4096)
+            .expect("write on a mount without quota");
+    }
+}

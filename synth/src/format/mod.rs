@@ -28,16 +28,21 @@
 //! besides digests (chunk numbers, sources, segment lists) compresses well.
 //!
 //! Readers ([`Overlay::open`]) validate everything before any chunk is served: magic, version,
-//! metadata codec, lengths, the metadata digest, chunk numbers inside their image, payload positions
-//! inside their segment, segment ranges inside the file, self references that point at a
-//! payload chunk (so references resolve in one step and cannot form cycles), and the base id.
+//! metadata codec, lengths, the metadata digest, the decoded metadata's size against its stored
+//! size (checked while decoding: [`metadata_decode_limit`]), chunk numbers inside their image,
+//! payload positions inside their segment, segment ranges inside the file (and no longer than
+//! their decoded size can compress to), self references that point at a payload chunk (so
+//! references resolve in one step and cannot form cycles). [`Overlay::check_base`] then checks
+//! the overlay against its base ([`BaseLimits`]): the base id, the memory size (the base's
+//! exactly), the disk size (at most the base's plus the operator's allowed growth) and every
+//! reference into the base.
 //! Segment digests are checked on every segment read, chunk digests on every chunk served.
 
 mod reader;
 mod wire;
 mod writer;
 
-pub use reader::{validate, FormatError, Overlay};
+pub use reader::{validate, BaseLimits, FormatError, Overlay};
 pub use writer::{encode_head, OverlayWriter, WriteError};
 
 use crate::chunk::{Digest, ImageKind};
@@ -54,10 +59,43 @@ pub const HEADER_LEN: u64 = 64;
 pub const MAX_METADATA_LEN: u64 = 1 << 30;
 /// Largest decoded segment a reader accepts.
 pub const MAX_SEGMENT_RAW_LEN: u64 = 256 << 20;
-/// Largest image a reader accepts (16 TiB).
+/// Largest image a reader accepts (16 TiB); an overlay is then bound to its base's sizes
+/// ([`Overlay::check_base`]).
 pub const MAX_IMAGE_SIZE: u64 = 16 << 40;
 /// Largest device-state blob a reader accepts.
 pub const MAX_DEVICE_STATE_LEN: u64 = 256 << 20;
+/// Largest decoded metadata a reader accepts, however well it compresses.
+pub const MAX_METADATA_DECODED_LEN: u64 = 1 << 30;
+/// Largest ratio of decoded to stored metadata a reader accepts past
+/// [`METADATA_DECODED_FLOOR`] (see [`metadata_decode_limit`]). Measured (2026-12-03): 0.9 to
+/// 1.8 for overlays of changed, copied and repeated chunks (the golden overlay, the test
+/// overlays, 8000 mixed changes); about 100 for an overlay whose every memory chunk was zeroed
+/// (zero entries share their digest). Only a long run of identical entries (a contiguous
+/// zeroed region) compresses further, thousands of times, like a bomb; the floor covers it.
+pub const MAX_METADATA_RATIO: u64 = 256;
+/// Decoded metadata a reader accepts whatever its stored length: 64 MiB, the metadata of a
+/// contiguous zeroed region of about 8 GiB (34 bytes an entry), which compresses as well as
+/// zeros do. A bomb costs a reader at most this much before it is refused.
+pub const METADATA_DECODED_FLOOR: u64 = 64 << 20;
+
+/// The most bytes a reader lets metadata of `stored` compressed bytes decode to: at most
+/// [`MAX_METADATA_RATIO`] times as many (and never less than [`METADATA_DECODED_FLOOR`]),
+/// and never more than [`MAX_METADATA_DECODED_LEN`]. A decompression bomb (a few KiB of
+/// stream that inflates to gigabytes) is stopped while decoding, one byte past this.
+pub fn metadata_decode_limit(stored: u64) -> u64 {
+    stored
+        .saturating_mul(MAX_METADATA_RATIO)
+        .clamp(METADATA_DECODED_FLOOR, MAX_METADATA_DECODED_LEN)
+}
+
+/// The longest a segment of `raw` decoded bytes can be once compressed: incompressible bytes
+/// grow a little in either codec (zstd's bound is `raw + raw/256 + 64`; xz stores them in
+/// 64 KiB LZMA2 chunks with 3 bytes of header each, plus about 60 bytes of stream framing).
+/// A segment table entry longer than this is refused: it would make a reader fetch and hold
+/// bytes no real segment has.
+pub fn segment_length_bound(raw: u64) -> u64 {
+    raw.saturating_add(raw / 128).saturating_add(4096)
+}
 
 /// How a chunk of the custom VM is rebuilt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,4 +241,45 @@ impl ClassCounts {
 /// bincode configuration used for metadata.
 pub(crate) fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_decode_limit_is_floor_then_ratio_then_cap() {
+        assert_eq!(metadata_decode_limit(0), METADATA_DECODED_FLOOR);
+        assert_eq!(metadata_decode_limit(1000), METADATA_DECODED_FLOOR);
+        let past_floor = METADATA_DECODED_FLOOR / MAX_METADATA_RATIO * 2;
+        assert_eq!(
+            metadata_decode_limit(past_floor),
+            past_floor * MAX_METADATA_RATIO
+        );
+        assert_eq!(metadata_decode_limit(u64::MAX), MAX_METADATA_DECODED_LEN);
+    }
+
+    #[test]
+    fn segment_length_bound_covers_incompressible_segments_of_both_codecs() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..(1 << 20) + 4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        for len in [4096, 64 << 10, 1 << 20] {
+            for codec in [Codec::Xz, Codec::Zstd] {
+                let c = crate::codec::compress(codec, 9, &noise[..len]).unwrap();
+                assert!(
+                    c.len() as u64 <= segment_length_bound(len as u64),
+                    "{} of {len} random bytes: {}",
+                    codec.name(),
+                    c.len()
+                );
+            }
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! Reads and validates an overlay from any [`ByteSource`].
 
 use super::{
-    bincode_config, ChunkSource, ImageMap, Metadata, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_LEN,
-    MAX_IMAGE_SIZE, MAX_METADATA_LEN, MAX_SEGMENT_RAW_LEN, VERSION,
+    bincode_config, metadata_decode_limit, segment_length_bound, ChunkSource, ImageMap, Metadata,
+    HEADER_LEN, MAGIC, MAX_DEVICE_STATE_LEN, MAX_IMAGE_SIZE, MAX_METADATA_LEN, MAX_SEGMENT_RAW_LEN,
+    VERSION,
 };
 use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
 use crate::codec::{self, Codec, CodecError};
@@ -48,6 +49,18 @@ pub enum FormatError {
     /// Metadata digest mismatch.
     #[error("Overlay metadata is corrupt (SHA-256 mismatch)")]
     MetadataDigest,
+    /// Compressed metadata that inflates past what any real overlay's metadata does (see
+    /// [`metadata_decode_limit`](super::metadata_decode_limit)): a decompression bomb.
+    #[error(
+        "Overlay metadata inflates past {limit} bytes from {stored} stored bytes (a real \
+         overlay's metadata never does)"
+    )]
+    MetadataInflates {
+        /// Stored (compressed) metadata length.
+        stored: u64,
+        /// Most decoded bytes allowed for that stored length.
+        limit: u64,
+    },
     /// Metadata does not decode.
     #[error("Overlay metadata does not decode: {0}")]
     DecodeMetadata(String),
@@ -113,6 +126,30 @@ pub enum FormatError {
         target_image: ImageKind,
         /// Chunk referred to.
         target: u64,
+    },
+    /// The overlay's memory image is not the size of its base's: guest RAM cannot change size.
+    #[error(
+        "Overlay memory image is {overlay} bytes, but its base's is {base} bytes (guest RAM \
+         cannot change size)"
+    )]
+    MemorySizeMismatch {
+        /// Memory size recorded in the overlay.
+        overlay: u64,
+        /// Memory size of the base.
+        base: u64,
+    },
+    /// The overlay's disk image grows past the operator's limit over its base's disk.
+    #[error(
+        "Overlay disk image is {overlay} bytes, more than the {limit} bytes allowed over a base \
+         disk of {base} bytes"
+    )]
+    DiskTooLarge {
+        /// Disk size recorded in the overlay.
+        overlay: u64,
+        /// Disk size of the base.
+        base: u64,
+        /// Largest disk allowed (the base's disk plus the allowed growth).
+        limit: u64,
     },
     /// Overlay made for another base.
     #[error("Overlay was made for base {expected}, not {actual}")]
@@ -242,8 +279,16 @@ impl Overlay {
         }
         let bytes = match meta_codec {
             None => bytes,
-            Some(codec) => codec::decompress_at_most(codec, &bytes, MAX_METADATA_LEN)
-                .map_err(|e| FormatError::DecodeMetadata(format!("{e:#}")))?,
+            Some(codec) => {
+                let limit = metadata_decode_limit(metadata_len);
+                codec::decompress_at_most(codec, &bytes, limit).map_err(|e| match e {
+                    CodecError::Size { .. } => FormatError::MetadataInflates {
+                        stored: metadata_len,
+                        limit,
+                    },
+                    e => FormatError::DecodeMetadata(format!("{e:#}")),
+                })?
+            }
         };
         let (wire, used): (super::wire::WireMetadata, usize) = bincode::serde::decode_from_slice(
             &bytes,
@@ -295,20 +340,33 @@ impl Overlay {
         self.source.size()
     }
 
-    /// Checks that this overlay applies to a base with id `base_id` whose images hold
-    /// `disk_chunks` and `memory_chunks` chunks.
-    pub fn check_base(
-        &self,
-        base_id: &Digest,
-        disk_chunks: u64,
-        memory_chunks: u64,
-    ) -> Result<(), FormatError> {
-        if &self.meta.base_id != base_id {
+    /// Checks that this overlay applies to `base`: the base id, the image sizes (the memory
+    /// image exactly the base's, the disk at most the base's plus the allowed growth), and
+    /// every reference to a base chunk inside the base. Every consumer calls this before
+    /// serving a byte: `cloudletfs` mounts, `reconstruct`, the synthesis server.
+    pub fn check_base(&self, base: &BaseLimits) -> Result<(), FormatError> {
+        if self.meta.base_id != base.id {
             return Err(FormatError::WrongBase {
                 expected: hex(&self.meta.base_id),
-                actual: hex(base_id),
+                actual: hex(&base.id),
             });
         }
+        if self.meta.memory.size != base.memory_size {
+            return Err(FormatError::MemorySizeMismatch {
+                overlay: self.meta.memory.size,
+                base: base.memory_size,
+            });
+        }
+        let limit = base.max_disk_size();
+        if self.meta.disk.size > limit {
+            return Err(FormatError::DiskTooLarge {
+                overlay: self.meta.disk.size,
+                base: base.disk_size,
+                limit,
+            });
+        }
+        let (disk_chunks, memory_chunks) =
+            (chunk_count(base.disk_size), chunk_count(base.memory_size));
         for image in ImageKind::ALL {
             for e in &self.meta.image(image).chunks {
                 let (target_image, target, count) = match e.source {
@@ -389,6 +447,29 @@ impl Overlay {
     }
 }
 
+/// What an overlay is checked against ([`Overlay::check_base`]): the base it is applied to,
+/// and how far the operator lets a disk grow past the base's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseLimits {
+    /// Base id.
+    pub id: Digest,
+    /// Size of the base's disk image in bytes.
+    pub disk_size: u64,
+    /// Size of the base's memory image in bytes.
+    pub memory_size: u64,
+    /// How many bytes an overlay's disk may have beyond the base's disk; `None`: as many as
+    /// the base's disk has (a custom disk at most twice the base's).
+    pub max_disk_growth: Option<u64>,
+}
+
+impl BaseLimits {
+    /// The largest disk an overlay on this base may have.
+    pub fn max_disk_size(&self) -> u64 {
+        self.disk_size
+            .saturating_add(self.max_disk_growth.unwrap_or(self.disk_size))
+    }
+}
+
 /// Validates metadata against the size of the segment area. Exposed for fuzzing.
 pub fn validate(meta: &Metadata, data_len: u64) -> Result<(), FormatError> {
     if meta.chunk_size as usize != CHUNK_SIZE {
@@ -411,6 +492,9 @@ pub fn validate(meta: &Metadata, data_len: u64) -> Result<(), FormatError> {
         if s.length == 0 {
             return Err(bad("empty"));
         }
+        if s.chunks.is_empty() {
+            return Err(bad("holds no chunk"));
+        }
         expected_offset = s
             .offset
             .checked_add(s.length)
@@ -421,6 +505,11 @@ pub fn validate(meta: &Metadata, data_len: u64) -> Result<(), FormatError> {
         }
         if (s.chunks.len() as u64).checked_mul(CHUNK_SIZE_U64) != Some(s.raw_length) {
             return Err(bad("decoded size does not match its chunk list"));
+        }
+        if s.length > segment_length_bound(s.raw_length) {
+            return Err(bad(
+                "compressed size exceeds what its decoded size can compress to",
+            ));
         }
     }
     if expected_offset != data_len {

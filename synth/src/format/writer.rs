@@ -110,9 +110,8 @@ impl OverlayWriter {
             .map_err(|e| self.io(e))?;
         scratch.seek(SeekFrom::Start(0)).map_err(|e| self.io(e))?;
         std::io::copy(&mut scratch, &mut out).map_err(io)?;
-        out.sync_all().map_err(io)?;
         drop(out);
-        std::fs::rename(&tmp_path, &self.path).map_err(|source| WriteError::Io {
+        crate::durable::persist(&tmp_path, &self.path).map_err(|source| WriteError::Io {
             path: self.path.clone(),
             source,
         })?;

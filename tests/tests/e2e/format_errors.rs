@@ -1,8 +1,13 @@
 //! Every validation an overlay reader performs refuses a damaged overlay with its own error.
 
 use cloudlet_e2e::{mutate, open_overlay, Fixture, Mutations, Rng};
+use synth::chunk::sha256;
+use synth::codec::Codec;
 use synth::create::CreateOptions;
-use synth::format::{encode_head, ChunkSource, FormatError, Metadata};
+use synth::format::{
+    encode_head, metadata_decode_limit, BaseLimits, ChunkSource, FormatError, Metadata,
+    SegmentEntry, HEADER_LEN, MAGIC, METADATA_DECODED_FLOOR, VERSION,
+};
 use synth::ImageKind;
 
 /// A fixture with a valid overlay that has payloads in two segments, self refs and base refs.
@@ -58,7 +63,7 @@ fn open_valid_overlay_succeeds() {
     let (fx, bytes) = valid();
     let ov = open_bytes(&fx, &bytes).unwrap();
     assert!(ov.metadata().segments.len() >= 2);
-    ov.check_base(&fx.base.id(), 32, 16).unwrap();
+    ov.check_base(&fx.base.limits(None)).unwrap();
 }
 
 #[test]
@@ -282,7 +287,7 @@ fn check_base_wrong_base_is_refused() {
     let ov = open_bytes(&fx, &bytes).unwrap();
     let other = Fixture::seeded(99, 4096, 4096);
     assert!(matches!(
-        ov.check_base(&other.base.id(), 32, 16),
+        ov.check_base(&other.base.limits(None)),
         Err(FormatError::WrongBase { .. })
     ));
 }
@@ -301,7 +306,7 @@ fn check_base_reference_past_base_end_is_refused() {
     });
     let ov = open_bytes(&fx, &b).unwrap();
     assert!(matches!(
-        ov.check_base(&fx.base.id(), 32, 16),
+        ov.check_base(&fx.base.limits(None)),
         Err(FormatError::BaseRefOutOfRange { .. })
     ));
 }
@@ -332,4 +337,221 @@ fn reconstruct_wrong_chunk_digest_is_refused() {
         err.to_string().contains("does not match its SHA-256"),
         "{err}"
     );
+}
+
+/// An overlay file whose metadata is `stored`, compressed with `codec` (header id), and no
+/// segments, with a correct metadata digest.
+fn overlay_with_metadata(codec: u32, stored: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&codec.to_le_bytes());
+    out.extend_from_slice(&(stored.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(HEADER_LEN + stored.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sha256(stored));
+    out.extend_from_slice(stored);
+    out
+}
+
+/// An xz metadata bomb made at test time: 256 MiB of zeros in a stream of some 40 KiB, four
+/// times what the reader lets that stream decode to.
+fn xz_metadata_bomb() -> (Vec<u8>, u64) {
+    let inflated = vec![0u8; usize::try_from(4 * METADATA_DECODED_FLOOR).unwrap()];
+    let stored = synth::codec::compress(Codec::Xz, 0, &inflated).unwrap();
+    (
+        overlay_with_metadata(Codec::Xz.header_id(), &stored),
+        inflated.len() as u64,
+    )
+}
+
+/// A zstd metadata bomb: one frame of 1 MiB of zeros, repeated 16384 times (a zstd stream may
+/// hold many frames): 16 GiB from some 600 KiB.
+fn zstd_metadata_bomb() -> (Vec<u8>, u64) {
+    let frame = synth::codec::compress(Codec::Zstd, 1, &[0u8; 1 << 20]).unwrap();
+    let stored = frame.repeat(16384);
+    (
+        overlay_with_metadata(Codec::Zstd.header_id(), &stored),
+        16384 << 20,
+    )
+}
+
+/// Opens `bomb` (which inflates to `inflated` bytes) and checks it is refused as one, with
+/// the limit for its stored size, far below what it inflates to.
+fn assert_bomb_refused(bomb: &[u8], inflated: u64) {
+    let (fx, _) = valid();
+    let stored = bomb.len() as u64 - HEADER_LEN;
+    let limit = metadata_decode_limit(stored);
+    assert!(inflated >= 4 * limit, "{inflated} bytes, limit {limit}");
+    let err = open_bytes(&fx, bomb).unwrap_err();
+    assert!(
+        matches!(err, FormatError::MetadataInflates { stored: s, limit: l }
+            if s == stored && l == limit),
+        "{err}"
+    );
+    assert!(err.to_string().contains("inflates past"), "{err}");
+}
+
+#[test]
+fn open_xz_metadata_bomb_is_refused_while_decoding() {
+    let (bomb, inflated) = xz_metadata_bomb();
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    assert_bomb_refused(&bomb, inflated);
+}
+
+#[test]
+fn open_zstd_metadata_bomb_is_refused_while_decoding() {
+    let (bomb, inflated) = zstd_metadata_bomb();
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    assert_bomb_refused(&bomb, inflated);
+}
+
+#[test]
+fn open_metadata_inflating_to_the_floor_is_decoded() {
+    // Up to the limit the stream decodes (and then fails as metadata, not as a bomb).
+    let (fx, _) = valid();
+    let inflated = vec![0u8; usize::try_from(METADATA_DECODED_FLOOR).unwrap()];
+    let stored = synth::codec::compress(Codec::Zstd, 1, &inflated).unwrap();
+    let file = overlay_with_metadata(Codec::Zstd.header_id(), &stored);
+    assert!(matches!(
+        open_bytes(&fx, &file),
+        Err(FormatError::DecodeMetadata(_)) | Err(FormatError::MetadataTrailing(_))
+    ));
+}
+
+/// The valid overlay's metadata, the length of its segment area, as `validate` takes them.
+fn valid_meta() -> (Metadata, u64) {
+    let (_fx, bytes) = valid();
+    let src: std::sync::Arc<dyn synth::source::ByteSource> = std::sync::Arc::new(bytes.clone());
+    let ov = synth::format::Overlay::open(src).unwrap();
+    (ov.metadata().clone(), bytes.len() as u64 - ov.data_start())
+}
+
+#[test]
+fn validate_segment_longer_than_its_decoded_size_allows_is_refused() {
+    // A segment of one chunk cannot take a megabyte compressed: a reader would fetch and hold
+    // it all before its digest fails.
+    let (mut meta, data_len) = valid_meta();
+    let last = meta.segments.last_mut().unwrap();
+    let grow = synth::format::segment_length_bound(last.raw_length) + 1 - last.length;
+    last.length += grow;
+    let err = synth::format::validate(&meta, data_len + grow).unwrap_err();
+    assert!(
+        matches!(&err, FormatError::BadSegment { reason, .. } if reason.contains("compress")),
+        "{err}"
+    );
+}
+
+#[test]
+fn validate_segment_holding_no_chunk_is_refused() {
+    let (mut meta, data_len) = valid_meta();
+    meta.segments.push(SegmentEntry {
+        offset: data_len,
+        length: 10,
+        raw_length: 0,
+        digest: [0; 32],
+        chunks: Vec::new(),
+    });
+    let err = synth::format::validate(&meta, data_len + 10).unwrap_err();
+    assert!(
+        matches!(&err, FormatError::BadSegment { reason, .. } if reason.contains("no chunk")),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_base_memory_size_other_than_base_is_refused() {
+    let (fx, bytes) = valid();
+    let b = with_meta(&bytes, |m| m.memory.size += 4096);
+    let ov = open_bytes(&fx, &b).unwrap();
+    let err = ov.check_base(&fx.base.limits(None)).unwrap_err();
+    let base = fx.base.record.memory_size;
+    assert!(
+        matches!(err, FormatError::MemorySizeMismatch { overlay, base: b }
+            if overlay == base + 4096 && b == base),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&(base + 4096).to_string()) && text.contains(&base.to_string()),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_base_16_tib_disk_is_refused() {
+    let (fx, bytes) = valid();
+    let b = with_meta(&bytes, |m| m.disk.size = 16 << 40);
+    let ov = open_bytes(&fx, &b).unwrap();
+    let base = fx.base.record.disk_size;
+    assert!(matches!(
+        ov.check_base(&fx.base.limits(None)),
+        Err(FormatError::DiskTooLarge { overlay, base: b, limit })
+            if overlay == 16 << 40 && b == base && limit == 2 * base
+    ));
+}
+
+#[test]
+fn check_base_disk_growth_up_to_the_limit_is_accepted_and_past_it_refused() {
+    let (fx, bytes) = valid();
+    let base = fx.base.record.disk_size;
+    let b = with_meta(&bytes, |m| m.disk.size = base + 8192);
+    let ov = open_bytes(&fx, &b).unwrap();
+    // Default: growth up to the base's own size.
+    ov.check_base(&fx.base.limits(None)).unwrap();
+    ov.check_base(&fx.base.limits(Some(8192))).unwrap();
+    assert!(matches!(
+        ov.check_base(&fx.base.limits(Some(8191))),
+        Err(FormatError::DiskTooLarge { .. })
+    ));
+    assert!(matches!(
+        ov.check_base(&BaseLimits {
+            max_disk_growth: Some(0),
+            ..fx.base.limits(None)
+        }),
+        Err(FormatError::DiskTooLarge { .. })
+    ));
+}
+
+#[test]
+fn reconstruct_memory_size_other_than_base_is_refused_before_writing() {
+    let (fx, bytes) = valid();
+    let b = with_meta(&bytes, |m| m.memory.size += 4096);
+    let ov = open_bytes(&fx, &b).unwrap();
+    let out = fx.path("out");
+    let err =
+        synth::reconstruct::reconstruct(&fx.base, &ov, &out, 2, &Default::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            synth::reconstruct::ReconstructError::Resolve(synth::resolve::ResolveError::Format(
+                FormatError::MemorySizeMismatch { .. }
+            ))
+        ),
+        "{err}"
+    );
+    assert!(!out.exists(), "reconstruct wrote before refusing");
+}
+
+#[test]
+fn reconstruct_disk_growth_raised_by_the_option_is_accepted() {
+    let (fx, bytes) = valid();
+    let base = fx.base.record.disk_size;
+    let b = with_meta(&bytes, |m| m.disk.size = 3 * base);
+    let ov = open_bytes(&fx, &b).unwrap();
+    let opts = synth::reconstruct::ReconstructOptions {
+        threads: 2,
+        max_disk_growth: Some(2 * base),
+    };
+    synth::reconstruct::reconstruct_with(
+        &fx.base,
+        &ov,
+        &fx.path("out"),
+        &opts,
+        &Default::default(),
+    )
+    .unwrap();
+    let len = std::fs::metadata(fx.path("out").join("disk.img"))
+        .unwrap()
+        .len();
+    assert_eq!(len, 3 * base);
 }
