@@ -24,6 +24,7 @@ pub mod base;
 pub mod chunk;
 pub mod codec;
 pub mod create;
+pub mod durable;
 pub mod format;
 pub mod index;
 pub mod protocol;
