@@ -19,9 +19,9 @@ use synth::protocol::client::metadata_digest_of;
 use synth::protocol::server::{self, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
     encode_msg, read_msg, read_msg_before, tls, write_msg, Client, ClientEvent, ClientMsg,
-    ClientOptions, FillInfo, KnownServers, Pin, PinSource, PortMapping, ProtoError, RefuseReason,
-    ResumeInfo, ServerIdentity, ServerMsg, ServerTrust, SessionRequest, TlsAcceptor, TlsConn,
-    Token, TrustOutcome, UrlPolicy, FRAME_MAX, HANDSHAKE_FRAME_MAX, PROTOCOL_VERSION,
+    ClientOptions, FillInfo, Fingerprint, KnownServers, Pin, PinSource, PortMapping, ProtoError,
+    RefuseReason, ResumeInfo, ServerIdentity, ServerMsg, ServerTrust, SessionRequest, TlsAcceptor,
+    TlsConn, Token, TrustOutcome, UrlPolicy, FRAME_MAX, HANDSHAKE_FRAME_MAX, PROTOCOL_VERSION,
 };
 use synth::registry::{AddBase, Registry};
 
@@ -109,6 +109,18 @@ fn handshake_then_close(mut s: TlsConn) -> Result<(), ProtoError> {
     let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
     assert_eq!(msg, ClientMsg::Finish);
     server::send(&mut s, &ServerMsg::Closed)
+}
+
+/// Server side of a session's end: reads `Keepalive`s until `Finish`, answers `Closed`.
+fn closed_on_finish(s: &mut TlsConn) -> Result<(), ProtoError> {
+    loop {
+        match read_msg_before(&*s, FRAME_MAX, secs(5))? {
+            ClientMsg::Finish => break,
+            ClientMsg::Keepalive => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server::send(s, &ServerMsg::Closed)
 }
 
 /// A TLS connection to the in-test server that speaks raw bytes (a hostile or odd client).
@@ -400,6 +412,17 @@ fn accept_then_hello(acc: &TlsAcceptor, s: TcpStream) -> Seen1 {
     }
 }
 
+/// Trust on first use with `file`, checked against an announced `fingerprint`.
+fn announced(file: &Path, fingerprint: Fingerprint) -> ClientOptions {
+    ClientOptions {
+        trust: ServerTrust {
+            advertised: Some(fingerprint),
+            ..ServerTrust::known_servers(file.to_path_buf())
+        },
+        ..pinned()
+    }
+}
+
 fn known_servers_opts(file: &Path) -> ClientOptions {
     ClientOptions {
         trust: ServerTrust::known_servers(file.to_path_buf()),
@@ -600,13 +623,7 @@ fn tls_advertised_fingerprint_checked_when_file_has_no_entry() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("known_servers");
     let (addr, h) = serve_tcp(2, |s| accept_then_hello(&acceptor(), s));
-    let forged = ClientOptions {
-        trust: ServerTrust {
-            advertised: Some(other_identity().fingerprint()),
-            ..ServerTrust::known_servers(file.clone())
-        },
-        ..pinned()
-    };
+    let forged = announced(&file, other_identity().fingerprint());
     let e = Client::connect_with(&addr, TOKEN, forged).unwrap_err();
     assert!(
         matches!(
@@ -619,13 +636,7 @@ fn tls_advertised_fingerprint_checked_when_file_has_no_entry() {
         "{e:?}"
     );
     assert!(!file.exists(), "nothing recorded for a refused server");
-    let genuine = ClientOptions {
-        trust: ServerTrust {
-            advertised: Some(identity().fingerprint()),
-            ..ServerTrust::known_servers(file.clone())
-        },
-        ..pinned()
-    };
+    let genuine = announced(&file, identity().fingerprint());
     let c = Client::connect_with(&addr, TOKEN, genuine).unwrap();
     assert_eq!(
         c.trust(),
@@ -646,13 +657,7 @@ fn tls_known_entry_wins_over_advertised_fingerprint() {
     let file = dir.path().join("known_servers");
     let (addr, h) = serve_tcp(1, |s| accept_then_hello(&acceptor(), s));
     KnownServers::record(&file, &addr, identity().fingerprint()).unwrap();
-    let opts = ClientOptions {
-        trust: ServerTrust {
-            advertised: Some(other_identity().fingerprint()),
-            ..ServerTrust::known_servers(file.clone())
-        },
-        ..pinned()
-    };
+    let opts = announced(&file, other_identity().fingerprint());
     let c = Client::connect_with(&addr, TOKEN, opts).unwrap();
     assert!(
         matches!(c.trust(), TrustOutcome::Known { .. }),
@@ -921,14 +926,7 @@ fn overlay_server_asking(mut s: TlsConn, on_first_part: bool) -> Result<Seen, Pr
         }
     }
     server::send(&mut s, &ServerMsg::FillDone(FillInfo::default()))?;
-    loop {
-        match read_msg_before(&s, FRAME_MAX, secs(5))? {
-            ClientMsg::Finish => break,
-            ClientMsg::Keepalive => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    server::send(&mut s, &ServerMsg::Closed)?;
+    closed_on_finish(&mut s)?;
     Ok(seen)
 }
 
@@ -1070,14 +1068,7 @@ fn client_stop_handle_finishes_the_session() {
         let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
         assert!(matches!(msg, ClientMsg::StartUrl { .. }));
         server::send(&mut s, &ServerMsg::Resumed(ResumeInfo::default()))?;
-        loop {
-            match read_msg_before(&s, FRAME_MAX, secs(5))? {
-                ClientMsg::Finish => break,
-                ClientMsg::Keepalive => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        server::send(&mut s, &ServerMsg::Closed)
+        closed_on_finish(&mut s)
     });
     let mut c = connect(&addr, TOKEN).unwrap();
     let stop = c.stop_handle();
@@ -1142,14 +1133,7 @@ fn url_server(mut s: TlsConn, path: PathBuf) -> Result<(), ProtoError> {
         return Err(server::refuse(&mut s, r));
     }
     server::send(&mut s, &ServerMsg::FillDone(FillInfo::default()))?;
-    loop {
-        match read_msg_before(&s, FRAME_MAX, secs(5))? {
-            ClientMsg::Finish => break,
-            ClientMsg::Keepalive => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    server::send(&mut s, &ServerMsg::Closed)
+    closed_on_finish(&mut s)
 }
 
 #[test]

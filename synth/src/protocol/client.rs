@@ -213,6 +213,11 @@ pub struct SessionRequest {
 /// The metadata digest of the overlay file at `path` (what [`SessionRequest::metadata_digest`]
 /// expects), after validating its header and metadata.
 pub fn metadata_digest_of(path: &Path) -> Result<Digest, ProtoError> {
+    Ok(Overlay::open(open_file(path)?)?.id())
+}
+
+/// The overlay file at `path` as a byte source.
+fn open_file(path: &Path) -> Result<Arc<dyn ByteSource>, ProtoError> {
     let src = FileSource::open(path).map_err(|source| {
         ProtoError::Source(crate::source::SourceError::Io {
             offset: 0,
@@ -220,7 +225,7 @@ pub fn metadata_digest_of(path: &Path) -> Result<Digest, ProtoError> {
             source,
         })
     })?;
-    Ok(Overlay::open(Arc::new(src))?.id())
+    Ok(Arc::new(src))
 }
 
 /// Progress of a session, reported to the caller's callback.
@@ -520,14 +525,7 @@ impl Client {
         req: &SessionRequest,
         events: &mut dyn FnMut(&ClientEvent),
     ) -> Result<Outcome, ProtoError> {
-        let src = FileSource::open(path).map_err(|source| {
-            ProtoError::Source(crate::source::SourceError::Io {
-                offset: 0,
-                len: 0,
-                source,
-            })
-        })?;
-        self.send_overlay(Arc::new(src), req, events)
+        self.send_overlay(open_file(path)?, req, events)
     }
 
     /// Flow 1: validates the overlay in `source`, sends its header and metadata, then its
