@@ -2,12 +2,14 @@
 //! handshake limit and with the session limit, and every frame is decoded as a client and as a
 //! server message. Nothing may panic or allocate past the limits; every message that decodes
 //! must encode and decode back to the same message, and URLs that decode go through the URL policy.
+//! Text input also goes through the fingerprint parser (the mDNS TXT `fp` value is untrusted):
+//! a fingerprint that parses prints in the canonical form and parses back to itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::io::Cursor;
 use synth::protocol::{
-    decode_msg, encode_msg, read_frame, ClientMsg, ServerMsg, UrlPolicy, FRAME_MAX,
+    decode_msg, encode_msg, read_frame, ClientMsg, Fingerprint, ServerMsg, UrlPolicy, FRAME_MAX,
     HANDSHAKE_FRAME_MAX,
 };
 
@@ -45,5 +47,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = roundtrip!(ServerMsg, data, FRAME_MAX);
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = policy.check(s);
+        if let Ok(fp) = s.parse::<Fingerprint>() {
+            let text = fp.to_string();
+            assert!(text.starts_with("SHA256:") && text.len() == 71, "{text}");
+            assert_eq!(text.parse::<Fingerprint>().ok(), Some(fp));
+        }
     }
 });

@@ -84,7 +84,8 @@ pub fn hex(d: &[u8]) -> String {
 
 /// Parses a 64-character hex digest.
 pub fn parse_hex_digest(s: &str) -> Option<Digest> {
-    if s.len() != 64 || !s.is_ascii() {
+    // `from_str_radix` alone would take a `+` sign: only hex digits are a digest.
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];

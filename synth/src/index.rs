@@ -253,7 +253,7 @@ impl ChunkIndex {
         }
         let digest = sha256(&out);
         out.extend_from_slice(&digest);
-        crate::durable::write_atomic(path, &out).map_err(io_err(path))
+        crate::durable::write_atomic(path, &out, 0o644).map_err(|e| io_err(path)(e.source))
     }
 
     /// Loads and verifies an index written by [`save`](Self::save).

@@ -403,7 +403,8 @@ impl Registry {
         let ds_path = staging.join(EntryKind::DeviceState.file_name());
         match &req.device_state {
             Some(p) => take_file(p, &ds_path, req.adopt)?,
-            None => crate::durable::write_atomic(&ds_path, b"").map_err(io("Writing", &ds_path))?,
+            None => crate::durable::write_atomic(&ds_path, b"", 0o644)
+                .map_err(|e| io("Writing", &ds_path)(e.source))?,
         }
         let mut kernel = None;
         let mut initrd = None;
@@ -472,7 +473,8 @@ impl Registry {
         }
         let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
         let rec_path = staging.join("base.json");
-        crate::durable::write_atomic(&rec_path, &json).map_err(io("Writing", &rec_path))?;
+        crate::durable::write_atomic(&rec_path, &json, 0o644)
+            .map_err(|e| io("Writing", &rec_path)(e.source))?;
         // Every file in the folder is synced by now; the folder's entries, then the rename.
         crate::durable::sync_dir(staging).map_err(io("Syncing", staging))?;
         std::fs::rename(staging, &dir).map_err(io("Renaming into", &dir))?;

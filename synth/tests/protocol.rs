@@ -1,23 +1,27 @@
-//! The wire protocol over real loopback TCP: handshake, hostile peers, the client's on-demand
-//! scheduling against a small in-test server, and the URL policy.
+//! The wire protocol over real loopback TCP and real TLS: the TLS handshake and certificate
+//! pinning (explicit, trust on first use, announced), handshake, hostile peers, the client's
+//! on-demand scheduling against a small in-test server built from the real server-side pieces,
+//! and the URL policy.
 
 // Fixture sizes are small; truncating casts cannot happen here.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use synth::chunk::CHUNK_SIZE;
 use synth::codec::Codec;
 use synth::create::{create_overlay, CreateOptions, CustomImages};
+use synth::protocol::client::metadata_digest_of;
 use synth::protocol::server::{self, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
-    encode_msg, read_msg_before, write_msg, Client, ClientEvent, ClientMsg, ClientOptions,
-    FillInfo, PortMapping, ProtoError, RefuseReason, ResumeInfo, ServerMsg, SessionRequest, Token,
-    UrlPolicy, FRAME_MAX, HANDSHAKE_FRAME_MAX, PROTOCOL_VERSION,
+    encode_msg, read_msg, read_msg_before, tls, write_msg, Client, ClientEvent, ClientMsg,
+    ClientOptions, FillInfo, Fingerprint, KnownServers, Pin, PinSource, PortMapping, ProtoError,
+    RefuseReason, ResumeInfo, ServerIdentity, ServerMsg, ServerTrust, SessionRequest, TlsAcceptor,
+    TlsConn, Token, TrustOutcome, UrlPolicy, FRAME_MAX, HANDSHAKE_FRAME_MAX, PROTOCOL_VERSION,
 };
 use synth::registry::{AddBase, Registry};
 
@@ -31,45 +35,117 @@ fn secs(n: u64) -> Instant {
     Instant::now() + Duration::from_secs(n)
 }
 
-/// Accepts one connection on a fresh loopback port and runs `f` on it in a thread.
+/// The in-test server's TLS identity, made once per run (ECDSA key generation is cheap, but
+/// one identity keeps the pins simple).
+fn identity() -> &'static ServerIdentity {
+    static ID: OnceLock<ServerIdentity> = OnceLock::new();
+    ID.get_or_init(|| ServerIdentity::generate().unwrap())
+}
+
+/// A second, unrelated identity: "another server" at the same address.
+fn other_identity() -> &'static ServerIdentity {
+    static ID: OnceLock<ServerIdentity> = OnceLock::new();
+    ID.get_or_init(|| ServerIdentity::generate().unwrap())
+}
+
+fn acceptor() -> TlsAcceptor {
+    TlsAcceptor::new(identity()).unwrap()
+}
+
+/// Client options that pin the in-test server's certificate.
+fn pinned() -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_secs(5),
+        trust: ServerTrust::pinned(identity().fingerprint()),
+        ..ClientOptions::default()
+    }
+}
+
+fn connect(addr: &str, token: &[u8]) -> Result<Client, ProtoError> {
+    Client::connect_with(addr, token, pinned())
+}
+
+/// Accepts `n` TCP connections on a fresh loopback port and runs `f` on each, in order, in
+/// one thread.
+fn serve_tcp<R, F>(n: usize, mut f: F) -> (String, JoinHandle<Vec<R>>)
+where
+    R: Send + 'static,
+    F: FnMut(TcpStream) -> R + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        (0..n)
+            .map(|_| {
+                let (s, _) = listener.accept().unwrap();
+                s.set_nodelay(true).unwrap();
+                f(s)
+            })
+            .collect()
+    });
+    (addr, h)
+}
+
+/// Accepts one connection, runs the server side of the TLS handshake with [`identity`], and
+/// runs `f` on the TLS stream in a thread.
 fn serve_one<R, F>(f: F) -> (String, JoinHandle<R>)
 where
     R: Send + 'static,
-    F: FnOnce(TcpStream) -> R + Send + 'static,
+    F: FnOnce(TlsConn) -> R + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let h = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         s.set_nodelay(true).unwrap();
-        f(s)
+        f(acceptor().accept(s, secs(5)).unwrap())
     });
     (addr, h)
 }
 
 /// Server side of a session that only waits for `Finish` and answers `Closed`.
-fn handshake_then_close(mut s: TcpStream) -> Result<(), ProtoError> {
-    server::handshake(&mut s, Some(&token()), 42, secs(5))?;
+fn handshake_then_close(mut s: TlsConn) -> Result<(), ProtoError> {
+    server::handshake(&s, Some(&token()), 42, secs(5))?;
     let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
     assert_eq!(msg, ClientMsg::Finish);
     server::send(&mut s, &ServerMsg::Closed)
 }
 
-fn raw_connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+/// Server side of a session's end: reads `Keepalive`s until `Finish`, answers `Closed`.
+fn closed_on_finish(s: &mut TlsConn) -> Result<(), ProtoError> {
+    loop {
+        match read_msg_before(&*s, FRAME_MAX, secs(5))? {
+            ClientMsg::Finish => break,
+            ClientMsg::Keepalive => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server::send(s, &ServerMsg::Closed)
+}
+
+/// A TLS connection to the in-test server that speaks raw bytes (a hostile or odd client).
+fn raw_connect(addr: &str) -> TlsConn {
+    let pin = Pin {
+        fingerprint: identity().fingerprint(),
+        source: PinSource::Explicit,
+    };
+    let s = tls::connect(TcpStream::connect(addr).unwrap(), Some(pin), secs(5)).unwrap();
+    use synth::protocol::TimeoutStream;
+    s.set_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
 
-fn read_reply(s: &mut TcpStream) -> ServerMsg {
-    synth::protocol::read_msg(s, HANDSHAKE_FRAME_MAX).unwrap()
+fn read_reply(s: &mut TlsConn) -> ServerMsg {
+    read_msg(s, HANDSHAKE_FRAME_MAX).unwrap()
 }
 
 #[test]
 fn handshake_valid_token_succeeds() {
     let (addr, h) = serve_one(handshake_then_close);
-    let mut c = Client::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    let mut c = connect(&addr, TOKEN).unwrap();
     assert_eq!(c.session_id(), 42);
+    assert_eq!(c.server_fingerprint(), identity().fingerprint());
+    assert_eq!(c.trust(), &TrustOutcome::Pinned);
     c.finish().unwrap();
     h.join().unwrap().unwrap();
 }
@@ -77,7 +153,7 @@ fn handshake_valid_token_succeeds() {
 #[test]
 fn handshake_wrong_token_refused() {
     let (addr, h) = serve_one(handshake_then_close);
-    let e = Client::connect(&addr, b"wrong", Duration::from_secs(5)).unwrap_err();
+    let e = connect(&addr, b"wrong").unwrap_err();
     assert!(
         matches!(e, ProtoError::Refused(RefuseReason::BadToken)),
         "{e:?}"
@@ -89,7 +165,7 @@ fn handshake_wrong_token_refused() {
 #[test]
 fn handshake_missing_token_refused() {
     let (addr, h) = serve_one(handshake_then_close);
-    let e = Client::connect(&addr, b"", Duration::from_secs(5)).unwrap_err();
+    let e = connect(&addr, b"").unwrap_err();
     assert!(
         matches!(e, ProtoError::Refused(RefuseReason::BadToken)),
         "{e:?}"
@@ -234,10 +310,10 @@ fn handshake_eof_mid_frame_reports_truncated() {
 
 #[test]
 fn handshake_one_byte_per_300ms_client_times_out() {
-    let (addr, h) = serve_one(|mut s| {
+    let (addr, h) = serve_one(|s| {
         let started = Instant::now();
         let r = server::handshake(
-            &mut s,
+            &s,
             Some(&token()),
             1,
             Instant::now() + Duration::from_secs(1),
@@ -247,6 +323,7 @@ fn handshake_one_byte_per_300ms_client_times_out() {
     let s = raw_connect(&addr);
     let writer = std::thread::spawn(move || {
         let mut s = s;
+        // Each byte goes out as its own TLS record: the deadline must hold across records.
         let frame = encode_msg(
             &ClientMsg::Hello {
                 version: PROTOCOL_VERSION,
@@ -278,38 +355,420 @@ fn server_hostile_clients_do_not_block_a_good_one() {
     let served = Arc::new(Mutex::new(Vec::new()));
     let served2 = Arc::clone(&served);
     let acceptor = std::thread::spawn(move || {
-        for (i, conn) in listener.incoming().take(5).enumerate() {
+        for (i, conn) in listener.incoming().take(7).enumerate() {
             let Ok(s) = conn else { continue };
             let served = Arc::clone(&served2);
             std::thread::spawn(move || {
-                let mut s = s;
-                let ok = server::handshake(&mut s, Some(&token()), i as u64, secs(3)).is_ok()
-                    && read_msg_before::<ClientMsg, _>(&s, FRAME_MAX, secs(3)).is_ok()
-                    && server::send(&mut s, &ServerMsg::Closed).is_ok();
+                let ok = acceptor().accept(s, secs(3)).is_ok_and(|mut s| {
+                    server::handshake(&s, Some(&token()), i as u64, secs(3)).is_ok()
+                        && read_msg_before::<ClientMsg, _>(&s, FRAME_MAX, secs(3)).is_ok()
+                        && server::send(&mut s, &ServerMsg::Closed).is_ok()
+                });
                 served.lock().unwrap().push((i, ok));
             });
         }
     });
-    // Hostile: silent, garbage, oversize, wrong token; all still open or refused.
+    // Hostile in clear: silent, a lone TLS record byte, HTTP; inside TLS: silent, oversize,
+    // wrong token. All still open or refused.
+    let silent_tcp = TcpStream::connect(&addr).unwrap();
+    let mut half_tls = TcpStream::connect(&addr).unwrap();
+    half_tls.write_all(&[0x16]).unwrap();
+    let mut http = TcpStream::connect(&addr).unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let silent = raw_connect(&addr);
-    let mut garbage = raw_connect(&addr);
-    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut oversize = raw_connect(&addr);
     oversize.write_all(&(1u32 << 31).to_le_bytes()).unwrap();
-    let wrong = Client::connect(&addr, b"nope", Duration::from_secs(5));
+    let wrong = connect(&addr, b"nope");
     assert!(wrong.is_err());
     let started = Instant::now();
-    let mut good = Client::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    let mut good = connect(&addr, TOKEN).unwrap();
     good.finish().unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
-    drop(silent);
+    drop((silent, silent_tcp));
     acceptor.join().unwrap();
     let deadline = secs(10);
-    while served.lock().unwrap().len() < 5 && Instant::now() < deadline {
+    while served.lock().unwrap().len() < 7 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     let served = served.lock().unwrap();
+    assert_eq!(served.len(), 7);
     assert_eq!(served.iter().filter(|(_, ok)| *ok).count(), 1);
+}
+
+// ---- TLS and server pinning ----------------------------------------------------------------
+
+/// What an in-test server saw of one connection: the TLS handshake's result, and whether a
+/// `Hello` with the right token came after it (and was answered `HelloOk`).
+type Seen1 = (Result<(), ProtoError>, bool);
+
+/// Server side that runs the TLS handshake with `acc`, then the protocol's handshake.
+fn accept_then_hello(acc: &TlsAcceptor, s: TcpStream) -> Seen1 {
+    match acc.accept(s, secs(5)) {
+        Err(e) => (Err(e), false),
+        Ok(c) => (
+            Ok(()),
+            server::handshake(&c, Some(&token()), 1, secs(5)).is_ok(),
+        ),
+    }
+}
+
+/// Trust on first use with `file`, checked against an announced `fingerprint`.
+fn announced(file: &Path, fingerprint: Fingerprint) -> ClientOptions {
+    ClientOptions {
+        trust: ServerTrust {
+            advertised: Some(fingerprint),
+            ..ServerTrust::known_servers(file.to_path_buf())
+        },
+        ..pinned()
+    }
+}
+
+fn known_servers_opts(file: &Path) -> ClientOptions {
+    ClientOptions {
+        trust: ServerTrust::known_servers(file.to_path_buf()),
+        ..pinned()
+    }
+}
+
+#[test]
+fn tls_client_pinned_to_other_fingerprint_refused_before_hello() {
+    let (addr, h) = serve_tcp(1, |s| accept_then_hello(&acceptor(), s));
+    let opts = ClientOptions {
+        trust: ServerTrust::pinned(other_identity().fingerprint()),
+        ..pinned()
+    };
+    let e = Client::connect_with(&addr, TOKEN, opts).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            ProtoError::FingerprintMismatch { expected, got, pin: PinSource::Explicit }
+                if *expected == other_identity().fingerprint() && *got == identity().fingerprint()
+        ),
+        "{e:?}"
+    );
+    assert!(msg.contains(&identity().fingerprint().to_string()), "{msg}");
+    assert!(
+        msg.contains(&other_identity().fingerprint().to_string()),
+        "{msg}"
+    );
+    // The server's TLS handshake failed on the client's alert: it never had a stream to read
+    // a Hello (or anything else) from.
+    let (accepted, saw_hello) = h.join().unwrap().pop().unwrap();
+    assert!(
+        matches!(
+            accepted,
+            Err(ProtoError::TlsHandshake(rustls::Error::AlertReceived(
+                rustls::AlertDescription::AccessDenied
+            )))
+        ),
+        "{accepted:?}"
+    );
+    assert!(!saw_hello);
+}
+
+/// Presents the in-test server's certificate but signs the handshake with another key: what a
+/// man in the middle who copied the (public) certificate can do.
+#[derive(Debug)]
+struct Replayed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Replayed {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+#[test]
+fn tls_server_replaying_pinned_certificate_without_its_key_refused() {
+    let (addr, h) = serve_tcp(1, |mut s| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let signer = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+        let certified =
+            rustls::sign::CertifiedKey::new(vec![identity().certificate().clone()], signer);
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            synth::protocol::tls::crypto_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Replayed(Arc::new(certified))));
+        let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut result = Ok(());
+        while conn.is_handshaking() && result.is_ok() {
+            result = conn.complete_io(&mut s).map(|_| ());
+        }
+        result
+    });
+    let e = connect(&addr, TOKEN).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtoError::TlsHandshake(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadSignature
+            ))
+        ),
+        "{e:?}"
+    );
+    assert!(h.join().unwrap().pop().unwrap().is_err());
+}
+
+#[test]
+fn tls_first_contact_recorded_then_known_then_changed_certificate_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("home/known_servers");
+    let mut n = 0;
+    let (addr, h) = serve_tcp(3, move |s| {
+        n += 1;
+        // The third connection meets another server at the same address.
+        let acc = TlsAcceptor::new(if n == 3 { other_identity() } else { identity() }).unwrap();
+        accept_then_hello(&acc, s)
+    });
+    let first = Client::connect_with(&addr, TOKEN, known_servers_opts(&file));
+    let first = first.unwrap();
+    assert_eq!(
+        first.trust(),
+        &TrustOutcome::FirstUse {
+            file: file.clone(),
+            advertised: false
+        }
+    );
+    let entry = KnownServers::load(&file)
+        .unwrap()
+        .get(&addr)
+        .cloned()
+        .unwrap();
+    assert_eq!(entry.fingerprint, identity().fingerprint());
+    drop(first);
+    let second = Client::connect_with(&addr, TOKEN, known_servers_opts(&file)).unwrap();
+    assert_eq!(
+        second.trust(),
+        &TrustOutcome::Known {
+            file: file.clone(),
+            line: entry.line
+        }
+    );
+    drop(second);
+    let e = Client::connect_with(&addr, TOKEN, known_servers_opts(&file)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, ProtoError::FingerprintMismatch { pin: PinSource::KnownServers { line, .. }, .. } if *line == entry.line),
+        "{e:?}"
+    );
+    assert!(
+        msg.contains(&format!("delete line {} of {}", entry.line, file.display())),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&other_identity().fingerprint().to_string()),
+        "{msg}"
+    );
+    let seen = h.join().unwrap();
+    assert!(matches!(seen[0], (Ok(()), true)));
+    assert!(matches!(seen[1], (Ok(()), true)));
+    assert!(
+        matches!(seen[2], (Err(ProtoError::TlsHandshake(_)), false)),
+        "{:?}",
+        seen[2]
+    );
+    // The stale entry is left for the user to remove.
+    let after = KnownServers::load(&file).unwrap();
+    assert_eq!(
+        after.get(&addr).unwrap().fingerprint,
+        identity().fingerprint()
+    );
+}
+
+#[test]
+fn tls_garbage_known_servers_file_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("known_servers");
+    std::fs::write(&file, "# mine\nedge:8021 SHA256:nothex\n").unwrap();
+    // Nobody listens: the file is refused before any connection is tried.
+    let e = Client::connect_with("127.0.0.1:1", TOKEN, known_servers_opts(&file)).unwrap_err();
+    let msg = format!("{:#}", anyhow_chain(&e));
+    assert!(
+        matches!(
+            e,
+            ProtoError::KnownServers(synth::protocol::known_servers::KnownServersError::BadLine {
+                line: 2,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    assert!(
+        msg.contains("line 2") && msg.contains("fix or delete"),
+        "{msg}"
+    );
+}
+
+/// The error and its sources, one per line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!("\n{c}"));
+        cur = c.source();
+    }
+    s
+}
+
+#[test]
+fn tls_advertised_fingerprint_checked_when_file_has_no_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("known_servers");
+    let (addr, h) = serve_tcp(2, |s| accept_then_hello(&acceptor(), s));
+    let forged = announced(&file, other_identity().fingerprint());
+    let e = Client::connect_with(&addr, TOKEN, forged).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtoError::FingerprintMismatch {
+                pin: PinSource::Advertised,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!file.exists(), "nothing recorded for a refused server");
+    let genuine = announced(&file, identity().fingerprint());
+    let c = Client::connect_with(&addr, TOKEN, genuine).unwrap();
+    assert_eq!(
+        c.trust(),
+        &TrustOutcome::FirstUse {
+            file: file.clone(),
+            advertised: true
+        }
+    );
+    drop(c);
+    let seen = h.join().unwrap();
+    assert!(matches!(seen[0], (Err(_), false)));
+    assert!(matches!(seen[1], (Ok(()), true)));
+}
+
+#[test]
+fn tls_known_entry_wins_over_advertised_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("known_servers");
+    let (addr, h) = serve_tcp(1, |s| accept_then_hello(&acceptor(), s));
+    KnownServers::record(&file, &addr, identity().fingerprint()).unwrap();
+    let opts = announced(&file, other_identity().fingerprint());
+    let c = Client::connect_with(&addr, TOKEN, opts).unwrap();
+    assert!(
+        matches!(c.trust(), TrustOutcome::Known { .. }),
+        "{:?}",
+        c.trust()
+    );
+    drop(c);
+    assert!(matches!(h.join().unwrap()[0], (Ok(()), true)));
+}
+
+#[test]
+fn tls_client_without_pin_or_known_servers_refused() {
+    let opts = ClientOptions {
+        trust: ServerTrust::default(),
+        ..pinned()
+    };
+    let e = Client::connect_with("127.0.0.1:1", TOKEN, opts).unwrap_err();
+    assert!(matches!(e, ProtoError::NoTrust), "{e:?}");
+}
+
+#[test]
+fn tls_plaintext_old_client_gets_bad_version_in_clear() {
+    let (addr, h) = serve_tcp(1, |s| acceptor().accept(s, secs(5)).err());
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = ClientMsg::Hello {
+        version: 2,
+        token: TOKEN.to_vec(),
+    };
+    write_msg(&mut s, &hello, HANDSHAKE_FRAME_MAX).unwrap();
+    let reply: ServerMsg = read_msg(&mut s, HANDSHAKE_FRAME_MAX).unwrap();
+    let bad_version = RefuseReason::BadVersion {
+        server: PROTOCOL_VERSION,
+        client: 2,
+    };
+    assert_eq!(
+        reply,
+        ServerMsg::Refused {
+            reason: bad_version.clone()
+        }
+    );
+    let e = h.join().unwrap().pop().unwrap();
+    assert!(
+        matches!(&e, Some(ProtoError::Refused(r)) if *r == bad_version),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn tls_client_against_plaintext_server_reports_not_tls() {
+    // A server of protocol 2: reads a frame length in clear, refuses it in clear.
+    let (addr, h) = serve_tcp(1, |s| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut len = [0u8; 4];
+        (&s).read_exact(&mut len).unwrap();
+        server::refuse(&mut &s, RefuseReason::Invalid("frame too large".into()));
+    });
+    let e = connect(&addr, TOKEN).unwrap_err();
+    assert!(matches!(e, ProtoError::NotTls { .. }), "{e:?}");
+    assert!(e.to_string().contains("version 2 or older"), "{e}");
+    h.join().unwrap();
+}
+
+#[test]
+fn tls_accept_lone_record_byte_times_out() {
+    let (addr, h) = serve_tcp(1, |s| {
+        acceptor()
+            .accept(s, Instant::now() + Duration::from_secs(1))
+            .err()
+    });
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&[0x16, 0x03]).unwrap();
+    let e = h.join().unwrap().pop().unwrap();
+    assert!(matches!(e, Some(ProtoError::Timeout { .. })), "{e:?}");
+}
+
+#[test]
+fn tls_conn_writer_not_blocked_by_waiting_reader() {
+    let (addr, h) = serve_one(|s| -> Result<ClientMsg, ProtoError> {
+        let s = Arc::new(s);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The reader reads the client's Keepalive, then waits for a frame the client sends
+        // only after it got three from us.
+        let reader = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || loop {
+                let m = read_msg_before::<ClientMsg, _>(&*s, FRAME_MAX, secs(10));
+                if !matches!(m, Ok(ClientMsg::Keepalive)) {
+                    return m;
+                }
+                tx.send(()).unwrap();
+            })
+        };
+        rx.recv().unwrap();
+        // Let the reader get back into its (blocking) read; the writes must pass it.
+        std::thread::sleep(Duration::from_millis(200));
+        for index in 0..3 {
+            server::send(&mut &*s, &ServerMsg::NeedSegment { index })?;
+        }
+        reader.join().unwrap()
+    });
+    let mut c = raw_connect(&addr);
+    write_msg(&mut c, &ClientMsg::Keepalive, FRAME_MAX).unwrap();
+    for index in 0..3 {
+        assert_eq!(
+            read_msg::<ServerMsg>(&mut c, FRAME_MAX).unwrap(),
+            ServerMsg::NeedSegment { index }
+        );
+    }
+    write_msg(&mut c, &ClientMsg::Finish, FRAME_MAX).unwrap();
+    assert_eq!(h.join().unwrap().unwrap(), ClientMsg::Finish);
 }
 
 // ---- Flow 1 against an in-test server ------------------------------------------------------
@@ -390,14 +849,14 @@ struct Seen {
 
 /// Flow 1, server side: head, then segments; asks for the last segment as soon as the first
 /// one arrived; resumes after the head; reports `FillDone` when complete.
-fn overlay_server(s: TcpStream) -> Result<Seen, ProtoError> {
+fn overlay_server(s: TlsConn) -> Result<Seen, ProtoError> {
     overlay_server_asking(s, false)
 }
 
 /// [`overlay_server`], asking for the last segment as soon as the first *part* of a segment
 /// arrived (`on_first_part`) rather than the first whole segment.
-fn overlay_server_asking(mut s: TcpStream, on_first_part: bool) -> Result<Seen, ProtoError> {
-    server::handshake(&mut s, Some(&token()), 7, secs(5))?;
+fn overlay_server_asking(mut s: TlsConn, on_first_part: bool) -> Result<Seen, ProtoError> {
+    server::handshake(&s, Some(&token()), 7, secs(5))?;
     let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
     let ClientMsg::StartOverlay {
         early_start,
@@ -467,14 +926,7 @@ fn overlay_server_asking(mut s: TcpStream, on_first_part: bool) -> Result<Seen, 
         }
     }
     server::send(&mut s, &ServerMsg::FillDone(FillInfo::default()))?;
-    loop {
-        match read_msg_before(&s, FRAME_MAX, secs(5))? {
-            ClientMsg::Finish => break,
-            ClientMsg::Keepalive => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    server::send(&mut s, &ServerMsg::Closed)?;
+    closed_on_finish(&mut s)?;
     Ok(seen)
 }
 
@@ -485,13 +937,14 @@ fn overlay_demand_for_last_segment_jumps_the_queue() {
     let (addr, h) = serve_one(overlay_server);
     let opts = ClientOptions {
         rate_limit_bytes_per_sec: Some(256 << 10),
-        ..Default::default()
+        ..pinned()
     };
     let mut c = Client::connect_with(&addr, TOKEN, opts).unwrap();
     let mut events = Vec::new();
     let req = SessionRequest {
         early_start: true,
         guest_ports: vec![22, 80],
+        metadata_digest: Some(metadata_digest_of(&path).unwrap()),
     };
     let out = c
         .send_overlay_file(&path, &req, &mut |e| {
@@ -530,12 +983,12 @@ fn overlay_demand_sent_inside_a_large_segment_completes_first() {
     let opts = ClientOptions {
         part_len: 4096,
         rate_limit_bytes_per_sec: Some(64 << 10),
-        ..Default::default()
+        ..pinned()
     };
     let mut c = Client::connect_with(&addr, TOKEN, opts).unwrap();
     let req = SessionRequest {
         early_start: true,
-        guest_ports: vec![],
+        ..SessionRequest::default()
     };
     let out = c.send_overlay_file(&path, &req, &mut |_| {}).unwrap();
     c.finish().unwrap();
@@ -550,8 +1003,8 @@ fn overlay_demand_sent_inside_a_large_segment_completes_first() {
 fn overlay_client_vanishing_mid_stream_gives_truncated_on_server() {
     let dir = tempfile::tempdir().unwrap();
     let path = build_overlay(dir.path(), 4);
-    let (addr, h) = serve_one(|mut s| -> Result<ClientMsg, ProtoError> {
-        server::handshake(&mut s, Some(&token()), 1, secs(5))?;
+    let (addr, h) = serve_one(|s| -> Result<ClientMsg, ProtoError> {
+        server::handshake(&s, Some(&token()), 1, secs(5))?;
         let start: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
         let _: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
         Ok(start)
@@ -590,14 +1043,14 @@ fn overlay_refused_by_server_reason_reaches_client() {
     let dir = tempfile::tempdir().unwrap();
     let path = build_overlay(dir.path(), 2);
     let (addr, h) = serve_one(|mut s| -> Result<(), ProtoError> {
-        server::handshake(&mut s, Some(&token()), 1, secs(5))?;
+        server::handshake(&s, Some(&token()), 1, secs(5))?;
         let _: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
         let reason = RefuseReason::UnknownBase {
             base_id: "ab".repeat(32),
         };
         Err(server::refuse(&mut s, reason))
     });
-    let mut c = Client::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    let mut c = connect(&addr, TOKEN).unwrap();
     let e = c
         .send_overlay_file(&path, &SessionRequest::default(), &mut |_| {})
         .unwrap_err();
@@ -611,20 +1064,13 @@ fn overlay_refused_by_server_reason_reaches_client() {
 #[test]
 fn client_stop_handle_finishes_the_session() {
     let (addr, h) = serve_one(|mut s| -> Result<(), ProtoError> {
-        server::handshake(&mut s, Some(&token()), 1, secs(5))?;
+        server::handshake(&s, Some(&token()), 1, secs(5))?;
         let msg: ClientMsg = read_msg_before(&s, FRAME_MAX, secs(5))?;
         assert!(matches!(msg, ClientMsg::StartUrl { .. }));
         server::send(&mut s, &ServerMsg::Resumed(ResumeInfo::default()))?;
-        loop {
-            match read_msg_before(&s, FRAME_MAX, secs(5))? {
-                ClientMsg::Finish => break,
-                ClientMsg::Keepalive => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        server::send(&mut s, &ServerMsg::Closed)
+        closed_on_finish(&mut s)
     });
-    let mut c = Client::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    let mut c = connect(&addr, TOKEN).unwrap();
     let stop = c.stop_handle();
     let out = c
         .send_url("http://a/o", &SessionRequest::default(), &mut |e| {
@@ -645,7 +1091,7 @@ fn client_stop_handle_finishes_the_session() {
 #[test]
 fn url_outside_prefix_refused_over_the_wire() {
     let (addr, h) = serve_one(|mut s| -> Result<(), ProtoError> {
-        server::handshake(&mut s, Some(&token()), 1, secs(5))?;
+        server::handshake(&s, Some(&token()), 1, secs(5))?;
         let policy = UrlPolicy::new(vec!["https://cdn.example.com/overlays/".into()]).unwrap();
         let ClientMsg::StartUrl { url, .. } = read_msg_before(&s, FRAME_MAX, secs(5))? else {
             panic!("expected StartUrl");
@@ -655,7 +1101,7 @@ fn url_outside_prefix_refused_over_the_wire() {
             Err(r) => Err(server::refuse(&mut s, r)),
         }
     });
-    let mut c = Client::connect(&addr, TOKEN, Duration::from_secs(5)).unwrap();
+    let mut c = connect(&addr, TOKEN).unwrap();
     let e = c
         .send_url(
             "https://cdn.example.com.evil.org/overlays/x",
@@ -668,6 +1114,90 @@ fn url_outside_prefix_refused_over_the_wire() {
         "{e:?}"
     );
     assert!(h.join().unwrap().is_err());
+}
+
+/// Server side of a URL session whose "fetched" overlay is the file at `path`: checks the
+/// metadata digest the client sent with the real server-side check, then answers
+/// `Accepted` (and waits for `Finish`) or refuses.
+fn url_server(mut s: TlsConn, path: PathBuf) -> Result<(), ProtoError> {
+    server::handshake(&s, Some(&token()), 1, secs(5))?;
+    let ClientMsg::StartUrl {
+        metadata_digest, ..
+    } = read_msg_before(&s, FRAME_MAX, secs(5))?
+    else {
+        panic!("expected StartUrl");
+    };
+    let src: Arc<dyn synth::source::ByteSource> = Arc::new(std::fs::read(&path).unwrap());
+    let overlay = synth::format::Overlay::open(src).unwrap();
+    if let Err(r) = server::check_metadata_digest(&overlay, metadata_digest.as_ref()) {
+        return Err(server::refuse(&mut s, r));
+    }
+    server::send(&mut s, &ServerMsg::FillDone(FillInfo::default()))?;
+    closed_on_finish(&mut s)
+}
+
+#[test]
+fn url_metadata_digest_mismatch_refused_by_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_overlay(dir.path(), 2);
+    let served = path.clone();
+    let (addr, h) = serve_one(move |s| url_server(s, served));
+    let mut wrong = metadata_digest_of(&path).unwrap();
+    wrong[0] ^= 1;
+    let req = SessionRequest {
+        metadata_digest: Some(wrong),
+        ..SessionRequest::default()
+    };
+    let mut c = connect(&addr, TOKEN).unwrap();
+    let e = c.send_url("http://a/o", &req, &mut |_| {}).unwrap_err();
+    let ProtoError::Refused(RefuseReason::MetadataDigest { expected, got }) = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*expected, synth::protocol::format_sha256(&wrong));
+    assert_eq!(
+        *got,
+        synth::protocol::format_sha256(&metadata_digest_of(&path).unwrap())
+    );
+    assert!(matches!(
+        h.join().unwrap(),
+        Err(ProtoError::Refused(RefuseReason::MetadataDigest { .. }))
+    ));
+}
+
+#[test]
+fn url_metadata_digest_match_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_overlay(dir.path(), 2);
+    let served = path.clone();
+    let (addr, h) = serve_one(move |s| url_server(s, served));
+    let req = SessionRequest {
+        metadata_digest: Some(metadata_digest_of(&path).unwrap()),
+        ..SessionRequest::default()
+    };
+    let mut c = connect(&addr, TOKEN).unwrap();
+    let out = c.send_url("http://a/o", &req, &mut |_| {}).unwrap();
+    assert!(out.fill_done.is_some());
+    c.finish().unwrap();
+    h.join().unwrap().unwrap();
+}
+
+#[test]
+fn overlay_file_with_other_metadata_digest_refused_before_sending_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_overlay(dir.path(), 2);
+    let (addr, h) = serve_one(|s| -> Result<Option<ClientMsg>, ProtoError> {
+        server::handshake(&s, Some(&token()), 1, secs(5))?;
+        Ok(read_msg_before::<ClientMsg, _>(&s, FRAME_MAX, secs(5)).ok())
+    });
+    let req = SessionRequest {
+        metadata_digest: Some([0; 32]),
+        ..SessionRequest::default()
+    };
+    let mut c = connect(&addr, TOKEN).unwrap();
+    let e = c.send_overlay_file(&path, &req, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, ProtoError::OverlayDigest { .. }), "{e:?}");
+    drop(c);
+    assert_eq!(h.join().unwrap().unwrap(), None);
 }
 
 // ---- Assemblers ------------------------------------------------------------------------------

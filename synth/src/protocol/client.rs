@@ -1,30 +1,40 @@
 //! The client library behind `cloudlet client`, usable by any program that drives a server.
 //!
 //! ```text
-//!  Client::connect ── handshake ──► reader thread ──ServerMsg──► channel ──┐
-//!                                                                          ▼
+//!  Client::connect ── TCP ── TLS (certificate checked: ServerTrust) ── Hello ──► HelloOk
+//!        └── reader thread ──ServerMsg──► channel ──┐
+//!                                                   ▼
 //!  send_overlay: StartOverlay, Head parts, then per segment: demand queue first
 //!                (NeedSegment jumps the queue), else the next in file order; between two
 //!                parts of a segment, a segment asked for meanwhile is sent whole
 //!  hold: keepalives until stop or the server ends; finish: Finish ─► Closed
 //! ```
 //!
-//! One thread writes (the caller's), one reads (spawned at connect), so a `NeedSegment` is
-//! seen between any two parts even while the writer is busy. Stop a running call from another
-//! thread (a Ctrl-C handler) with a [`StopHandle`].
+//! One thread writes (the caller's), one reads (spawned at connect), both on one shared
+//! [`TlsConn`], so a `NeedSegment` is seen between any two parts even while the writer is busy.
+//! Stop a running call from another thread (a Ctrl-C handler) with a [`StopHandle`].
+//!
+//! The server's certificate is checked before anything is sent ([`ServerTrust`]): against the
+//! fingerprint the caller pinned; else against the known-servers file's entry for the address;
+//! else against the fingerprint a discovery announcement gave, or not at all (a first contact),
+//! and then recorded in the known-servers file ([`TrustOutcome::FirstUse`]).
 
-use super::frame::{read_msg, read_msg_before, write_msg};
+use super::fingerprint::{format_sha256, Fingerprint};
+use super::frame::{read_msg, read_msg_before, write_msg, TimeoutStream};
+use super::known_servers::{self, KnownServers, Recorded};
 use super::messages::{ClientMsg, FillInfo, PortMapping, ResumeInfo, ServerMsg, Timings};
+use super::tls::{self, Pin, PinSource, TlsConn};
 use super::{
     ProtoError, DEFAULT_PART_LEN, FRAME_MAX, HANDSHAKE_FRAME_MAX, IDLE_TIMEOUT, KEEPALIVE_INTERVAL,
     MAX_PART_LEN, PROTOCOL_VERSION,
 };
+use crate::chunk::Digest;
 use crate::format::Overlay;
 use crate::source::{ByteSource, FileSource};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,16 +56,144 @@ pub struct ClientOptions {
     pub part_len: usize,
     /// Throttle on head and segment bytes sent (token bucket), for tests and benchmarks.
     pub rate_limit_bytes_per_sec: Option<u64>,
+    /// How the server's certificate is checked.
+    pub trust: ServerTrust,
 }
 
 impl Default for ClientOptions {
+    /// Trust on first use with the default known-servers file
+    /// ([`known_servers::default_path`]), like SSH.
     fn default() -> Self {
         ClientOptions {
             timeout: Duration::from_secs(10),
             idle_timeout: IDLE_TIMEOUT,
             part_len: DEFAULT_PART_LEN,
             rate_limit_bytes_per_sec: None,
+            trust: ServerTrust::known_servers(known_servers::default_path()),
         }
+    }
+}
+
+/// How the client decides that the server's certificate is the right one. The first of these
+/// that applies is used:
+///
+/// 1. `pinned`: only that fingerprint (`--server-fingerprint`); the known-servers file is
+///    neither read nor written.
+/// 2. The known-servers file's entry for the address connected to: only that fingerprint.
+/// 3. `advertised` (the server's mDNS announcement, `--server auto`): only that fingerprint,
+///    then recorded in the known-servers file.
+/// 4. Any certificate (the server still proves it holds its key), recorded in the
+///    known-servers file: trust on first use.
+///
+/// Without `pinned` and without `known_servers`, connecting fails ([`ProtoError::NoTrust`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerTrust {
+    /// The one fingerprint accepted.
+    pub pinned: Option<Fingerprint>,
+    /// The known-servers file (trust on first use).
+    pub known_servers: Option<PathBuf>,
+    /// The fingerprint a discovery announcement gave, for a server the file does not know.
+    pub advertised: Option<Fingerprint>,
+}
+
+impl ServerTrust {
+    /// Only `fingerprint`.
+    pub fn pinned(fingerprint: Fingerprint) -> Self {
+        ServerTrust {
+            pinned: Some(fingerprint),
+            ..ServerTrust::default()
+        }
+    }
+
+    /// Trust on first use with the known-servers file `file`.
+    pub fn known_servers(file: PathBuf) -> Self {
+        ServerTrust {
+            known_servers: Some(file),
+            ..ServerTrust::default()
+        }
+    }
+}
+
+/// How the server's certificate was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustOutcome {
+    /// It has the fingerprint the caller pinned.
+    Pinned,
+    /// It has the fingerprint the known-servers file holds for the server.
+    Known {
+        /// The file.
+        file: PathBuf,
+        /// The entry's line, from 1.
+        line: usize,
+    },
+    /// First contact: the certificate was recorded in the known-servers file. Tell the user,
+    /// loudly: only a fingerprint checked with the server's operator makes this safe.
+    FirstUse {
+        /// The file.
+        file: PathBuf,
+        /// Whether it was checked against the fingerprint of a discovery announcement.
+        advertised: bool,
+    },
+}
+
+/// What the certificate check of one connection will be, decided before connecting.
+struct TrustPlan {
+    pin: Option<Pin>,
+    /// Where to record a first contact (and whether it was checked against an announcement).
+    record: Option<(PathBuf, bool)>,
+    outcome: Option<TrustOutcome>,
+}
+
+impl ServerTrust {
+    fn plan(&self, server: &str) -> Result<TrustPlan, ProtoError> {
+        if let Some(fp) = self.pinned {
+            return Ok(TrustPlan {
+                pin: Some(Pin {
+                    fingerprint: fp,
+                    source: PinSource::Explicit,
+                }),
+                record: None,
+                outcome: Some(TrustOutcome::Pinned),
+            });
+        }
+        let Some(file) = &self.known_servers else {
+            return Err(ProtoError::NoTrust);
+        };
+        let list = KnownServers::load(file)?;
+        if let Some(e) = list.get(server) {
+            if self.advertised.is_some_and(|a| a != e.fingerprint) {
+                log::warn!(
+                    "{server}: the mDNS announcement gives {}, {} line {} has {}: the file wins",
+                    self.advertised.map(|a| a.to_string()).unwrap_or_default(),
+                    file.display(),
+                    e.line,
+                    e.fingerprint
+                );
+            }
+            return Ok(TrustPlan {
+                pin: Some(Pin {
+                    fingerprint: e.fingerprint,
+                    source: PinSource::KnownServers {
+                        file: file.clone(),
+                        line: e.line,
+                        server: e.server.clone(),
+                    },
+                }),
+                record: None,
+                outcome: Some(TrustOutcome::Known {
+                    file: file.clone(),
+                    line: e.line,
+                }),
+            });
+        }
+        Ok(TrustPlan {
+            pin: self.advertised.map(|fp| Pin {
+                fingerprint: fp,
+                source: PinSource::Advertised,
+            }),
+            record: Some((file.clone(), self.advertised.is_some())),
+            outcome: None,
+        })
     }
 }
 
@@ -66,6 +204,28 @@ pub struct SessionRequest {
     pub early_start: bool,
     /// Guest ports to expose.
     pub guest_ports: Vec<u16>,
+    /// The overlay's metadata digest ([`Overlay::id`], see [`metadata_digest_of`]): a URL
+    /// session sends it and the server refuses an overlay with another one; an overlay sent
+    /// from a file must have it too.
+    pub metadata_digest: Option<Digest>,
+}
+
+/// The metadata digest of the overlay file at `path` (what [`SessionRequest::metadata_digest`]
+/// expects), after validating its header and metadata.
+pub fn metadata_digest_of(path: &Path) -> Result<Digest, ProtoError> {
+    Ok(Overlay::open(open_file(path)?)?.id())
+}
+
+/// The overlay file at `path` as a byte source.
+fn open_file(path: &Path) -> Result<Arc<dyn ByteSource>, ProtoError> {
+    let src = FileSource::open(path).map_err(|source| {
+        ProtoError::Source(crate::source::SourceError::Io {
+            offset: 0,
+            len: 0,
+            source,
+        })
+    })?;
+    Ok(Arc::new(src))
 }
 
 /// Progress of a session, reported to the caller's callback.
@@ -157,7 +317,9 @@ type Incoming = Result<ServerMsg, ProtoError>;
 
 /// A connected, authenticated client session.
 pub struct Client {
-    stream: TcpStream,
+    conn: Arc<TlsConn>,
+    server_fingerprint: Fingerprint,
+    trust: TrustOutcome,
     rx: Option<Receiver<Incoming>>,
     reader: Option<JoinHandle<()>>,
     session_id: u64,
@@ -173,6 +335,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("session_id", &self.session_id)
+            .field("server_fingerprint", &self.server_fingerprint)
             .field("ended", &self.ended)
             .finish()
     }
@@ -226,7 +389,8 @@ struct Throttle {
 }
 
 impl Client {
-    /// Connects to `addr` (`host:port`) and runs the handshake with `token` (empty: none).
+    /// Connects to `addr` (`host:port`) and runs the handshake with `token` (empty: none),
+    /// trusting the server on first use through the default known-servers file.
     pub fn connect(addr: &str, token: &[u8], timeout: Duration) -> Result<Client, ProtoError> {
         Self::connect_with(
             addr,
@@ -238,12 +402,17 @@ impl Client {
         )
     }
 
-    /// [`Client::connect`] with every option.
+    /// [`Client::connect`] with every option. The certificate check ([`ClientOptions::trust`])
+    /// happens inside the TLS handshake: a server that fails it gets nothing, not even the
+    /// `Hello`. `addr` is also the name the server is known under in the known-servers file.
     pub fn connect_with(
         addr: &str,
         token: &[u8],
         opts: ClientOptions,
     ) -> Result<Client, ProtoError> {
+        // Before any network traffic: a damaged known-servers file fails here.
+        let server = known_servers::server_key(addr);
+        let plan = opts.trust.plan(&server)?;
         let connect_err = |source| ProtoError::Connect {
             addr: addr.to_string(),
             source,
@@ -259,18 +428,31 @@ impl Client {
                 Err(e) => last = e,
             }
         }
-        let mut stream = stream.ok_or_else(|| connect_err(last))?;
+        let stream = stream.ok_or_else(|| connect_err(last))?;
         stream.set_nodelay(true).map_err(ProtoError::Write)?;
         stream
             .set_write_timeout(Some(opts.timeout))
             .map_err(ProtoError::Write)?;
+        let deadline = Instant::now() + opts.timeout;
+        let conn = Arc::new(tls::connect(stream, plan.pin, deadline)?);
+        let Some(fingerprint) = conn.peer_fingerprint() else {
+            return Err(ProtoError::TlsHandshake(
+                rustls::Error::NoCertificatesPresented,
+            ));
+        };
+        let trust = match (plan.outcome, plan.record) {
+            (Some(outcome), _) => outcome,
+            (None, Some((file, advertised))) => {
+                record_first_use(&file, &server, fingerprint, advertised)?
+            }
+            (None, None) => return Err(ProtoError::NoTrust),
+        };
         let hello = ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             token: token.to_vec(),
         };
-        write_msg(&mut stream, &hello, HANDSHAKE_FRAME_MAX)?;
-        let reply: ServerMsg =
-            read_msg_before(&stream, HANDSHAKE_FRAME_MAX, Instant::now() + opts.timeout)?;
+        write_msg(&mut &*conn, &hello, HANDSHAKE_FRAME_MAX)?;
+        let reply: ServerMsg = read_msg_before(&*conn, HANDSHAKE_FRAME_MAX, deadline)?;
         let session_id = match reply {
             ServerMsg::HelloOk {
                 server_version,
@@ -284,23 +466,25 @@ impl Client {
                 })
             }
         };
-        stream.set_read_timeout(None).map_err(ProtoError::Read)?;
-        let mut rs = stream.try_clone().map_err(ProtoError::Read)?;
+        conn.set_timeout(None).map_err(ProtoError::Read)?;
+        let rs = Arc::clone(&conn);
         let (tx, rx) = crossbeam_channel::bounded::<Incoming>(CHANNEL_DEPTH);
         let reader = std::thread::Builder::new()
             .name(format!("proto-rx-{session_id}"))
             .spawn(move || loop {
-                let r = read_msg::<ServerMsg>(&mut rs, FRAME_MAX);
+                let r = read_msg::<ServerMsg>(&mut &*rs, FRAME_MAX);
                 let last = r.is_err();
                 if tx.send(r).is_err() || last {
                     break;
                 }
             })
             .map_err(|e| ProtoError::Thread("protocol reader", e))?;
-        log::info!("Connected to {addr}, session {session_id}");
+        log::info!("Connected to {addr} ({fingerprint}), session {session_id}");
         let now = Instant::now();
         Ok(Client {
-            stream,
+            conn,
+            server_fingerprint: fingerprint,
+            trust,
             rx: Some(rx),
             reader: Some(reader),
             session_id,
@@ -318,6 +502,17 @@ impl Client {
         self.session_id
     }
 
+    /// The fingerprint of the server's certificate.
+    pub fn server_fingerprint(&self) -> Fingerprint {
+        self.server_fingerprint
+    }
+
+    /// How the server's certificate was accepted; on [`TrustOutcome::FirstUse`] the caller
+    /// should tell the user the fingerprint it recorded.
+    pub fn trust(&self) -> &TrustOutcome {
+        &self.trust
+    }
+
     /// A handle that stops the running call from another thread.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
@@ -330,14 +525,7 @@ impl Client {
         req: &SessionRequest,
         events: &mut dyn FnMut(&ClientEvent),
     ) -> Result<Outcome, ProtoError> {
-        let src = FileSource::open(path).map_err(|source| {
-            ProtoError::Source(crate::source::SourceError::Io {
-                offset: 0,
-                len: 0,
-                source,
-            })
-        })?;
-        self.send_overlay(Arc::new(src), req, events)
+        self.send_overlay(open_file(path)?, req, events)
     }
 
     /// Flow 1: validates the overlay in `source`, sends its header and metadata, then its
@@ -352,6 +540,12 @@ impl Client {
     ) -> Result<Outcome, ProtoError> {
         self.check_open()?;
         let overlay = Overlay::open(Arc::clone(&source))?;
+        if let Some(want) = req.metadata_digest.filter(|d| *d != overlay.id()) {
+            return Err(ProtoError::OverlayDigest {
+                expected: format_sha256(&want),
+                got: format_sha256(&overlay.id()),
+            });
+        }
         let n = overlay.metadata().segments.len();
         let head_len = overlay.data_start();
         self.outcome.transfer.bytes_total = overlay.file_len();
@@ -465,6 +659,7 @@ impl Client {
             url: url.to_string(),
             early_start: req.early_start,
             guest_ports: req.guest_ports.clone(),
+            metadata_digest: req.metadata_digest,
         })?;
         let mut sched = Schedule {
             sent: Vec::new(),
@@ -565,7 +760,7 @@ impl Client {
     }
 
     fn send(&mut self, msg: &ClientMsg) -> Result<(), ProtoError> {
-        let r = write_msg(&mut self.stream, msg, FRAME_MAX);
+        let r = write_msg(&mut &*self.conn, msg, FRAME_MAX);
         self.last_sent = Instant::now();
         if r.is_err() {
             // The server may have explained why it stopped reading: prefer its reason.
@@ -708,11 +903,52 @@ impl Client {
     }
 
     fn shutdown(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.conn.shutdown(Shutdown::Both);
         self.rx = None;
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Records a first contact in the known-servers file, loudly; refuses if another client
+/// recorded a different certificate for the server meanwhile.
+fn record_first_use(
+    file: &Path,
+    server: &str,
+    fingerprint: Fingerprint,
+    advertised: bool,
+) -> Result<TrustOutcome, ProtoError> {
+    match KnownServers::record(file, server, fingerprint)? {
+        Recorded::Added { line } => {
+            log::warn!(
+                "first contact with {server}: its certificate {fingerprint} was {}recorded in {} \
+                 line {line}; check it with the server's operator",
+                if advertised {
+                    "checked against its mDNS announcement only, and "
+                } else {
+                    "not checked, only "
+                },
+                file.display()
+            );
+            Ok(TrustOutcome::FirstUse {
+                file: file.to_path_buf(),
+                advertised,
+            })
+        }
+        Recorded::AlreadyKnown { line } => Ok(TrustOutcome::Known {
+            file: file.to_path_buf(),
+            line,
+        }),
+        Recorded::Conflict(e) => Err(ProtoError::FingerprintMismatch {
+            expected: e.fingerprint,
+            got: fingerprint,
+            pin: PinSource::KnownServers {
+                file: file.to_path_buf(),
+                line: e.line,
+                server: e.server,
+            },
+        }),
     }
 }
 

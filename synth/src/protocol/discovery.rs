@@ -2,7 +2,7 @@
 //!
 //! A server announces itself with an [`Advertiser`]: one instance of [`SERVICE_TYPE`] with its
 //! TCP port and a TXT record built from an [`Announcement`] (protocol version, session limit,
-//! whether a token is needed, the bases it holds). A client calls [`discover`] (or
+//! whether a token is needed, its TLS certificate's fingerprint, the bases it holds). A client calls [`discover`] (or
 //! [`discover_with`] to follow the search) and gets one [`Cloudlet`] per instance that answered
 //! within the time given and did not say goodbye before it ended.
 //!
@@ -11,16 +11,20 @@
 //!    Advertiser::start ── probe, announce ──►     discover(timeout)
 //!      PTR _cloudlet._tcp.local. → instance  ◄──── query PTR (repeated)
 //!      SRV instance → host.local. : port     ────► ServiceResolved → Cloudlet::from_txt
-//!      TXT txtvers=1 proto=1 sessions=4 …          (ServiceRemoved drops it again)
+//!      TXT txtvers=1 proto=3 fp=SHA256:… …         (ServiceRemoved drops it again)
 //!      A/AAAA host.local.
 //!    Advertiser::stop ── goodbye (TTL 0) ───►
 //! ```
 //!
 //! The TXT keys are listed in `docs/protocol.md` ("Discovery"). Everything heard on the network
 //! is untrusted: a TXT value that does not parse is left out (`None`), never an error, and the
-//! number of cloudlets and advertised bases kept is bounded.
+//! number of cloudlets and advertised bases kept is bounded. The fingerprint (`fp`) lets
+//! `--server auto` check that the host that answers the TLS handshake is the one that
+//! announced itself; it cannot tell a genuine announcement from a forged one (see
+//! [`super::client::ServerTrust`]: a known-servers entry comes first).
 
-use super::PROTOCOL_VERSION;
+use super::fingerprint::Fingerprint;
+use super::{cut, PROTOCOL_VERSION};
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo, UnregisterStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -122,6 +126,8 @@ pub struct Announcement {
     pub max_sessions: u32,
     /// Whether the server requires a pre-shared token.
     pub token_required: bool,
+    /// The fingerprint of the server's TLS certificate.
+    pub fingerprint: Fingerprint,
     /// Every base the server holds; the first [`MAX_ADVERTISED_BASES`] are listed.
     pub bases: Vec<AdvertisedBase>,
 }
@@ -137,6 +143,7 @@ impl Announcement {
                 "token".to_string(),
                 if self.token_required { "1" } else { "0" }.to_string(),
             ),
+            ("fp".to_string(), self.fingerprint.to_string()),
             ("bases".to_string(), self.bases.len().to_string()),
         ];
         for (i, b) in self.bases.iter().take(MAX_ADVERTISED_BASES).enumerate() {
@@ -170,6 +177,8 @@ pub struct Cloudlet {
     pub max_sessions: Option<u32>,
     /// Whether the server requires a token.
     pub token_required: Option<bool>,
+    /// The fingerprint of the server's TLS certificate, as announced (unauthenticated).
+    pub fingerprint: Option<Fingerprint>,
     /// How many bases the server holds.
     pub base_count: Option<u64>,
     /// The bases it lists (at most [`MAX_ADVERTISED_BASES`]).
@@ -205,14 +214,16 @@ impl Cloudlet {
                 Some("0") => Some(false),
                 _ => None,
             },
+            fingerprint: get("fp").and_then(|v| v.parse().ok()),
             base_count: num("bases"),
             bases,
         }
     }
 
-    /// Whether this cloudlet speaks our [`PROTOCOL_VERSION`].
+    /// Whether this cloudlet speaks our [`PROTOCOL_VERSION`] and announces the fingerprint
+    /// `--server auto` checks its certificate against.
     pub fn compatible(&self) -> bool {
-        self.protocol_version == Some(PROTOCOL_VERSION)
+        self.protocol_version == Some(PROTOCOL_VERSION) && self.fingerprint.is_some()
     }
 
     /// The address to connect to: the first IPv4 address, else the first IPv6 one.
@@ -221,15 +232,6 @@ impl Cloudlet {
             .first()
             .map(|ip| SocketAddr::new(*ip, self.port))
     }
-}
-
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn cut(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The instance name in a full service name (`NAME._cloudlet._tcp.local.`), unescaped.
@@ -491,6 +493,7 @@ mod tests {
         let ann = Announcement {
             max_sessions: 3,
             token_required: true,
+            fingerprint: Fingerprint::from_bytes([9; 32]),
             bases: vec![
                 AdvertisedBase::new(&"ab12".repeat(16), "web server"),
                 AdvertisedBase::new(&"cd34".repeat(16), ""),
@@ -501,6 +504,7 @@ mod tests {
         assert!(c.compatible());
         assert_eq!(c.max_sessions, Some(3));
         assert_eq!(c.token_required, Some(true));
+        assert_eq!(c.fingerprint, Some(Fingerprint::from_bytes([9; 32])));
         assert_eq!(c.base_count, Some(2));
         assert_eq!(
             c.bases,
@@ -522,6 +526,7 @@ mod tests {
         let ann = Announcement {
             max_sessions: 1,
             token_required: false,
+            fingerprint: Fingerprint::from_bytes([0xff; 32]),
             bases: (0..20)
                 .map(|i| AdvertisedBase::new(&format!("{i:064x}"), &"n".repeat(300)))
                 .collect(),
@@ -542,6 +547,7 @@ mod tests {
             ("sessions", "99999999999"),
             ("token", "yes"),
             ("bases", "-1"),
+            ("fp", "SHA256:beef"),
             ("base1", "XYZ not hex"),
             ("base2", "ab"),
             ("base3", "abcd ok"),
@@ -550,8 +556,18 @@ mod tests {
         assert!(!c.compatible());
         assert_eq!(c.max_sessions, None);
         assert_eq!(c.token_required, None);
+        assert_eq!(c.fingerprint, None);
         assert_eq!(c.base_count, None);
         assert_eq!(c.bases, vec![AdvertisedBase::new("abcd", "ok")]);
+    }
+
+    #[test]
+    fn cloudlet_without_fingerprint_not_compatible() {
+        let proto = PROTOCOL_VERSION.to_string();
+        let fp = Fingerprint::from_bytes([1; 32]).to_string();
+        assert!(parse(&[("proto", &proto), ("fp", &fp)]).compatible());
+        assert!(!parse(&[("proto", &proto)]).compatible());
+        assert!(!parse(&[("proto", "2"), ("fp", &fp)]).compatible());
     }
 
     #[test]
@@ -583,6 +599,7 @@ mod tests {
         let ann = Announcement {
             max_sessions: 1,
             token_required: false,
+            fingerprint: Fingerprint::from_bytes([0; 32]),
             bases: vec![],
         };
         let e = Advertiser::start(&"x".repeat(64), None, 8021, &ann).err();

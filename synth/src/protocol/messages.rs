@@ -88,6 +88,9 @@ pub enum ClientMsg {
         early_start: bool,
         /// As in `StartOverlay`.
         guest_ports: Vec<u16>,
+        /// The SHA-256 of the overlay's metadata block (its header holds it) the client
+        /// expects; the server refuses an overlay with another one (`MetadataDigest`).
+        metadata_digest: Option<crate::chunk::Digest>,
     },
     /// Nothing to say; resets the server's idle timer.
     Keepalive,
@@ -135,11 +138,16 @@ impl std::fmt::Debug for ClientMsg {
                 url,
                 early_start,
                 guest_ports,
+                metadata_digest,
             } => f
                 .debug_struct("StartUrl")
                 .field("url", url)
                 .field("early_start", early_start)
                 .field("guest_ports", guest_ports)
+                .field(
+                    "metadata_digest",
+                    &metadata_digest.as_ref().map(super::format_sha256),
+                )
                 .finish(),
             ClientMsg::Keepalive => f.write_str("Keepalive"),
             ClientMsg::Finish => f.write_str("Finish"),
@@ -272,6 +280,18 @@ pub enum RefuseReason {
     /// The server failed (VM start, FUSE mount, fetch).
     #[error("server error: {0}")]
     Internal(String),
+    /// The overlay fetched from the URL is not the one the client expected: its metadata
+    /// digest differs from `StartUrl`'s.
+    #[error(
+        "the overlay at the URL has metadata digest {got}, not the {expected} the client \
+         expected (the file was replaced, or someone in between swapped it)"
+    )]
+    MetadataDigest {
+        /// The digest the client sent, as `SHA256:<hex>`.
+        expected: String,
+        /// The fetched overlay's, as `SHA256:<hex>`.
+        got: String,
+    },
 }
 
 /// Where a guest port is reachable.

@@ -9,14 +9,19 @@
 //! | [`frame`]   | framing: `u32` little-endian length + bincode payload, bounded before reading |
 //! | [`token`]   | the pre-shared [`Token`], compared in constant time                           |
 //! | [`url`]     | [`UrlPolicy`]: which URLs (and redirects) the server may fetch                |
+//! | [`fingerprint`]| [`Fingerprint`] and the `SHA256:<hex>` text form of digests                |
+//! | [`identity`]| the server's self-signed certificate and key ([`ServerIdentity`])             |
+//! | [`tls`]     | TLS 1.3: [`TlsAcceptor`], [`tls::connect`] (pinned), [`TlsConn`] (the stream)   |
+//! | [`known_servers`]| trust on first use: the known-servers file ([`KnownServers`])            |
 //! | [`server`]  | server-side pieces: handshake, head and segment assemblers                    |
 //! | [`client`]  | [`Client`]: the library behind `cloudlet client`                             |
 //! | `discovery` | mDNS/DNS-SD: `discovery::Advertiser` and `discovery::discover` (feature `discovery`, on by default) |
 //!
-//! The flow of an overlay session:
+//! The flow of an overlay session (every frame inside TLS):
 //!
 //! ```text
 //!  client                                             server
+//!    │── TCP, TLS 1.3 handshake ────────────────────────►│  certificate pinned by fingerprint
 //!    │── Hello{version, token} ─────────────────────────►│  (read with a 64 KiB limit)
 //!    │◄──────────────────────── HelloOk{session_id} ─────│  or Refused{reason}, then close
 //!    │── StartOverlay{file_len, head_len, ports} ───────►│
@@ -36,26 +41,38 @@
 pub mod client;
 #[cfg(feature = "discovery")]
 pub mod discovery;
+pub mod fingerprint;
 pub mod frame;
+pub mod identity;
+pub mod known_servers;
 pub mod messages;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod url;
 
-pub use client::{Client, ClientEvent, ClientOptions, Outcome, SessionRequest, StopHandle};
+pub use client::{
+    Client, ClientEvent, ClientOptions, Outcome, ServerTrust, SessionRequest, StopHandle,
+    TrustOutcome,
+};
+pub use fingerprint::{format_sha256, parse_sha256, Fingerprint};
 pub use frame::{
     decode_msg, encode_msg, read_frame, read_msg, read_msg_before, write_msg, TimeoutStream,
 };
+pub use identity::ServerIdentity;
+pub use known_servers::KnownServers;
 pub use messages::{
     ClientMsg, FillInfo, PortMapping, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings,
 };
+pub use tls::{Pin, PinSource, TlsAcceptor, TlsConn};
 pub use token::Token;
 pub use url::UrlPolicy;
 
 use std::time::Duration;
 
-/// Version of this protocol. A server refuses a `Hello` carrying any other version.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this protocol. A server refuses a `Hello` carrying any other version. Version 3
+/// runs over TLS; versions 1 and 2 spoke in clear.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// TCP port the server listens on by default (the original elijah-provisioning's).
 pub const DEFAULT_PORT: u16 = 8021;
 /// Largest frame payload accepted before authentication (`Hello`, `HelloOk`, `Refused`).
@@ -174,6 +191,54 @@ pub enum ProtoError {
     /// A background thread could not be started.
     #[error("Starting the {0} thread failed")]
     Thread(&'static str, #[source] std::io::Error),
+    /// The TLS configuration could not be built.
+    #[error("Setting up TLS failed")]
+    TlsConfig(#[source] rustls::Error),
+    /// The TLS handshake failed (a bad record, an alert from the peer, a bad signature).
+    #[error("TLS handshake failed")]
+    TlsHandshake(#[source] rustls::Error),
+    /// The server answered the TLS `ClientHello` with something that is not TLS.
+    #[error(
+        "The server did not answer with TLS (first bytes {first:02x?}): it may be a cloudlet \
+         server of protocol version 2 or older, which speaks in clear"
+    )]
+    NotTls {
+        /// The first bytes it sent.
+        first: Vec<u8>,
+    },
+    /// The server's certificate is not the one pinned; nothing was sent to it.
+    #[error("{}", .pin.explain(.expected, .got))]
+    FingerprintMismatch {
+        /// The pinned fingerprint.
+        expected: Fingerprint,
+        /// The fingerprint of the certificate the server presented.
+        got: Fingerprint,
+        /// Where the pin comes from.
+        pin: PinSource,
+    },
+    /// The client has no way to check the server's certificate.
+    #[error("No way to verify the server: give its fingerprint or a known-servers file")]
+    NoTrust,
+    /// The known-servers file could not be read or written.
+    #[error("Using the known-servers file failed")]
+    KnownServers(#[from] known_servers::KnownServersError),
+    /// The overlay to send is not the one the caller expected.
+    #[error("The overlay's metadata digest is {got}, not the expected {expected}")]
+    OverlayDigest {
+        /// The digest expected, as text.
+        expected: String,
+        /// The overlay's, as text.
+        got: String,
+    },
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub(crate) fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Cuts `s` to at most [`MAX_TEXT_LEN`] bytes on a character boundary.

@@ -1,28 +1,33 @@
 //! Server-side building blocks; the session logic (registry, cloudletfs, QEMU) sits on top.
 //!
 //! ```text
-//!  accept ──► handshake (Hello, 64 KiB limit, deadline) ──► HelloOk / Refused
+//!  accept ──► TlsAcceptor::accept (TLS 1.3, deadline) ──► TlsConn
+//!         ──► handshake (Hello, 64 KiB limit, deadline) ──► HelloOk / Refused
 //!               │
 //!  StartOverlay ──► check_ports, HeadAssembler::new (bounds before allocation)
 //!  Head parts  ──► HeadAssembler::push … finish ──► format::Overlay (+ HeadSource)
 //!  Segment parts ──► SegmentAssembler::push ──► (index, verified bytes) when a segment completes
+//!  StartUrl    ──► UrlPolicy, fetch header + metadata ──► check_metadata_digest ──► Accepted
 //! ```
+//!
+//! The functions that talk take any stream `S` with `&S: Read + Write` — a [`super::TlsConn`]
+//! in the server, shared between its reader thread and its writers.
 //!
 //! Everything here refuses with a [`RefuseReason`], which the session sends to the client as
 //! `Refused` (before `Accepted`) or `Error` (after).
 
-use super::frame::{decode_msg, read_frame_before, write_msg};
+use super::fingerprint::format_sha256;
+use super::frame::{decode_msg, read_frame_before, write_msg, TimeoutStream};
 use super::messages::{ClientMsg, RefuseReason, ServerMsg};
 use super::token::Token;
 use super::{
     clip_text, ProtoError, FRAME_MAX, HANDSHAKE_FRAME_MAX, MAX_GUEST_PORTS, MAX_PART_LEN,
     MAX_SEGMENT_WIRE_LEN, PROTOCOL_VERSION,
 };
-use crate::chunk::sha256;
+use crate::chunk::{sha256, Digest};
 use crate::format::{Metadata, Overlay, HEADER_LEN, MAX_METADATA_LEN};
 use crate::source::{check_range, ByteSource, SourceError};
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -80,13 +85,18 @@ pub fn reason_for(e: &ProtoError) -> Option<RefuseReason> {
 /// has one, in constant time); answers `HelloOk{session_id}` or `Refused`. On failure the
 /// error is the refusal ([`ProtoError::Refused`]) for a bad version, token or first message,
 /// and the read or decode error itself otherwise (a `Refused` was still sent if possible).
-pub fn handshake(
-    stream: &mut TcpStream,
+pub fn handshake<S>(
+    stream: &S,
     token: Option<&Token>,
     session_id: u64,
     deadline: Instant,
-) -> Result<(), ProtoError> {
-    let payload = match read_frame_before(&*stream, HANDSHAKE_FRAME_MAX, deadline) {
+) -> Result<(), ProtoError>
+where
+    S: TimeoutStream,
+    for<'a> &'a S: Read + Write,
+{
+    let stream = &mut &*stream;
+    let payload = match read_frame_before(*stream, HANDSHAKE_FRAME_MAX, deadline) {
         Ok(p) => p,
         Err(e) => {
             return Err(match reason_for(&e) {
@@ -143,12 +153,28 @@ pub fn handshake(
     )
 }
 
-fn decode_prefix(payload: &[u8]) -> Result<(u32, u32), ProtoError> {
+pub(crate) fn decode_prefix(payload: &[u8]) -> Result<(u32, u32), ProtoError> {
     let config = bincode::config::standard().with_limit::<64>();
     let ((tag, version), _): ((u32, u32), usize) =
         bincode::serde::decode_from_slice(payload, config)
             .map_err(|e| ProtoError::Decode(e.to_string()))?;
     Ok((tag, version))
+}
+
+/// Checks the overlay a URL session fetched against the metadata digest its `StartUrl`
+/// carried (`None`: the client gave none, nothing to check). Call it on the header and metadata
+/// as soon as they are fetched, before `Accepted`.
+pub fn check_metadata_digest(
+    overlay: &Overlay,
+    expected: Option<&Digest>,
+) -> Result<(), RefuseReason> {
+    match expected {
+        Some(want) if *want != overlay.id() => Err(RefuseReason::MetadataDigest {
+            expected: format_sha256(want),
+            got: format_sha256(&overlay.id()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Checks the guest ports of a start request: at most [`MAX_GUEST_PORTS`], none zero, no
