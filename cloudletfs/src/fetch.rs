@@ -171,7 +171,6 @@ pub const MAX_CLAIMED: usize = 8;
 /// segments, all [`MAX_CLAIMED`].
 pub const MAX_CLAIMED_BYTES: u64 = 64 << 20;
 
-
 /// A decoded segment, published, whose chunks are still to rebuild into the cache file.
 type Rest = (u32, Arc<Vec<u8>>);
 

@@ -7,12 +7,14 @@
 //!  Resumed (ports), FillDone ─► finish | hold until the stop flag ─► Outcome
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use synth::protocol::known_servers::KNOWN_SERVERS_FILE;
 use synth::protocol::{
-    Client, ClientEvent, ClientOptions, Outcome, ProtoError, SessionRequest, Token, DEFAULT_PORT,
+    Client, ClientEvent, ClientOptions, Fingerprint, Outcome, ProtoError, ServerTrust,
+    SessionRequest, Token, TrustOutcome, DEFAULT_PORT,
 };
 
 /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
@@ -48,6 +50,18 @@ pub struct ClientArgs {
     /// End the session right after the fill instead of holding it until Ctrl-C.
     #[arg(long)]
     pub finish: bool,
+    /// Accept only the server certificate with this fingerprint (`SHA256:<hex>`, as
+    /// `cloudlet server` prints it); the known-servers file is then not used.
+    #[arg(long, value_name = "FP")]
+    pub server_fingerprint: Option<Fingerprint>,
+    /// Known-servers file: the first connection to a server records its certificate, later
+    /// ones must present the same (default: HOME/known_servers).
+    #[arg(long, value_name = "FILE")]
+    pub known_servers: Option<PathBuf>,
+    /// The overlay's metadata digest (`SHA256:<hex>`, as `cloudlet inspect` prints it): the
+    /// server refuses an overlay at --url with another one.
+    #[arg(long, value_name = "DIGEST", value_parser = parse_digest)]
+    pub overlay_digest: Option<synth::Digest>,
     /// List the cloudlets announced on the local network (mDNS/DNS-SD) and exit.
     #[arg(long, conflicts_with_all = ["server", "overlay", "url"])]
     pub discover: bool,
@@ -67,7 +81,7 @@ pub enum ClientError {
     WhatToSend,
     /// The token file could not be read.
     #[error("Reading the token file failed")]
-    Token(#[source] ProtoError),
+    Token(#[source] Box<ProtoError>),
     /// Connecting or authenticating failed.
     #[error("Connecting to {addr} failed")]
     Connect {
@@ -75,11 +89,17 @@ pub enum ClientError {
         addr: String,
         /// The error.
         #[source]
-        source: ProtoError,
+        source: Box<ProtoError>,
     },
     /// The session failed.
     #[error(transparent)]
-    Session(#[from] ProtoError),
+    Session(Box<ProtoError>),
+}
+
+impl From<ProtoError> for ClientError {
+    fn from(e: ProtoError) -> Self {
+        ClientError::Session(Box::new(e))
+    }
 }
 
 /// How often the stop flag is checked.
@@ -103,6 +123,11 @@ pub fn server_addr(s: &str) -> String {
     } else {
         format!("{s}:{DEFAULT_PORT}")
     }
+}
+
+/// Parses `--overlay-digest`.
+fn parse_digest(s: &str) -> Result<synth::Digest, String> {
+    synth::protocol::parse_sha256(s).map_err(|e| e.to_string())
 }
 
 /// Longest `--timeout` accepted.
@@ -131,19 +156,46 @@ impl Connected {
     pub fn session_id(&self) -> u64 {
         self.client.session_id()
     }
+
+    /// The fingerprint of the certificate the server presented.
+    pub fn server_fingerprint(&self) -> Fingerprint {
+        self.client.server_fingerprint()
+    }
+
+    /// How the server's certificate was trusted (pinned, known, or recorded now on first use).
+    pub fn trust(&self) -> &TrustOutcome {
+        self.client.trust()
+    }
 }
 
-/// Connects to `server` (`HOST[:PORT]`) and authenticates with the token of `args`.
-pub fn connect(server: &str, args: &ClientArgs) -> Result<Connected, ClientError> {
+/// Connects to `server` (`HOST[:PORT]`) over TLS and authenticates with the token of `args`.
+/// The server's certificate must be `--server-fingerprint`'s if given; else it is checked
+/// against (or, first time, recorded in) the known-servers file (default `HOME/known_servers`)
+/// and against `advertised`, the fingerprint `--server auto` found in the server's announcement.
+pub fn connect(
+    server: &str,
+    advertised: Option<Fingerprint>,
+    home: &Path,
+    args: &ClientArgs,
+) -> Result<Connected, ClientError> {
     let token = args
         .token_file
         .as_deref()
         .map(Token::from_file)
         .transpose()
-        .map_err(ClientError::Token)?;
+        .map_err(|e| ClientError::Token(Box::new(e)))?;
     let addr = server_addr(server);
     let opts = ClientOptions {
         rate_limit_bytes_per_sec: args.rate_limit,
+        trust: ServerTrust {
+            pinned: args.server_fingerprint,
+            known_servers: Some(
+                args.known_servers
+                    .clone()
+                    .unwrap_or_else(|| home.join(KNOWN_SERVERS_FILE)),
+            ),
+            advertised,
+        },
         ..ClientOptions::default()
     };
     let client = Client::connect_with(
@@ -153,7 +205,7 @@ pub fn connect(server: &str, args: &ClientArgs) -> Result<Connected, ClientError
     )
     .map_err(|source| ClientError::Connect {
         addr: addr.clone(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(Connected { client, addr })
 }
@@ -188,6 +240,7 @@ pub fn run(
         let req = SessionRequest {
             early_start: args.early_start,
             guest_ports: args.ports.clone(),
+            metadata_digest: args.overlay_digest,
         };
         let outcome = match (&args.overlay, &args.url) {
             (Some(p), None) => client.send_overlay_file(p, &req, on_event)?,

@@ -9,6 +9,7 @@ use synth::protocol::discovery::{
     self, local_host_label, AdvertisedBase, Advertiser, Announcement, DiscoveryError,
     DiscoveryEvent, MAX_INSTANCE_NAME_LEN,
 };
+use synth::protocol::Fingerprint;
 use synth::registry::{Registry, RegistryError};
 
 /// Errors of announcing a server or choosing one.
@@ -34,6 +35,7 @@ pub fn advertise(
     local: SocketAddr,
     max_sessions: u32,
     token_required: bool,
+    fingerprint: Fingerprint,
 ) -> Result<Advertiser, FindError> {
     let bases = Registry::open(home)?
         .list()?
@@ -51,20 +53,36 @@ pub fn advertise(
     let ann = Announcement {
         max_sessions,
         token_required,
+        fingerprint,
         bases,
     };
     let addr = Some(local.ip()).filter(|ip| !ip.is_unspecified());
     Ok(Advertiser::start(&name, addr, local.port(), &ann)?)
 }
 
-/// `--server auto`: the name and address of the first cloudlet found within `timeout` that
-/// speaks our protocol.
-pub fn auto_server(timeout: Duration) -> Result<(String, SocketAddr), FindError> {
+/// A cloudlet `--server auto` chose.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    /// Its instance name.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The certificate fingerprint it announced (checked in the TLS handshake unless the
+    /// known-servers file knows the address).
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// `--server auto`: the first cloudlet found within `timeout` that speaks our protocol.
+pub fn auto_server(timeout: Duration) -> Result<Chosen, FindError> {
     let mut chosen = None;
     discovery::discover_with(timeout, |e| match e {
         DiscoveryEvent::Found(c) if c.compatible() => match c.socket_addr() {
             Some(addr) => {
-                chosen = Some((c.name.clone(), addr));
+                chosen = Some(Chosen {
+                    name: c.name.clone(),
+                    addr,
+                    fingerprint: c.fingerprint,
+                });
                 ControlFlow::Break(())
             }
             None => ControlFlow::Continue(()),

@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Command::Server(a) => cli::net::server(&ctx, &a),
         Command::ListSession(a) => cli::net::list_session(&ctx, &a),
         Command::CloseSession(a) => cli::net::close_session(&ctx, &a),
-        Command::Client(a) => cli::net::client(&a),
+        Command::Client(a) => cli::net::client(&ctx, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

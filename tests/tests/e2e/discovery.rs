@@ -129,6 +129,14 @@ fn discovery_advertised_server_found_auto_connects_gone_after_sigterm() {
     assert_eq!(c["base_count"], 1, "{c}");
     assert_eq!(c["bases"][0]["id_prefix"], base[..16], "{c}");
     assert_eq!(c["bases"][0]["name"], "web-base", "{c}");
+    // The certificate fingerprint the server printed at start is announced.
+    let printed = std::fs::read_to_string(&log).unwrap();
+    let fingerprint = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("TLS certificate "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fingerprint printed: {printed}"));
+    assert_eq!(c["fingerprint"], fingerprint, "{c}");
 
     // `--server auto` connects to it (the tiny golden overlay's base is not there, so the
     // server refuses it once connected).
@@ -147,6 +155,13 @@ fn discovery_advertised_server_found_auto_connects_gone_after_sigterm() {
     );
     assert!(err.contains(&format!("connected to {at}")), "{err}");
     assert!(err.contains("is not registered on this server"), "{err}");
+    // First contact, checked against the announcement, recorded loudly.
+    assert!(
+        err.contains("NEW SERVER") && err.contains("mDNS announcement"),
+        "{err}"
+    );
+    let known = std::fs::read_to_string(h.home().join("known_servers")).unwrap();
+    assert!(known.contains(&format!("{at} {fingerprint}")), "{known}");
 
     // A search under way sees the server's goodbye when it stops: the server is gone from
     // the final list long before its records would have expired.

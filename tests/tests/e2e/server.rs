@@ -174,6 +174,8 @@ pub(crate) struct Server {
     pub(crate) proc: Proc,
     pub(crate) addr: String,
     pub(crate) log: PathBuf,
+    /// The fingerprint of its TLS certificate, as it printed it at start.
+    pub(crate) fingerprint: String,
 }
 
 fn start_server(h: &Scratch, token: &str, allow: &str) -> Server {
@@ -201,17 +203,23 @@ pub(crate) fn start_server_with(h: &Scratch, args: &[&str]) -> Server {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let listening = format!("cloudlet server listening on {addr}");
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains(&listening)
-    {
+    let fingerprint = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let fp = text
+            .lines()
+            .find_map(|l| l.strip_prefix("TLS certificate "))
+            .and_then(|rest| rest.split_whitespace().next());
+        if let (true, Some(fp)) = (text.contains(&listening), fp) {
+            break fp.to_string();
+        }
         assert!(Instant::now() < deadline, "server never listened");
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     Server {
         proc: Proc(Some(child)),
         addr,
         log,
+        fingerprint,
     }
 }
 
@@ -252,10 +260,12 @@ pub(crate) fn throttled_early_client(
     client(h, server, token, &args)
 }
 
-/// Runs a client to its end; returns (exit code, stderr).
+/// Runs a client to its end, pinned to the server's printed fingerprint; returns (exit code,
+/// stderr).
 pub(crate) fn client_output(server: &Server, token: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(workspace_bin("cloudlet"))
         .args(["client", "--server", &server.addr, "--token-file", token])
+        .args(["--server-fingerprint", &server.fingerprint])
         .args(args)
         .output()
         .unwrap();
@@ -265,11 +275,22 @@ pub(crate) fn client_output(server: &Server, token: &str, args: &[&str]) -> (i32
     )
 }
 
-/// Sends `bytes` on a fresh connection and reads the server's answer.
-fn raw_hello(addr: &str, bytes: &[u8]) -> ServerMsg {
+/// A TLS connection to `server`, pinned to its fingerprint, for sending raw bytes.
+pub(crate) fn tls_connect(server: &Server) -> synth::protocol::TlsConn {
+    let pin = synth::protocol::Pin {
+        fingerprint: server.fingerprint.parse().unwrap(),
+        source: synth::protocol::PinSource::Explicit,
+    };
+    let s = std::net::TcpStream::connect(&server.addr).unwrap();
+    synth::protocol::tls::connect(s, Some(pin), Instant::now() + Duration::from_secs(15)).unwrap()
+}
+
+/// Sends `bytes` on a fresh TLS connection and reads the server's answer.
+fn raw_hello(server: &Server, bytes: &[u8]) -> ServerMsg {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    use synth::protocol::TimeoutStream;
+    let mut s = tls_connect(server);
+    s.set_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(bytes).unwrap();
     synth::protocol::read_msg(&mut s, HANDSHAKE_FRAME_MAX).unwrap()
 }
@@ -334,7 +355,7 @@ fn server_sessions_resume_refuse_and_clean_up() {
     );
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("not allowed"), "{err}");
-    let reply = raw_hello(&server.addr, &u32::MAX.to_le_bytes());
+    let reply = raw_hello(&server, &u32::MAX.to_le_bytes());
     assert!(
         matches!(
             reply,

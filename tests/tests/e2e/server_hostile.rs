@@ -17,14 +17,14 @@ use crate::server::{
 };
 use cloudlet_e2e::{cloudlet, http_get, open_overlay, require_fuse, require_qemu, Scratch};
 use std::io::Write;
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use synth::protocol::{
-    encode_msg, read_msg, ClientMsg, RefuseReason, ServerMsg, FRAME_MAX, PROTOCOL_VERSION,
+    encode_msg, read_msg, ClientMsg, RefuseReason, ServerMsg, TimeoutStream, FRAME_MAX,
+    PROTOCOL_VERSION,
 };
 
 /// The server's idle timeout in this test: a frame must complete within it.
@@ -81,19 +81,20 @@ fn frame(msg: &ClientMsg) -> Vec<u8> {
 /// A client that sends `fast` at once, then `slow` one byte a second (at most
 /// [`TRICKLE_MAX`]), until the server answers `Refused`/`Error` or closes. Returns the
 /// messages it got and how many slow bytes it sent.
-fn slowloris(addr: &str, fast: Vec<u8>, slow: Vec<u8>) -> JoinHandle<(Vec<ServerMsg>, usize)> {
-    let mut s = TcpStream::connect(addr).unwrap();
+fn slowloris(server: &Server, fast: Vec<u8>, slow: Vec<u8>) -> JoinHandle<(Vec<ServerMsg>, usize)> {
+    // Over TLS, each slow byte is a record of its own.
+    let s = Arc::new(crate::server::tls_connect(server));
     std::thread::spawn(move || {
-        s.write_all(&fast).unwrap();
+        (&*s).write_all(&fast).unwrap();
         let done = Arc::new(AtomicBool::new(false));
         let reader = {
-            let mut r = s.try_clone().unwrap();
-            r.set_read_timeout(Some(Duration::from_secs(TRICKLE_MAX as u64 + 60)))
+            let r = Arc::clone(&s);
+            r.set_timeout(Some(Duration::from_secs(TRICKLE_MAX as u64 + 60)))
                 .unwrap();
             let done = Arc::clone(&done);
             std::thread::spawn(move || {
                 let mut got = Vec::new();
-                while let Ok(m) = read_msg::<ServerMsg>(&mut r, FRAME_MAX) {
+                while let Ok(m) = read_msg::<ServerMsg>(&mut &*r, FRAME_MAX) {
                     let last = matches!(m, ServerMsg::Refused { .. } | ServerMsg::Error { .. });
                     got.push(m);
                     if last {
@@ -106,7 +107,7 @@ fn slowloris(addr: &str, fast: Vec<u8>, slow: Vec<u8>) -> JoinHandle<(Vec<Server
         };
         let mut sent = 0;
         for b in slow.iter().take(TRICKLE_MAX) {
-            if done.load(Ordering::SeqCst) || s.write_all(&[*b]).is_err() {
+            if done.load(Ordering::SeqCst) || (&*s).write_all(&[*b]).is_err() {
                 break;
             }
             sent += 1;
@@ -189,7 +190,7 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
             token: token.to_vec(),
         })
     };
-    let slow_hello = slowloris(&server.addr, Vec::new(), hello(&[b'x'; 400]));
+    let slow_hello = slowloris(&server, Vec::new(), hello(&[b'x'; 400]));
     let meta = open_overlay(std::path::Path::new(&overlay)).unwrap();
     let mut fast = hello(b"s3cret-token");
     fast.extend(frame(&ClientMsg::StartOverlay {
@@ -202,7 +203,7 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
         offset: 0,
         bytes: vec![0u8; 4096],
     });
-    let slow_head = slowloris(&server.addr, fast, head);
+    let slow_head = slowloris(&server, fast, head);
     // The second one is listed as receiving its metadata, nothing received.
     let deadline = Instant::now() + Duration::from_secs(30);
     let listed = loop {

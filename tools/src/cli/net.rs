@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use synth::protocol::discovery::{self, Cloudlet, DiscoveryEvent};
-use synth::protocol::ClientEvent;
+use synth::protocol::{ClientEvent, TrustOutcome};
 
 /// Arguments of `list-session`.
 #[derive(Debug, clap::Args)]
@@ -108,7 +108,7 @@ fn describe(c: &Cloudlet) -> String {
         .collect();
     let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
     let mut s = format!(
-        "{}  {}  ({})\n  protocol {}, {} sessions, token {}, {} bases",
+        "{}  {}  ({})\n  protocol {}, {} sessions, token {}, {} bases\n  certificate {}",
         c.name,
         if addrs.is_empty() {
             format!("port {}", c.port)
@@ -122,6 +122,7 @@ fn describe(c: &Cloudlet) -> String {
             .token_required
             .map(|t| if t { "required" } else { "not required" }.into())),
         opt(c.base_count.map(|v| v.to_string())),
+        opt(c.fingerprint.map(|f| f.to_string())),
     );
     for b in &c.bases {
         s.push_str(&format!("\n  base {} {}", b.id_prefix, b.name));
@@ -165,24 +166,37 @@ fn emit(json: bool, value: serde_json::Value, text: &str) {
     }
 }
 
-pub fn client(a: &ClientArgs) -> Result<()> {
+pub fn client(ctx: &Context, a: &ClientArgs) -> Result<()> {
     if a.discover {
         return discover(a.timeout, a.json);
     }
-    let server = match a.server.as_deref() {
+    let (server, advertised) = match a.server.as_deref() {
         Some("auto") => {
-            let (name, addr) = cloudlet_tools::discovery::auto_server(a.timeout)?;
-            eprintln!("discovered {name:?} at {addr}");
-            addr.to_string()
+            let c = cloudlet_tools::discovery::auto_server(a.timeout)?;
+            eprintln!("discovered {:?} at {}", c.name, c.addr);
+            (c.addr.to_string(), c.fingerprint)
         }
-        Some(s) => s.to_string(),
+        Some(s) => (s.to_string(), None),
         None => anyhow::bail!("give --server or --discover"),
     };
     let stop = cloudlet_tools::interrupt_flag().context("installing signal handlers")?;
-    let mut conn = client::connect(&server, a)?;
+    let mut conn = client::connect(&server, advertised, &ctx.home, a)?;
     let session = conn.session_id();
     let addr = conn.addr.clone();
-    eprintln!("connected to {addr}, session {session}");
+    let fingerprint = conn.server_fingerprint();
+    if let TrustOutcome::FirstUse { file, advertised } = conn.trust() {
+        eprintln!(
+            "NEW SERVER {addr}: certificate {fingerprint} recorded in {}.\n\
+             It was {}: compare it with the fingerprint `cloudlet server` printed at start.",
+            file.display(),
+            if *advertised {
+                "checked only against the server's own mDNS announcement"
+            } else {
+                "not checked"
+            }
+        );
+    }
+    eprintln!("connected to {addr} ({fingerprint}), session {session}");
     let json = a.json;
     let host = addr
         .rsplit_once(':')

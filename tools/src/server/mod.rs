@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use synth::protocol::{ProtoError, Token, UrlPolicy, KEEPALIVE_INTERVAL};
+use synth::protocol::{
+    ProtoError, ServerIdentity, TlsAcceptor, Token, UrlPolicy, KEEPALIVE_INTERVAL,
+};
 use synth::registry::Registry;
 
 /// Connections allowed in the handshake on top of the sessions (further ones are dropped).
@@ -141,11 +143,25 @@ pub enum ServerError {
     /// Sessions were still cleaning up when the server gave up waiting.
     #[error("{0} sessions did not end within {SHUTDOWN_WAIT:?}")]
     SessionsLeft(usize),
+    /// The server's TLS identity could not be loaded or created.
+    #[error("TLS identity in {}", path.display())]
+    Identity {
+        /// The server's home.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<synth::protocol::identity::IdentityError>,
+    },
+    /// The TLS configuration could not be built.
+    #[error("Setting up TLS failed")]
+    Tls(#[source] synth::protocol::ProtoError),
 }
 
 /// State shared by the accept loop and every connection.
 pub(crate) struct Server {
     pub(crate) home: PathBuf,
+    /// TLS with the server's identity.
+    pub(crate) tls: TlsAcceptor,
     pub(crate) token: Option<Token>,
     pub(crate) policy: UrlPolicy,
     pub(crate) max_sessions: u32,
@@ -261,6 +277,12 @@ pub fn serve(
             (2 * KEEPALIVE_INTERVAL).as_secs()
         )));
     }
+    let identity =
+        ServerIdentity::load_or_create(home).map_err(|source| ServerError::Identity {
+            path: home.to_path_buf(),
+            source: Box::new(source),
+        })?;
+    let tls = TlsAcceptor::new(&identity).map_err(ServerError::Tls)?;
     let listen_err = |source| ServerError::Listen {
         addr: opts.listen.clone(),
         source,
@@ -274,6 +296,7 @@ pub fn serve(
     };
     let srv = Arc::new(Server {
         home: home.to_path_buf(),
+        tls,
         token,
         policy,
         max_sessions: opts.max_sessions,
@@ -303,6 +326,14 @@ pub fn serve(
         srv.max_sessions
     );
     reporter.note(&format!("cloudlet server listening on {local}"));
+    reporter.note(&format!(
+        "TLS certificate {} ({}{})",
+        identity.fingerprint(),
+        if identity.created() { "new, " } else { "" },
+        identity
+            .cert_path()
+            .map_or_else(String::new, |p| p.display().to_string())
+    ));
     let advert = if opts.advertise {
         let adv = crate::discovery::advertise(
             opts.advertise_name.as_deref(),
@@ -310,6 +341,7 @@ pub fn serve(
             local,
             srv.max_sessions,
             srv.token.is_some(),
+            identity.fingerprint(),
         )
         .map_err(ServerError::Advertise)?;
         reporter.note(&format!("advertising {}", adv.fullname()));

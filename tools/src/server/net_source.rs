@@ -238,6 +238,9 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
     use synth::protocol::{read_msg, ProtoError, UrlPolicy, FRAME_MAX};
+    use synth::protocol::{
+        tls, Pin, PinSource, ServerIdentity, TimeoutStream, TlsAcceptor, TlsConn,
+    };
 
     const TINY: &[u8] = include_bytes!(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -245,12 +248,25 @@ mod tests {
     ));
 
     /// A `NetSource` over the golden overlay, with the client's end of its connection.
-    fn fixture(name: &str) -> (Arc<NetSource>, Overlay, TcpStream, PathBuf) {
+    fn fixture(name: &str) -> (Arc<NetSource>, Overlay, TlsConn, PathBuf) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let identity = ServerIdentity::generate().unwrap();
+        let acceptor = TlsAcceptor::new(&identity).unwrap();
+        let pin = Pin {
+            fingerprint: identity.fingerprint(),
+            source: PinSource::Explicit,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            tls::connect(TcpStream::connect(addr).unwrap(), Some(pin), deadline).unwrap()
+        });
         let (server_end, _) = listener.accept().unwrap();
+        let server_end = Arc::new(acceptor.accept(server_end, deadline).unwrap());
+        let client = client.join().unwrap();
         let srv = Arc::new(Server {
             home: std::env::temp_dir(),
+            tls: acceptor,
             token: None,
             policy: UrlPolicy::default(),
             max_sessions: 1,
@@ -263,7 +279,7 @@ mod tests {
             next_id: AtomicU64::new(1),
             shutdown: Arc::new(AtomicBool::new(false)),
         });
-        let peer = server_end.peer_addr().unwrap();
+        let peer = server_end.socket().peer_addr().unwrap();
         let conn = Arc::new(Conn::new(1, srv, server_end, peer));
         conn.accepted.store(true, Ordering::SeqCst);
         let src: Arc<dyn ByteSource> = Arc::new(TINY.to_vec());
@@ -319,7 +335,7 @@ mod tests {
             std::thread::spawn(move || net.read_range_with(off, len, Priority::Background))
         };
         client
-            .set_read_timeout(Some(Duration::from_millis(500)))
+            .set_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let r = read_msg::<ServerMsg>(&mut client, FRAME_MAX);
         assert!(matches!(r, Err(ProtoError::Timeout { .. })), "{r:?}");

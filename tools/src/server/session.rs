@@ -3,10 +3,11 @@
 //! or a URL the server fetches), the VM, and the last message.
 //!
 //! ```text
-//!  connection: slot ─► handshake ─► run_session ─► overlay_session | url_session
+//!  connection: TLS (TlsAcceptor) ─► slot ─► handshake ─► run_session
+//!              ─► overlay_session | url_session (reader thread and writers share one TlsConn)
 //!     overlay_session: Head parts ─► accept_overlay (Accepted) ─► read_loop thread
 //!                      (segments ─► NetSource) ─► run_vm
-//!     url_session:     UrlPolicy ─► HttpSource ─► accept_overlay ─► run_vm
+//!     url_session:     UrlPolicy ─► HttpSource ─► metadata digest ─► accept_overlay ─► run_vm
 //!     run_vm: forwards ─► session::resume_vm ─► Resumed ─► watch (FillDone, QEMU, mount)
 //!  end: Finish ─► Closed | failure ─► Refused (before Accepted) / Error (after) | gone
 //! ```
@@ -26,7 +27,7 @@ use synth::format::Overlay;
 use synth::protocol::server::{self, check_ports, reason_for, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
     clip_text, frame::read_frame_before, read_msg_before, ClientMsg, FillInfo, PortMapping,
-    ProtoError, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings, FRAME_MAX,
+    ProtoError, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX,
     HANDSHAKE_FRAME_MAX, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
 };
 use synth::registry::{Registry, RegistryError};
@@ -80,7 +81,8 @@ fn end_for(e: &ProtoError) -> End {
 pub(crate) struct Conn {
     pub(crate) id: u64,
     pub(crate) srv: Arc<Server>,
-    writer: Mutex<TcpStream>,
+    /// The client's TLS stream, shared with the reader thread.
+    tls: Arc<TlsConn>,
     last_sent: Mutex<Instant>,
     /// Set once the session is ending; everything waiting gives up.
     stop: AtomicBool,
@@ -105,11 +107,11 @@ struct View {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, srv: Arc<Server>, writer: TcpStream, peer: SocketAddr) -> Conn {
+    pub(crate) fn new(id: u64, srv: Arc<Server>, tls: Arc<TlsConn>, peer: SocketAddr) -> Conn {
         Conn {
             id,
             srv,
-            writer: Mutex::new(writer),
+            tls,
             last_sent: Mutex::new(Instant::now()),
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
@@ -164,15 +166,13 @@ impl Conn {
         self.finish(End::Fail(RefuseReason::Closed(
             "cloudlet close-session".into(),
         )));
-        let _ = lock(&self.writer).shutdown(Shutdown::Read);
+        let _ = self.tls.shutdown(Shutdown::Read);
     }
 
     /// Sends one message; a failed write ends the session (the client is gone).
     pub(crate) fn send(&self, msg: &ServerMsg) -> bool {
-        let mut w = lock(&self.writer);
-        let r = server::send(&mut *w, msg);
+        let r = server::send(&mut &*self.tls, msg);
         *lock(&self.last_sent) = Instant::now();
-        drop(w);
         match r {
             Ok(()) => true,
             Err(e) => {
@@ -215,7 +215,7 @@ fn clip(reason: RefuseReason) -> RefuseReason {
     }
 }
 
-pub(crate) fn connection(mut guard: ConnGuard, mut stream: TcpStream, peer: SocketAddr, id: u64) {
+pub(crate) fn connection(mut guard: ConnGuard, stream: TcpStream, peer: SocketAddr, id: u64) {
     let srv = Arc::clone(&guard.srv);
     let setup = stream
         .set_nonblocking(false)
@@ -225,15 +225,23 @@ pub(crate) fn connection(mut guard: ConnGuard, mut stream: TcpStream, peer: Sock
         log::warn!("{peer}: socket setup failed: {e}");
         return;
     }
+    // One deadline for the TLS handshake and the Hello together.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let stream = match srv.tls.accept(stream, deadline) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            log::info!("{peer}: TLS handshake failed: {e}");
+            return;
+        }
+    };
     {
         let mut sessions = lock(&srv.sessions);
         if sessions.len() >= usize::try_from(srv.max_sessions).unwrap_or(usize::MAX) {
             drop(sessions);
             // Read the Hello first, so the refusal is not lost to a reset.
-            let _ = read_frame_before(&stream, HANDSHAKE_FRAME_MAX, deadline);
+            let _ = read_frame_before(&*stream, HANDSHAKE_FRAME_MAX, deadline);
             server::refuse(
-                &mut stream,
+                &mut &*stream,
                 RefuseReason::Busy {
                     max_sessions: srv.max_sessions,
                 },
@@ -244,19 +252,12 @@ pub(crate) fn connection(mut guard: ConnGuard, mut stream: TcpStream, peer: Sock
         sessions.insert(id);
         guard.slot = Some(id);
     }
-    if let Err(e) = server::handshake(&mut stream, srv.token.as_ref(), id, deadline) {
+    if let Err(e) = server::handshake(&*stream, srv.token.as_ref(), id, deadline) {
         log::info!("session {id} from {peer}: handshake failed: {e}");
         return;
     }
     log::info!("session {id} from {peer}: authenticated");
-    let writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            log::warn!("session {id}: cloning the socket failed: {e}");
-            return;
-        }
-    };
-    let conn = Arc::new(Conn::new(id, Arc::clone(&srv), writer, peer));
+    let conn = Arc::new(Conn::new(id, Arc::clone(&srv), Arc::clone(&stream), peer));
     lock(&srv.live).insert(id, Arc::downgrade(&conn));
     let ticker = {
         let conn = Arc::clone(&conn);
@@ -286,9 +287,11 @@ pub(crate) fn connection(mut guard: ConnGuard, mut stream: TcpStream, peer: Sock
             if conn.accepted.load(Ordering::SeqCst) {
                 conn.send(&ServerMsg::Error { reason });
             } else {
-                server::refuse(&mut *lock(&conn.writer), reason);
+                server::refuse(&mut &*conn.tls, reason);
             }
-            drain(&stream);
+            // Closing with unread data would reset the connection before the client has read
+            // why: read and drop what it still sends (bounded).
+            stream.drain_and_close(DRAIN_TIME, DRAIN_BYTES);
         }
         End::Gone(_) => {}
     }
@@ -300,29 +303,10 @@ pub(crate) fn connection(mut guard: ConnGuard, mut stream: TcpStream, peer: Sock
     );
 }
 
-/// After a refusal: closes the write half, then reads and drops what the client still sends
-/// (bounded in time and bytes), so that closing with unread data does not reset the connection
-/// before the client has read why.
-fn drain(stream: &TcpStream) {
-    use std::io::Read;
-    const DRAIN_TIME: Duration = Duration::from_secs(2);
-    const DRAIN_BYTES: u64 = 64 << 20;
-    let _ = stream.shutdown(Shutdown::Write);
-    let deadline = Instant::now() + DRAIN_TIME;
-    let mut buf = [0u8; 64 << 10];
-    let mut total = 0u64;
-    let mut s = stream;
-    while total < DRAIN_BYTES {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => total += n as u64,
-        }
-    }
-}
+/// Longest a refused client's leftover bytes are read after the refusal.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// Most leftover bytes read after a refusal.
+const DRAIN_BYTES: u64 = 64 << 20;
 
 /// Sends `Keepalive` whenever the session has said nothing for [`KEEPALIVE_INTERVAL`]; turns
 /// the server's SIGTERM into the session's end.
@@ -341,7 +325,7 @@ fn tick(conn: &Conn) {
     }
 }
 
-fn read_client(conn: &Conn, stream: &TcpStream) -> Result<ClientMsg, ProtoError> {
+fn read_client(conn: &Conn, stream: &TlsConn) -> Result<ClientMsg, ProtoError> {
     read_msg_before(stream, FRAME_MAX, Instant::now() + conn.srv.idle_timeout)
 }
 
@@ -353,7 +337,7 @@ fn unexpected(msg: &ClientMsg, state: &str) -> End {
 }
 
 /// Runs a session to its end. Returns the end, or `None` when it was recorded on `conn`.
-fn run_session(conn: &Arc<Conn>, stream: &TcpStream) -> Option<End> {
+fn run_session(conn: &Arc<Conn>, stream: &Arc<TlsConn>) -> Option<End> {
     let first = loop {
         match read_client(conn, stream) {
             Ok(ClientMsg::Keepalive) => {}
@@ -383,6 +367,7 @@ fn run_session(conn: &Arc<Conn>, stream: &TcpStream) -> Option<End> {
             url,
             early_start,
             guest_ports,
+            metadata_digest,
         } => {
             log::info!(
                 "session {}: URL {url}, early start {early_start}, ports {guest_ports:?}",
@@ -393,7 +378,7 @@ fn run_session(conn: &Arc<Conn>, stream: &TcpStream) -> Option<End> {
                 early_start,
                 guest_ports,
             };
-            url_session(conn, stream, &req, &url).err()
+            url_session(conn, stream, &req, &url, metadata_digest).err()
         }
         ClientMsg::Finish => Some(End::Finish),
         other => Some(unexpected(&other, "Authenticated")),
@@ -571,7 +556,7 @@ fn qemu_alive(pid: u32) -> bool {
 /// Flow 1: head, `Accepted`, segments from the client into a [`NetSource`], the VM.
 fn overlay_session(
     conn: &Arc<Conn>,
-    stream: &TcpStream,
+    stream: &Arc<TlsConn>,
     req: &Start,
     file_len: u64,
     head_len: u64,
@@ -615,9 +600,7 @@ fn overlay_session(
     let reader = {
         let conn = Arc::clone(conn);
         let net = Arc::clone(&net);
-        let stream = stream
-            .try_clone()
-            .map_err(|e| internal("cloning the socket", e))?;
+        let stream = Arc::clone(stream);
         let asm = SegmentAssembler::new(overlay.metadata_arc());
         std::thread::Builder::new()
             .name(format!("session-{}-rx", conn.id))
@@ -645,21 +628,25 @@ fn overlay_session(
 }
 
 /// Flow 2: the server fetches the overlay by HTTP range requests.
-fn url_session(conn: &Arc<Conn>, stream: &TcpStream, req: &Start, url: &str) -> Result<(), End> {
+fn url_session(
+    conn: &Arc<Conn>,
+    stream: &Arc<TlsConn>,
+    req: &Start,
+    url: &str,
+    metadata_digest: Option<synth::Digest>,
+) -> Result<(), End> {
     check_ports(&req.guest_ports)?;
     conn.srv.policy.check(url)?;
     // From here the client only sends Keepalive or Finish.
     let reader = {
         let conn = Arc::clone(conn);
-        let stream = stream
-            .try_clone()
-            .map_err(|e| internal("cloning the socket", e))?;
+        let stream = Arc::clone(stream);
         std::thread::Builder::new()
             .name(format!("session-{}-rx", conn.id))
             .spawn(move || read_loop(&conn, &stream, None))
             .map_err(|e| internal("reader thread", e))?
     };
-    let result = url_vm(conn, req, url);
+    let result = url_vm(conn, req, url, metadata_digest.as_ref());
     if let Err(e) = result {
         conn.finish(e);
     }
@@ -670,7 +657,12 @@ fn url_session(conn: &Arc<Conn>, stream: &TcpStream, req: &Start, url: &str) -> 
         .unwrap_or(End::Gone("unknown".into())))
 }
 
-fn url_vm(conn: &Arc<Conn>, req: &Start, url: &str) -> Result<(), End> {
+fn url_vm(
+    conn: &Arc<Conn>,
+    req: &Start,
+    url: &str,
+    metadata_digest: Option<&synth::Digest>,
+) -> Result<(), End> {
     // Every redirect must stay under the operator's prefixes, like the URL itself.
     let policy = conn.srv.policy.clone();
     let opts = HttpOptions {
@@ -689,6 +681,8 @@ fn url_vm(conn: &Arc<Conn>, req: &Start, url: &str) -> Result<(), End> {
     });
     let overlay = Overlay::open(Arc::clone(&src))
         .map_err(|e| End::Fail(RefuseReason::BadOverlay(chain(&e))))?;
+    // The overlay the client meant, not one swapped on the way.
+    server::check_metadata_digest(&overlay, metadata_digest)?;
     let base = accept_overlay(conn, &overlay)?;
     let segments_total = u32::try_from(overlay.metadata().segments.len()).unwrap_or(u32::MAX);
     let c = Arc::clone(conn);
@@ -743,7 +737,7 @@ impl ByteSource for Counting {
 }
 
 /// Reads the client's frames after `Accepted`: segment parts (flow 1), `Keepalive`, `Finish`.
-fn read_loop(conn: &Conn, stream: &TcpStream, mut segs: Option<(SegmentAssembler, &NetSource)>) {
+fn read_loop(conn: &Conn, stream: &TlsConn, mut segs: Option<(SegmentAssembler, &NetSource)>) {
     while !conn.stopped() {
         let msg = match read_client(conn, stream) {
             Ok(m) => m,
