@@ -479,7 +479,8 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         if self.agent.is_none() {
             let path = self.args.agent_socket().ok_or(VmError::NoAgentChannel)?;
-            let agent = Agent::connect(path, timeout);
+            let process = &mut self.process;
+            let agent = Agent::connect_with(path, timeout, &mut || process.exited().is_none());
             let agent = self.agent_step("connecting to the guest agent", agent)?;
             self.agent = Some(Box::new(agent));
         }
@@ -676,7 +677,9 @@ impl Vm {
     fn agent_step<T>(&mut self, step: &str, r: Result<T, AgentError>) -> Result<T, VmError> {
         r.map_err(|e| {
             let grace = match e {
-                AgentError::Closed { .. } | AgentError::Io { .. } => EXIT_GRACE,
+                AgentError::Closed { .. } | AgentError::Io { .. } | AgentError::Connect { .. } => {
+                    EXIT_GRACE
+                }
                 _ => Duration::ZERO,
             };
             exit_error_within(&mut self.process, &self.args, step, grace)

@@ -71,7 +71,16 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
-    /// No reply in time (is `qemu-guest-agent` running in the guest?).
+    /// The agent did not answer a sync in time.
+    #[error(
+        "The guest agent did not answer within {waited:?}; is qemu-guest-agent installed and \
+         running in the guest?"
+    )]
+    NotAnswering {
+        /// How long it was tried.
+        waited: Duration,
+    },
+    /// No reply to a request in time.
     #[error("No reply from the guest agent to {command} within {timeout:?}")]
     Timeout {
         /// The command.
@@ -218,15 +227,24 @@ impl Agent {
     /// Connects to the agent socket at `path`, retrying until `timeout` (QEMU creates it a
     /// little after it starts). Does not sync yet.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Agent, AgentError> {
+        Agent::connect_with(path, timeout, &mut || true)
+    }
+
+    /// Like [`Agent::connect`], but gives up early when `keep_trying` returns false (used to
+    /// stop once the QEMU process has exited).
+    pub fn connect_with(
+        path: &Path,
+        timeout: Duration,
+        keep_trying: &mut dyn FnMut() -> bool,
+    ) -> Result<Agent, AgentError> {
         let start = Instant::now();
-        let stream =
-            super::connect_unix(path, start + timeout, &mut || true).map_err(|source| {
-                AgentError::Connect {
-                    path: path.to_owned(),
-                    waited: start.elapsed(),
-                    source,
-                }
-            })?;
+        let stream = super::connect_unix(path, start + timeout, keep_trying).map_err(|source| {
+            AgentError::Connect {
+                path: path.to_owned(),
+                waited: start.elapsed(),
+                source,
+            }
+        })?;
         debug!("Guest agent socket {} connected", path.display());
         Ok(Agent::new(stream))
     }
@@ -291,9 +309,8 @@ impl Agent {
                 debug!("Guest agent sync: skipping {}", shorten_bytes(&line));
             }
             if Instant::now() >= deadline {
-                return Err(AgentError::Timeout {
-                    command: CMD.into(),
-                    timeout,
+                return Err(AgentError::NotAnswering {
+                    waited: start.elapsed(),
                 });
             }
             attempt = (attempt * 2).min(Duration::from_secs(4));
