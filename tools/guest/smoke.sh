@@ -209,7 +209,7 @@ BEFORE=$(counter); log "A counter: $BEFORE"
 H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'uname -r; grep " / " /proc/mounts' >&2
 H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'fstrim -v /' >&2 || fail "fstrim"
 rc=0; H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'exit 3' || rc=$?
-[[ $rc == 3 ]] || fail "command loop rc: expected 3, got $rc"
+[[ $rc == 3 ]] || fail "console shell rc: expected 3, got $rc"
 
 BALLOON_RESULT=skipped
 if [[ $SMOKE_BALLOON == 1 ]]; then

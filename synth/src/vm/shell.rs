@@ -369,11 +369,8 @@ impl<T: Transport> Shell<T> {
             self.seq + 1
         );
         let shown = format!("/tmp/.cloudlet-{}-{}", self.nonce, self.seq + 1);
-        // The longest wrapper around a chunk: `umask 077;printf '' >"FILE"` in the frame.
-        let wrapper = self.line_len(&format!(
-            "(eval {})",
-            single_quote(&format!("umask 077;printf '' >>\"{file}\""))
-        ));
+        // The longest wrapper around a chunk, plus room for the sequence number to grow.
+        let wrapper = self.line_len(&chunk_code("", ">>", &file)) + 4;
         let budget = self.options.max_line.saturating_sub(wrapper).max(16);
         let encoded: Vec<String> = command
             .as_bytes()
@@ -392,11 +389,8 @@ impl<T: Transport> Shell<T> {
                 chunk.push_str(p);
             }
             let redirect = if first { ">" } else { ">>" };
-            let code = format!(
-                "(eval {})",
-                single_quote(&format!("umask 077;printf '{chunk}' {redirect}\"{file}\""))
-            );
             first = false;
+            let code = chunk_code(&chunk, redirect, &file);
             let (rc, output) = self.frame(&code, deadline, &mut |_| {})?;
             if rc != 0 {
                 return Err(FrameError::Io(ShellError::Transfer {
@@ -572,6 +566,14 @@ impl<T: Transport> Shell<T> {
     fn send(&mut self, bytes: &[u8]) -> Result<(), ShellError> {
         self.transport.send(bytes).map_err(ShellError::Send)
     }
+}
+
+/// The code that writes `chunk` (a `printf` format) to `file` with `redirect` (`>` or `>>`).
+fn chunk_code(chunk: &str, redirect: &str, file: &str) -> String {
+    format!(
+        "(eval {})",
+        single_quote(&format!("umask 077;printf '{chunk}' {redirect}\"{file}\""))
+    )
 }
 
 /// The line typed for `code` under `tag`, newline included.
