@@ -47,22 +47,28 @@ struct Guest {
     cmdline: String,
 }
 
-/// The built test guest, from build-guest.sh (which returns at once when its cache holds the
-/// current recipe, and rebuilds it otherwise).
+/// The built test guest, from build-guest.sh (in `$CLOUDLET_GUEST_DIR` when set, else in
+/// the script's default folder, named after its recipe); the script returns at once when
+/// its cache holds the current recipe, and rebuilds it otherwise.
 fn guest() -> Guest {
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/cloudlet-guest")
-        });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
-    let status = std::process::Command::new(script)
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .status()
+    let mut build = std::process::Command::new(script);
+    build.env_remove("GUEST_DISK_MB");
+    if let Some(dir) = std::env::var_os("CLOUDLET_GUEST_DIR") {
+        build.arg(dir);
+    }
+    let out = build
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .unwrap();
-    assert!(status.success(), "{script} failed: {status}");
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("guest dir:"))
+            .expect("build-guest.sh names its guest dir")
+            .trim(),
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("guest.json")).unwrap()).unwrap();
     Guest {

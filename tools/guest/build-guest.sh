@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # build-guest.sh [OUTDIR] — build cloudlet's small Linux test guest from Debian packages.
 #
-# Output (in OUTDIR, default ${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}):
+# Output (in OUTDIR; default $CLOUDLET_GUEST_DIR, else
+# $HOME/.cache/cloudlet-guests/r<RECIPE_VERSION>-<GUEST_DISK_MB>mb, printed as "guest dir:"):
 #   vmlinuz     Debian's cloud kernel (linux-image-*-cloud-amd64), unmodified
 #   initrd.img  busybox-static initramfs: loads the virtio/ext4 modules the kernel lacks,
 #               mounts /dev/vda (ext4, -o discard) and switch_roots to it
@@ -22,6 +23,8 @@
 #   /cgi-bin/counter         "count=N uptime=S boot_id=ID": N lives in /run (tmpfs, i.e. guest
 #                            RAM), so it continues across a save/restore of the same boot.
 #
+# The default folder names the recipe, so checkouts on different recipes (whose tools speak
+# to the guest differently) do not rebuild one shared cache under each other.
 # Cached: if OUTDIR holds a complete build of the same recipe version and disk size, the
 # script prints the paths and exits. guest.json is written last, so it marks a complete build.
 # Needs root (mknod of /dev/console for the initramfs), busybox-static, qemu-guest-agent, cpio,
@@ -31,8 +34,8 @@ set -euo pipefail
 # Bump whenever anything below changes what ends up in OUTDIR.
 RECIPE_VERSION=2
 
-OUTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}}
 GUEST_DISK_MB=${GUEST_DISK_MB:-256}
+OUTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guests/r$RECIPE_VERSION-${GUEST_DISK_MB}mb}}
 KERNEL_META_PKG=linux-image-cloud-amd64
 # quiet: keeps the serial log short; panic=-1: with QEMU's -no-reboot a guest panic ends QEMU
 # instead of hanging, which is what automation wants.

@@ -18,7 +18,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-GUESTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}}
+GUESTDIR=${1:-${CLOUDLET_GUEST_DIR:-}}   # empty: build-guest.sh's default folder
 QEMU=${QEMU:-qemu-system-x86_64}
 SMOKE_BALLOON=${SMOKE_BALLOON:-1}
 RAM_MB=256
@@ -31,8 +31,8 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 T0=$(now)
 
-"$HERE/build-guest.sh" "$GUESTDIR" >/dev/null
-GUESTDIR=$(cd "$GUESTDIR" && pwd)
+GUESTDIR=$("$HERE/build-guest.sh" ${GUESTDIR:+"$GUESTDIR"} | sed -n 's/^guest dir: *//p')
+[[ -n $GUESTDIR ]] || fail "build-guest.sh named no guest dir"
 CMDLINE=$(sed -n 's/^  "cmdline": "\(.*\)",$/\1/p' "$GUESTDIR/guest.json")
 [[ -n $CMDLINE ]] || fail "no cmdline in $GUESTDIR/guest.json"
 
