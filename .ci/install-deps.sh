@@ -4,7 +4,10 @@
 set -euo pipefail
 
 need_apt=()
-for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd; do
+# socat and dash: the console tests run real shells on a pty behind a Unix socket; qemu-ga: the
+# guest agent tests run it on the host, and the test guest carries it.
+for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd \
+  socat dash qemu-ga flock; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
 # libvirt-dev: headers and pkg-config file the `libvirt` cargo feature builds against.
@@ -32,7 +35,7 @@ SRC
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     fuse3 xdelta3 xz-utils zstd nginx-light debootstrap e2fsprogs cpio busybox-static curl \
-    iproute2 >/dev/null
+    iproute2 socat dash qemu-guest-agent util-linux >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-utils >/dev/null
   # The optional libvirt backend (tests run it). Without recommends it pulls in no QEMU of

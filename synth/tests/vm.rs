@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use synth::base::{Device, LaunchConfig};
 use synth::vm::{
-    free_tcp_port, qemu_binary, Accel, HostFwd, LaunchError, LaunchOptions, MemoryMode, QemuArgs,
+    free_tcp_port, qemu_binary, Accel, Agent, AgentError, CommandOutput, HostFwd, LaunchError,
+    LaunchOptions, MemoryMode, QemuArgs, SerialPort, Shell, ShellError, ShellOptions, Transport,
     Vm, VmError, VmPaths, READY_MARKER,
 };
 
@@ -46,23 +47,28 @@ struct Guest {
     cmdline: String,
 }
 
-/// The built test guest; built (or fetched from its cache) by build-guest.sh if missing.
+/// The built test guest, from build-guest.sh (in `$CLOUDLET_GUEST_DIR` when set, else in
+/// the script's default folder, named after its recipe); the script returns at once when
+/// its cache holds the current recipe, and rebuilds it otherwise.
 fn guest() -> Guest {
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/cloudlet-guest")
-        });
-    if !dir.join("guest.json").is_file() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
-        eprintln!("building the test guest with {script}");
-        let status = std::process::Command::new(script)
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "{script} failed: {status}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
+    let mut build = std::process::Command::new(script);
+    build.env_remove("GUEST_DISK_MB");
+    if let Some(dir) = std::env::var_os("CLOUDLET_GUEST_DIR") {
+        build.arg(dir);
     }
+    let out = build
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("guest dir:"))
+            .expect("build-guest.sh names its guest dir")
+            .trim(),
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("guest.json")).unwrap()).unwrap();
     Guest {
@@ -404,6 +410,74 @@ fn qemu_args_capture_missing_memory_image_is_accepted() {
     assert!(args.is_ok(), "{args:?}");
 }
 
+/// `guest_config` with the guest agent's channel added at the end.
+fn agent_config(cmdline: &str) -> LaunchConfig {
+    let mut c = guest_config(cmdline);
+    c.devices.push(Device::GuestAgent);
+    c
+}
+
+#[test]
+fn qemu_args_guest_agent_gets_a_socket_and_a_named_port() {
+    let (_f, paths) = Fixture::new("a,b");
+    let args = QemuArgs::new(
+        &agent_config("x"),
+        &paths,
+        &plain_options(MemoryMode::Capture),
+    )
+    .unwrap();
+    let a = arg_strings(&args);
+    let socket = paths.run_dir.join("qga.sock");
+    let escaped = socket.display().to_string().replace(',', ",,");
+    assert_eq!(args.agent_socket(), Some(socket.as_path()));
+    assert!(
+        a.contains(&format!("socket,id=qga0,path={escaped},server=on,wait=off")),
+        "{a:?}"
+    );
+    assert!(
+        a.contains(&"virtio-serial-pci,id=vserial0".to_owned()),
+        "{a:?}"
+    );
+    assert!(
+        a.contains(
+            &"virtserialport,bus=vserial0.0,nr=1,chardev=qga0,name=org.qemu.guest_agent.0"
+                .to_owned()
+        ),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn qemu_args_without_guest_agent_have_no_agent_socket() {
+    let (_f, paths) = Fixture::new("x");
+    let args = QemuArgs::new(
+        &guest_config("x"),
+        &paths,
+        &plain_options(MemoryMode::Capture),
+    )
+    .unwrap();
+    assert_eq!(args.agent_socket(), None);
+    assert!(!arg_strings(&args).iter().any(|a| a.contains("qga")));
+}
+
+#[test]
+fn qemu_args_two_guest_agents_are_refused() {
+    let (_f, paths) = Fixture::new("x");
+    let mut config = agent_config("x");
+    config.devices.push(Device::GuestAgent);
+    let err = QemuArgs::new(&config, &paths, &plain_options(MemoryMode::Capture)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LaunchError::Config {
+                field: "devices",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn qemu_args_long_run_dir_is_refused() {
     let (_f, mut paths) = Fixture::new("x");
@@ -507,29 +581,26 @@ fn vm_qemu_exiting_early_reports_its_output() {
     assert!(msg.contains("could not load kernel"), "{msg}");
 }
 
+/// Boots the test guest with `config` in `tmp`, waits for its ready marker.
+fn boot(tmp: &Path, config: &LaunchConfig, guest: &Guest) -> (Vm, u16) {
+    let disk = tmp.join("disk.img");
+    sparse_copy(&guest.dir.join("disk.img"), &disk);
+    let port = free_tcp_port().unwrap();
+    let paths = guest_paths(guest, &disk, &tmp.join("ram.bin"), &tmp.join("run"));
+    let args = QemuArgs::new(config, &paths, &options(MemoryMode::Capture, false, port)).unwrap();
+    let mut vm = Vm::spawn(&args).unwrap();
+    vm.wait_ready_marker(READY_MARKER, BOOT_TIMEOUT).unwrap();
+    (vm, port)
+}
+
 #[test]
 fn vm_boot_serves_http_and_runs_serial_commands() {
     let Some(_lock) = qemu_lock() else { return };
     let guest = guest();
     let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("disk.img");
-    sparse_copy(&guest.dir.join("disk.img"), &disk);
-    let port = free_tcp_port().unwrap();
-    let paths = guest_paths(
-        &guest,
-        &disk,
-        &tmp.path().join("ram.bin"),
-        &tmp.path().join("run"),
-    );
-    let args = QemuArgs::new(
-        &guest_config(&guest.cmdline),
-        &paths,
-        &options(MemoryMode::Capture, false, port),
-    )
-    .unwrap();
-
-    let mut vm = Vm::spawn(&args).unwrap();
-    let ready = vm.wait_ready_marker(READY_MARKER, BOOT_TIMEOUT).unwrap();
+    let t = Instant::now();
+    let (mut vm, port) = boot(tmp.path(), &guest_config(&guest.cmdline), &guest);
+    let ready = t.elapsed();
     let (count, _) = parse_counter(&http_get(port, "/cgi-bin/counter", Duration::from_secs(10)));
     let wrote = vm
         .run_serial_command("echo hello > /root/probe && cat /root/probe", CMD_TIMEOUT)
@@ -540,8 +611,144 @@ fn vm_boot_serves_http_and_runs_serial_commands() {
     eprintln!("boot to ready: {ready:?}");
     assert_eq!(count, 1);
     assert_eq!(wrote.rc, 0);
-    assert!(wrote.output.contains("hello"), "{:?}", wrote.output);
+    assert_eq!(wrote.output, "hello\n");
     assert_eq!(failed.rc, 3);
+}
+
+#[test]
+fn vm_serial_shell_passes_any_command_and_its_output_unchanged() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut vm, _) = boot(tmp.path(), &guest_config(&guest.cmdline), &guest);
+    let t = Instant::now();
+    vm.run_serial_command("true", CMD_TIMEOUT).unwrap();
+    let first = t.elapsed();
+    let t = Instant::now();
+    vm.run_serial_command("true", CMD_TIMEOUT).unwrap();
+    let second = t.elapsed();
+    let special = vm
+        .run_serial_command(
+            r#"echo "it's" 'a"b' '$HOME' 'back\slash' '100%' '#x' >&2; printf 'é\t€\n'"#,
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    let stdin = vm
+        .run_serial_command("cat; echo after-cat", CMD_TIMEOUT)
+        .unwrap();
+    let long = vm
+        .run_serial_command(
+            &format!("x='{}'\necho ${{#x}}", "y".repeat(3000)),
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    let mut streamed = Vec::new();
+    let counted = vm
+        .run_serial_command_streaming("seq 1 2000 | wc -l; seq 1 3", CMD_TIMEOUT, &mut |b| {
+            streamed.extend_from_slice(b)
+        })
+        .unwrap();
+    vm.quit().unwrap();
+
+    eprintln!("first command (with the sync) {first:?}, the next {second:?}");
+    assert_eq!(
+        special.output,
+        "it's a\"b $HOME back\\slash 100% #x\né\t€\n"
+    );
+    assert_eq!(stdin.output, "after-cat\n");
+    assert_eq!(long.output, "3000\n");
+    assert_eq!(counted.output, "2000\n1\n2\n3\n");
+    assert_eq!(streamed, counted.output.as_bytes());
+}
+
+#[test]
+fn vm_serial_shell_timeout_interrupts_and_shell_answers_after() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut vm, _) = boot(tmp.path(), &guest_config(&guest.cmdline), &guest);
+    let err = vm
+        .run_serial_command("echo partial; sleep 600", Duration::from_secs(3))
+        .unwrap_err();
+    let after = vm.run_serial_command("echo alive", CMD_TIMEOUT).unwrap();
+    vm.quit().unwrap();
+
+    match err {
+        VmError::Shell(ShellError::Timeout {
+            output, recovered, ..
+        }) => {
+            assert!(recovered);
+            assert_eq!(output, "partial\n");
+        }
+        e => panic!("expected a shell timeout, got {e:?}"),
+    }
+    assert_eq!(after.output, "alive\n");
+}
+
+#[test]
+fn vm_guest_agent_runs_commands_and_copies_files() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut vm, _) = boot(tmp.path(), &agent_config(&guest.cmdline), &guest);
+    let local = tmp.path().join("payload");
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i % 253).to_le_bytes()[0])
+        .collect();
+    std::fs::write(&local, &data).unwrap();
+
+    let agent_ready = vm.wait_agent(BOOT_TIMEOUT).unwrap();
+    let ran = vm
+        .run_agent_command("echo out; echo err >&2; exit 4", CMD_TIMEOUT)
+        .unwrap();
+    let copied = vm
+        .copy_to_guest(&local, "/root/payload", 0o600, CMD_TIMEOUT)
+        .unwrap();
+    // Checked over the other channel: the serial console's shell.
+    let check = vm
+        .run_serial_command(
+            "stat -c %a /root/payload; md5sum < /root/payload",
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    vm.quit().unwrap();
+
+    eprintln!("guest agent answered {agent_ready:?} after spawn");
+    assert_eq!(ran.exit_code, Some(4));
+    assert_eq!(ran.stdout, b"out\n");
+    assert_eq!(ran.stderr, b"err\n");
+    assert_eq!(copied, 100_000);
+    let md5 = std::process::Command::new("md5sum")
+        .stdin(File::open(&local).unwrap())
+        .output()
+        .unwrap();
+    let md5 = String::from_utf8(md5.stdout).unwrap();
+    assert_eq!(check.output, format!("600\n{md5}"));
+}
+
+#[test]
+fn vm_without_agent_device_refuses_agent_use() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.img");
+    sparse_copy(&guest.dir.join("disk.img"), &disk);
+    let paths = guest_paths(
+        &guest,
+        &disk,
+        &tmp.path().join("ram.bin"),
+        &tmp.path().join("run"),
+    );
+    let args = QemuArgs::new(
+        &guest_config(&guest.cmdline),
+        &paths,
+        &options(MemoryMode::Capture, false, free_tcp_port().unwrap()),
+    )
+    .unwrap();
+    let mut vm = Vm::spawn(&args).unwrap();
+    let err = vm.wait_agent(Duration::from_secs(1)).unwrap_err();
+    vm.kill().unwrap();
+    assert!(matches!(err, VmError::NoAgentChannel), "{err:?}");
 }
 
 /// A guest booted and captured: RAM in `ram`, device state in `devstate`.
@@ -560,7 +767,7 @@ struct Captured {
 
 /// Boots the guest with RAM shared with `work/ram.bin`, reads the counter twice, saves the
 /// device state and quits. Every path has a comma, so QEMU sees escaped option values.
-fn boot_and_capture(tmp: &Path) -> Captured {
+fn boot_and_capture(tmp: &Path, config: fn(&str) -> LaunchConfig) -> Captured {
     let guest = guest();
     let work = tmp.join("w,1");
     std::fs::create_dir(&work).unwrap();
@@ -568,7 +775,7 @@ fn boot_and_capture(tmp: &Path) -> Captured {
     sparse_copy(&guest.dir.join("disk.img"), &disk);
     let ram = work.join("ram.bin");
     let devstate = work.join("dev,state");
-    let config = guest_config(&guest.cmdline);
+    let config = config(&guest.cmdline);
     let port = free_tcp_port().unwrap();
     let paths = guest_paths(&guest, &disk, &ram, &work.join("run-a"));
     let args = QemuArgs::new(&config, &paths, &options(MemoryMode::Capture, false, port)).unwrap();
@@ -598,20 +805,25 @@ fn boot_and_capture(tmp: &Path) -> Captured {
     }
 }
 
-#[test]
-fn vm_capture_then_resume_from_ram_copy_continues_counter() {
-    let Some(_lock) = qemu_lock() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let c = boot_and_capture(tmp.path());
+/// Arguments that resume `c` read-only from a copy of its RAM (in `run-b`).
+fn resume_from_ram_copy(c: &Captured) -> QemuArgs {
     let ram_copy = c.work.join("ram-copy.bin");
     sparse_copy(&c.ram, &ram_copy);
     let paths = guest_paths(&c.guest, &c.disk, &ram_copy, &c.work.join("run-b"));
-    let args = QemuArgs::new(
+    QemuArgs::new(
         &c.config,
         &paths,
         &options(MemoryMode::Resume, true, c.port),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn vm_capture_then_resume_from_ram_copy_continues_counter() {
+    let Some(_lock) = qemu_lock() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let c = boot_and_capture(tmp.path(), guest_config);
+    let args = resume_from_ram_copy(&c);
 
     let t_spawn = Instant::now();
     let mut vm = Vm::spawn(&args).unwrap();
@@ -639,7 +851,7 @@ fn vm_capture_then_resume_from_ram_copy_continues_counter() {
 fn vm_resume_into_writable_copy_can_be_captured_again() {
     let Some(_lock) = qemu_lock() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let c = boot_and_capture(tmp.path());
+    let c = boot_and_capture(tmp.path(), guest_config);
     // Resume with RAM shared with a writable copy (the `cloudlet overlay` flow), change guest
     // RAM, capture again, then resume the second capture read-only.
     let ram2 = c.work.join("ram2.bin");
@@ -692,4 +904,739 @@ fn vm_resume_into_writable_copy_can_be_captured_again() {
     );
     assert_eq!(boot_after, c.boot_id, "the guest rebooted");
     assert_eq!(marker.output.trim(), "custom");
+}
+
+#[test]
+fn vm_guest_agent_answers_after_capture_and_resume() {
+    let Some(_lock) = qemu_lock() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let c = boot_and_capture(tmp.path(), agent_config);
+    let args = resume_from_ram_copy(&c);
+
+    let mut vm = Vm::spawn(&args).unwrap();
+    vm.resume_from(&c.devstate).unwrap();
+    vm.wait_agent(BOOT_TIMEOUT).unwrap();
+    let boot_id = vm
+        .run_agent_command("cat /proc/sys/kernel/random/boot_id", CMD_TIMEOUT)
+        .unwrap();
+    vm.quit().unwrap();
+
+    assert_eq!(String::from_utf8_lossy(&boot_id.stdout).trim(), c.boot_id);
+}
+
+/// The libvirt backend with the guest agent's channel: the device state a direct QEMU saved
+/// loads into the domain (same devices at the same slots), and libvirt reaches the agent.
+#[cfg(feature = "libvirt")]
+mod libvirt_backend {
+    use super::*;
+    use synth::vm::libvirt::LibvirtVm;
+    use synth::vm::DomainLaunch;
+
+    const URI: &str = "qemu:///system";
+
+    fn libvirtd_answers() -> bool {
+        std::process::Command::new("virsh")
+            .args(["-c", URI, "version"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Whether libvirtd answers, started here (`virtlogd -d`, `libvirtd -d`, as root) if it
+    /// was not running; `false` skips, except under `CI=true` where it fails.
+    fn libvirt_ready() -> bool {
+        if !require_tool("virsh") {
+            return false;
+        }
+        if !libvirtd_answers() {
+            let _ = std::fs::create_dir_all("/run/libvirt");
+            for daemon in ["virtlogd", "libvirtd"] {
+                // Fails harmlessly when the daemon already runs.
+                let _ = std::process::Command::new(daemon)
+                    .arg("-d")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !libvirtd_answers() {
+            if Instant::now() >= deadline {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "libvirtd is required when CI=true"
+                );
+                eprintln!("skipping: libvirtd does not answer at {URI}");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        true
+    }
+
+    #[test]
+    fn libvirt_resume_with_guest_agent_continues_and_agent_answers() {
+        let Some(_lock) = qemu_lock() else { return };
+        if !libvirt_ready() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let c = boot_and_capture(tmp.path(), agent_config);
+        let ram_copy = c.work.join("ram-copy.bin");
+        sparse_copy(&c.ram, &ram_copy);
+        let paths = guest_paths(&c.guest, &c.disk, &ram_copy, &c.work.join("run-lv"));
+        let launch = DomainLaunch::new(
+            &c.config,
+            &paths,
+            &options(MemoryMode::Resume, true, c.port),
+        )
+        .unwrap();
+        let name = format!("cloudlet-vmtest-agent-{}", std::process::id());
+
+        let mut vm = LibvirtVm::start(URI, &name, launch).unwrap();
+        vm.resume_from(&c.devstate).unwrap();
+        let (after, boot_after) = parse_counter(&http_get(
+            c.port,
+            "/cgi-bin/counter",
+            Duration::from_secs(30),
+        ));
+        // libvirt connects to the agent by itself; give it the time a resumed guest needs.
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let ping = loop {
+            match vm.agent_command("guest-ping", serde_json::Value::Null, CMD_TIMEOUT) {
+                Ok(v) => break v,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("agent not answering yet: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => panic!("the agent never answered through libvirt: {e}"),
+            }
+        };
+        vm.destroy().unwrap();
+
+        assert!(after > c.count, "counter went from {} to {after}", c.count);
+        assert_eq!(boot_after, c.boot_id, "the guest rebooted");
+        assert_eq!(ping, serde_json::json!({}));
+    }
+}
+
+// ------------------------------------------------------------------ console shells on a host pty
+
+/// Whether `tool` is on `PATH`; `false` skips a test, except under `CI=true` where it fails.
+fn require_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is required when CI=true (.ci/install-deps.sh installs it)"
+        );
+        eprintln!("skipping: {tool} not found");
+    }
+    found
+}
+
+/// bash's startup file for the tests: a prompt with colours and a window title, bracketed
+/// paste on, as on a typical distribution.
+const BASHRC: &str = r#"PS1='\[\e]0;\u@\h: \w\a\]\[\e[1;32m\]\u@\h\[\e[0m\]:\w\$ '
+bind 'set enable-bracketed-paste on'
+HISTCONTROL=ignoreboth
+"#;
+
+/// A real interactive shell on a pty, bridged to a Unix socket by socat the way QEMU bridges
+/// a guest's serial port to its serial socket. socat and the shell end with the connection.
+struct PtyShell {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for PtyShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PtyShell {
+    /// Starts `program` (run by `/bin/sh -c`) on a pty; `None` when socat or `tool` is
+    /// missing outside CI. `{dir}` in `program` is the scratch folder.
+    fn start(
+        tool: &str,
+        program: &str,
+        options: ShellOptions,
+    ) -> Option<(PtyShell, Shell<SerialPort>)> {
+        if !require_tool("socat") || !require_tool(tool) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bashrc"), BASHRC).unwrap();
+        let sock = dir.path().join("console.sock");
+        let program = program.replace("{dir}", &dir.path().display().to_string());
+        let child = std::process::Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{}", sock.display()))
+            .arg(format!("SYSTEM:{program},pty,setsid,ctty,stderr"))
+            .env("TERM", "xterm")
+            .env_remove("ENV")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut pty = PtyShell { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline && pty.child.try_wait().unwrap().is_none(),
+                        "socat did not listen on {}: {e}",
+                        sock.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        let port = SerialPort::new(stream).unwrap();
+        Some((pty, Shell::with_options(port, options)))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Options for host shells: quick to give up, so failing tests end soon.
+fn host_shell_options() -> ShellOptions {
+    ShellOptions {
+        sync_timeout: Duration::from_secs(30),
+        recover_timeout: Duration::from_secs(5),
+        ..ShellOptions::default()
+    }
+}
+
+const HOST_CMD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `cmd`, returning its output, discarding the stream.
+fn run(shell: &mut Shell<SerialPort>, cmd: &str) -> CommandOutput {
+    shell.run(cmd, HOST_CMD_TIMEOUT, &mut |_| {}).unwrap()
+}
+
+/// The same tests for every shell.
+macro_rules! shell_tests {
+    ($($name:ident => $tool:expr, $program:expr;)*) => {$(
+        mod $name {
+            use super::*;
+
+            fn start() -> Option<(PtyShell, Shell<SerialPort>)> {
+                PtyShell::start($tool, $program, host_shell_options())
+            }
+
+            #[test]
+            fn command_output_and_status_0_are_returned() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let out = run(&mut sh, "echo hello; echo world");
+                assert_eq!(out, CommandOutput { rc: 0, output: "hello\nworld\n".into() });
+            }
+
+            #[test]
+            fn failing_command_reports_status_and_output() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let out = run(&mut sh, "echo oops >&2; exit 3");
+                assert_eq!(out, CommandOutput { rc: 3, output: "oops\n".into() });
+            }
+
+            #[test]
+            fn quotes_and_shell_specials_pass_unchanged() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let cmd = r#"echo "it's" 'a"b' '$HOME' 'back\slash' '100%' "!x" '#no-comment'"#;
+                let out = run(&mut sh, cmd);
+                assert_eq!(out.output, "it's a\"b $HOME back\\slash 100% !x #no-comment\n");
+            }
+
+            #[test]
+            fn tabs_newlines_and_utf8_pass_unchanged() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let out = run(&mut sh, "printf '%s|' 'tab\there' 'é€'\necho\necho 'two\nlines'");
+                assert_eq!(out.output, "tab\there|é€|\ntwo\nlines\n");
+            }
+
+            #[test]
+            fn command_reading_stdin_gets_eof_and_next_command_runs() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let first = run(&mut sh, "cat; echo after-cat");
+                let second = run(&mut sh, "echo next");
+                assert_eq!(first.output, "after-cat\n");
+                assert_eq!(second.output, "next\n");
+            }
+
+            #[test]
+            fn hung_command_times_out_and_shell_answers_after() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let err = sh
+                    .run("echo partial; sleep 600", Duration::from_secs(2), &mut |_| {})
+                    .unwrap_err();
+                let after = run(&mut sh, "echo alive");
+                match err {
+                    ShellError::Timeout { output, recovered, .. } => {
+                        assert!(recovered);
+                        assert_eq!(output, "partial\n");
+                    }
+                    e => panic!("expected a timeout, got {e:?}"),
+                }
+                assert_eq!(after.output, "alive\n");
+            }
+
+            #[test]
+            fn command_longer_than_a_line_runs_whole() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let cmd = format!("x='{}'\necho ${{#x}}", "y".repeat(5000));
+                let out = run(&mut sh, &cmd);
+                assert_eq!(out, CommandOutput { rc: 0, output: "5000\n".into() });
+            }
+
+            #[test]
+            fn output_streams_before_the_command_ends() {
+                let Some((pty, mut sh)) = start() else { return };
+                // The command waits for a file that only the output callback creates.
+                let flag = pty.path("flag");
+                let cmd = format!(
+                    "echo first; while [ ! -e '{}' ]; do sleep 0.1; done; echo second",
+                    flag.display()
+                );
+                let mut streamed = Vec::new();
+                let out = sh
+                    .run(&cmd, HOST_CMD_TIMEOUT, &mut |b| {
+                        streamed.extend_from_slice(b);
+                        if streamed.starts_with(b"first\n") {
+                            std::fs::write(&flag, b"").unwrap();
+                        }
+                    })
+                    .unwrap();
+                assert_eq!(out.output, "first\nsecond\n");
+                assert_eq!(streamed, b"first\nsecond\n");
+            }
+
+            #[test]
+            fn exit_ends_only_the_command() {
+                let Some((_pty, mut sh)) = start() else { return };
+                let exited = run(&mut sh, "exit 7");
+                let after = run(&mut sh, "echo still-here");
+                assert_eq!(exited.rc, 7);
+                assert_eq!(after.output, "still-here\n");
+            }
+
+            #[test]
+            fn half_typed_line_is_cleared_before_the_first_command() {
+                let Some((_pty, mut sh)) = start() else { return };
+                sh.transport_mut().send(b"echo junk-").unwrap();
+                let out = run(&mut sh, "echo clean");
+                assert_eq!(out.output, "clean\n");
+            }
+        }
+    )*};
+}
+
+shell_tests! {
+    bash => "bash", "bash --rcfile {dir}/bashrc -i";
+    dash => "dash", "dash -i";
+    busybox_sh => "busybox", "busybox sh -i";
+}
+
+#[test]
+fn shell_not_at_a_prompt_yet_is_waited_for() {
+    let Some((_pty, mut sh)) =
+        PtyShell::start("dash", "sleep 1; exec dash -i", host_shell_options())
+    else {
+        return;
+    };
+    let out = run(&mut sh, "echo up");
+    assert_eq!(out.output, "up\n");
+}
+
+#[test]
+fn shell_console_without_a_shell_reports_no_shell_with_what_it_showed() {
+    let options = ShellOptions {
+        sync_timeout: Duration::from_secs(3),
+        ..host_shell_options()
+    };
+    // Not a shell, on a tty where Ctrl-C sends no signal: a login prompt of sorts.
+    let Some((_pty, mut sh)) = PtyShell::start("cat", "stty -isig; echo 'login:'; cat", options)
+    else {
+        return;
+    };
+    let err = sh
+        .run("echo hi", HOST_CMD_TIMEOUT, &mut |_| {})
+        .unwrap_err();
+    match err {
+        ShellError::NoShell { seen, .. } => assert!(seen.contains("login:"), "{seen:?}"),
+        e => panic!("expected NoShell, got {e:?}"),
+    }
+}
+
+#[test]
+fn shell_command_with_nul_is_refused_before_typing() {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut sh = Shell::new(SerialPort::new(a).unwrap());
+    let err = sh
+        .run("echo a\0b", HOST_CMD_TIMEOUT, &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, ShellError::NulByte(_)), "{err:?}");
+}
+
+#[test]
+fn shell_console_closing_reports_closed() {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut sh = Shell::new(SerialPort::new(a).unwrap());
+    drop(b);
+    let err = sh
+        .run("echo hi", HOST_CMD_TIMEOUT, &mut |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, ShellError::Closed { .. } | ShellError::Send(_)),
+        "{err:?}"
+    );
+}
+
+// ------------------------------------------------------------------ guest agent on the host
+
+/// A real `qemu-ga` serving a Unix socket on the host (`-m unix-listen`): guest-exec and
+/// guest-file-* really run, here. Killed on drop.
+struct HostAgent {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HostAgent {
+    /// `None` when qemu-ga is missing outside CI.
+    fn start() -> Option<HostAgent> {
+        let binary = ["/usr/sbin/qemu-ga", "/usr/bin/qemu-ga"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file());
+        let Some(binary) = binary else {
+            require_tool("qemu-ga");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let child = std::process::Command::new(binary)
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&sock)
+            .arg("-t")
+            .arg(&state)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(HostAgent { child, dir, sock })
+    }
+
+    fn connect(&self) -> Agent {
+        Agent::connect(&self.sock, Duration::from_secs(20)).unwrap()
+    }
+
+    /// A plain connection, once qemu-ga listens.
+    fn stream(&self) -> std::os::unix::net::UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&self.sock) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() >= deadline => panic!("qemu-ga did not listen: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a process with exactly this command line runs on the host.
+fn process_running(cmdline: &[&str]) -> bool {
+    let want: Vec<u8> = cmdline
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| c == want)
+}
+
+#[test]
+fn agent_ping_is_answered() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    agent.ping(AGENT_TIMEOUT).unwrap();
+    assert!(agent.is_synced());
+}
+
+#[test]
+fn agent_junk_on_the_socket_is_skipped_by_sync() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut stream = ga.stream();
+    // An unfinished request the agent's parser is stuck in.
+    stream
+        .write_all(b"{\"execute\": \"guest-ping\", \"argu")
+        .unwrap();
+    let mut agent = Agent::new(stream);
+    agent.ping(AGENT_TIMEOUT).unwrap();
+}
+
+#[test]
+fn agent_exec_returns_status_stdout_and_stderr() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let out = agent
+        .exec_shell("echo out; echo err >&2; exit 3", AGENT_TIMEOUT)
+        .unwrap();
+    assert_eq!(out.exit_code, Some(3));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+#[test]
+fn agent_exec_reading_stdin_gets_eof() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let out = agent.exec_shell("cat; echo after", AGENT_TIMEOUT).unwrap();
+    assert_eq!(out.stdout, b"after\n");
+    assert!(out.success());
+}
+
+#[test]
+fn agent_exec_timeout_kills_the_process_tree_and_keeps_output() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let err = agent
+        .exec_shell(
+            "echo started; sleep 6013; echo never",
+            Duration::from_secs(2),
+        )
+        .unwrap_err();
+    let alive_after = agent.exec_shell("echo alive", AGENT_TIMEOUT).unwrap();
+    match err {
+        AgentError::ExecTimeout { output, .. } => {
+            assert_eq!(output.unwrap().stdout, b"started\n");
+        }
+        e => panic!("expected ExecTimeout, got {e:?}"),
+    }
+    assert!(!process_running(&["sleep", "6013"]), "the child survived");
+    assert_eq!(alive_after.stdout, b"alive\n");
+}
+
+#[test]
+fn agent_copy_file_writes_bytes_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    // Several 48 KiB chunks and a short last one, every byte value.
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i * 7 + i / 251).to_le_bytes()[0])
+        .collect();
+    let local = ga.dir.path().join("local.bin");
+    std::fs::write(&local, &data).unwrap();
+    let dest = ga.dir.path().join("guest").join("copied.bin");
+    std::fs::create_dir(dest.parent().unwrap()).unwrap();
+
+    let n = agent
+        .copy_file(&local, dest.to_str().unwrap(), 0o640, AGENT_TIMEOUT)
+        .unwrap();
+
+    assert_eq!(n, 200_000);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let mode = std::fs::metadata(&dest).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    let names: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+    assert_eq!(names.len(), 1, "a temporary file was left behind");
+}
+
+#[test]
+fn agent_copy_into_missing_folder_fails_with_the_agents_error() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let local = ga.dir.path().join("local.txt");
+    std::fs::write(&local, b"x").unwrap();
+    let dest = ga.dir.path().join("no-such-dir/f");
+    let err = agent
+        .copy_file(&local, dest.to_str().unwrap(), 0o644, AGENT_TIMEOUT)
+        .unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Command { command, .. } if command == "guest-file-open"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn agent_copy_relative_guest_path_is_refused() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let err = agent
+        .copy_to_guest(&mut &b"x"[..], "etc/motd", 0o644, AGENT_TIMEOUT)
+        .unwrap_err();
+    assert!(matches!(err, AgentError::GuestPath { .. }), "{err:?}");
+}
+
+#[test]
+fn agent_unknown_command_is_a_command_error() {
+    let Some(ga) = HostAgent::start() else { return };
+    let mut agent = ga.connect();
+    let err = agent
+        .execute("guest-frobnicate", serde_json::Value::Null, AGENT_TIMEOUT)
+        .unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Command { class, .. } if class == "CommandNotFound"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn agent_connect_missing_socket_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        Agent::connect(&dir.path().join("none.sock"), Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(err, AgentError::Connect { .. }), "{err:?}");
+}
+
+/// A peer that takes connections and answers nothing (a guest without a running agent).
+fn silent_peer(dir: &Path) -> (PathBuf, std::thread::JoinHandle<()>) {
+    let path = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    (path, t)
+}
+
+#[test]
+fn agent_silent_peer_is_reported_as_not_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _t) = silent_peer(dir.path());
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent.ping(Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(err, AgentError::NotAnswering { .. }), "{err:?}");
+}
+
+/// A hostile agent: syncs properly, then answers each request with the reply listed for its
+/// command (`{id}` replaced by the request's id), or an error for commands not listed.
+fn hostile_agent(dir: &Path, replies: &'static [(&'static str, &'static str)]) -> PathBuf {
+    use std::io::BufRead;
+    let path = dir.join("hostile.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut line = Vec::new();
+        while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            // The sync's parser reset (0xFF) comes first on its line.
+            let text: Vec<u8> = line.drain(..).filter(|&b| b != 0xff).collect();
+            let Ok(req) = serde_json::from_slice::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let command = req["execute"].as_str().unwrap_or("");
+            let mut answer = Vec::new();
+            if command == "guest-sync-delimited" {
+                answer.push(0xff);
+                answer.extend(format!("{{\"return\": {}}}", req["arguments"]["id"]).bytes());
+            } else {
+                let reply = replies.iter().find(|(c, _)| *c == command).map_or(
+                    r#"{"error": {"class": "GenericError", "desc": "no"}, "id": {id}}"#,
+                    |(_, r)| r,
+                );
+                answer.extend(reply.replace("{id}", &req["id"].to_string()).bytes());
+            }
+            answer.push(b'\n');
+            if s.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    });
+    path
+}
+
+#[test]
+fn agent_exec_negative_pid_reply_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile_agent(
+        dir.path(),
+        &[("guest-exec", r#"{"return": {"pid": -5}, "id": {id}}"#)],
+    );
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent.exec_shell("true", AGENT_TIMEOUT).unwrap_err();
+    assert!(matches!(err, AgentError::BadReply { .. }), "{err:?}");
+}
+
+#[test]
+fn agent_exec_status_bad_base64_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile_agent(
+        dir.path(),
+        &[(
+            "guest-exec-status",
+            r#"{"return": {"exited": true, "exitcode": 0, "out-data": "!!no"}, "id": {id}}"#,
+        )],
+    );
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent.exec_status(7, AGENT_TIMEOUT).unwrap_err();
+    assert!(matches!(err, AgentError::BadReply { .. }), "{err:?}");
+}
+
+#[test]
+fn agent_exec_status_exit_code_beyond_i32_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile_agent(
+        dir.path(),
+        &[(
+            "guest-exec-status",
+            r#"{"return": {"exited": true, "exitcode": 99999999999}, "id": {id}}"#,
+        )],
+    );
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent.exec_status(7, AGENT_TIMEOUT).unwrap_err();
+    assert!(matches!(err, AgentError::BadReply { .. }), "{err:?}");
+}
+
+#[test]
+fn agent_file_write_count_beyond_the_chunk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile_agent(
+        dir.path(),
+        &[
+            ("guest-file-open", r#"{"return": 1000, "id": {id}}"#),
+            (
+                "guest-file-write",
+                r#"{"return": {"count": 999999, "eof": false}, "id": {id}}"#,
+            ),
+            ("guest-file-close", r#"{"return": {}, "id": {id}}"#),
+        ],
+    );
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent
+        .copy_to_guest(&mut &b"abc"[..], "/tmp/x", 0o644, AGENT_TIMEOUT)
+        .unwrap_err();
+    assert!(
+        matches!(&err, AgentError::BadReply { command, .. } if command == "guest-file-write"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn agent_reply_that_is_not_json_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = hostile_agent(dir.path(), &[("guest-ping", "not json {id}")]);
+    let mut agent = Agent::connect(&path, AGENT_TIMEOUT).unwrap();
+    let err = agent.ping(AGENT_TIMEOUT).unwrap_err();
+    assert!(matches!(err, AgentError::BadJson { .. }), "{err:?}");
 }

@@ -277,33 +277,35 @@ pub struct Guest {
     pub cmdline: String,
 }
 
-/// Builds (or finds in its cache) the test guest with a `disk_mb` MiB disk.
+/// Builds (or finds in its cache) the test guest with a `disk_mb` MiB disk: in
+/// `$CLOUDLET_GUEST_DIR` (or its sibling `…-{disk_mb}` for other sizes) when set, else in
+/// build-guest.sh's default folder, which is named after its recipe. The script returns at
+/// once when the folder holds the current recipe, and rebuilds it otherwise; builds of one
+/// folder are serialised.
 pub fn guest(disk_mb: u64) -> Guest {
-    let root = std::env::var_os("CLOUDLET_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/cloudlet-guest")
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
+    let mut build = std::process::Command::new(script);
+    build.env("GUEST_DISK_MB", disk_mb.to_string());
+    if let Some(root) = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from) {
+        build.arg(if disk_mb == 256 {
+            root
+        } else {
+            root.with_file_name(format!("cloudlet-guest-{disk_mb}"))
         });
-    let dir = if disk_mb == 256 {
-        root
-    } else {
-        root.with_file_name(format!("cloudlet-guest-{disk_mb}"))
-    };
-    let json = dir.join("guest.json");
-    let fresh = std::fs::read(&json)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["disk_mb"].as_u64() == Some(disk_mb));
-    if !fresh {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/guest/build-guest.sh");
-        let status = std::process::Command::new(script)
-            .arg(&dir)
-            .env("GUEST_DISK_MB", disk_mb.to_string())
-            .status()
-            .expect("run build-guest.sh");
-        assert!(status.success(), "{script} failed: {status}");
     }
+    let out = build
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run build-guest.sh");
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("guest dir:"))
+            .expect("build-guest.sh names its guest dir")
+            .trim(),
+    );
+    let json = dir.join("guest.json");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("guest.json"))
         .expect("guest.json parses");
     Guest {

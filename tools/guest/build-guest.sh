@@ -1,41 +1,47 @@
 #!/usr/bin/env bash
 # build-guest.sh [OUTDIR] — build cloudlet's small Linux test guest from Debian packages.
 #
-# Output (in OUTDIR, default ${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}):
+# Output (in OUTDIR; default $CLOUDLET_GUEST_DIR, else
+# $HOME/.cache/cloudlet-guests/r<RECIPE_VERSION>-<GUEST_DISK_MB>mb, printed as "guest dir:"):
 #   vmlinuz     Debian's cloud kernel (linux-image-*-cloud-amd64), unmodified
 #   initrd.img  busybox-static initramfs: loads the virtio/ext4 modules the kernel lacks,
 #               mounts /dev/vda (ext4, -o discard) and switch_roots to it
 #   disk.img    raw ext4 image (GUEST_DISK_MB, default 256) holding a busybox-static system that
-#               serves HTTP on guest port 8080 and runs a command loop on ttyS0
+#               serves HTTP on guest port 8080, runs an interactive shell on ttyS0 and the QEMU
+#               guest agent on its virtio-serial port (when the VM has one)
 #   guest.json  file names (relative to OUTDIR), kernel command line, markers, recipe version
 #
-# Guest protocol on the serial console (ttyS0):
-#   - "CLOUDLET-GUEST-READY" is printed once the HTTP service answers and the command loop
-#     is about to read its first line;
-#   - each non-empty line typed is run with `sh -c LINE </dev/null`, then
-#     "CLOUDLET-CMD-DONE <rc>" is printed. Terminal echo is off, so the marker never
-#     appears just because automation typed it.
+# Serial console (ttyS0): a plain interactive busybox `sh` (login shell, echoing, with line
+# editing), like a real guest's shell; cloudlet drives it as it drives any shell (synth's
+# vm::shell frames each command). "CLOUDLET-GUEST-READY" is printed once, when the HTTP
+# service answers and the console shell starts.
+# Guest agent: the host's qemu-ga (Debian's qemu-guest-agent) with the libraries it links,
+# started at boot on the port named org.qemu.guest_agent.0 if the VM has that port (the
+# launch config's guest-agent device).
 # HTTP (guest 10.0.2.15:8080, static address for QEMU user networking):
 #   /index.html              static page
 #   /cgi-bin/counter         "count=N uptime=S boot_id=ID": N lives in /run (tmpfs, i.e. guest
 #                            RAM), so it continues across a save/restore of the same boot.
 #
+# The default folder names the recipe, so checkouts on different recipes (whose tools speak
+# to the guest differently) do not rebuild one shared cache under each other.
 # Cached: if OUTDIR holds a complete build of the same recipe version and disk size, the
 # script prints the paths and exits. guest.json is written last, so it marks a complete build.
-# Needs root (mknod of /dev/console for the initramfs), busybox-static, cpio, e2fsprogs, apt.
+# Needs root (mknod of /dev/console for the initramfs), busybox-static, qemu-guest-agent, cpio,
+# e2fsprogs, apt. Builds of the same OUTDIR are serialised with flock on OUTDIR.lock.
 set -euo pipefail
 
 # Bump whenever anything below changes what ends up in OUTDIR.
-RECIPE_VERSION=1
+RECIPE_VERSION=2
 
-OUTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}}
 GUEST_DISK_MB=${GUEST_DISK_MB:-256}
+OUTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guests/r$RECIPE_VERSION-${GUEST_DISK_MB}mb}}
 KERNEL_META_PKG=linux-image-cloud-amd64
 # quiet: keeps the serial log short; panic=-1: with QEMU's -no-reboot a guest panic ends QEMU
 # instead of hanging, which is what automation wants.
 CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=-1"
 READY_MARKER=CLOUDLET-GUEST-READY
-DONE_MARKER=CLOUDLET-CMD-DONE
+AGENT_CHANNEL=org.qemu.guest_agent.0
 GUEST_IP=10.0.2.15
 GUEST_GW=10.0.2.2
 GUEST_HTTP_PORT=8080
@@ -44,7 +50,7 @@ GUEST_HTTP_PORT=8080
 # dependencies (read from the .ko's own modinfo) are loaded before it.
 REQUIRED_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
                   virtio_blk virtio_net ext4)
-OPTIONAL_MODULES=(virtio_balloon)
+OPTIONAL_MODULES=(virtio_balloon virtio_console)
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -63,6 +69,11 @@ if ! [[ $GUEST_DISK_MB =~ ^[0-9]+$ ]] || (( GUEST_DISK_MB < 16 )); then
 fi
 
 # ---------------------------------------------------------------- cache check
+# One build per OUTDIR at a time (tests start several at once); the others wait, then find
+# the finished build in the cache.
+mkdir -p "$(dirname "$OUTDIR")"
+exec 9>"$OUTDIR.lock"
+flock 9
 # guest.json is the commit marker: written only after every other file is in place.
 if [[ -f $OUTDIR/guest.json && -f $OUTDIR/vmlinuz && -f $OUTDIR/initrd.img && -f $OUTDIR/disk.img ]] \
    && grep -q "\"recipe_version\": $RECIPE_VERSION," "$OUTDIR/guest.json" \
@@ -73,7 +84,7 @@ if [[ -f $OUTDIR/guest.json && -f $OUTDIR/vmlinuz && -f $OUTDIR/initrd.img && -f
 fi
 
 [[ $(id -u) == 0 ]] || die "must run as root (the initramfs needs a /dev/console device node)"
-for tool in busybox cpio gzip mkfs.ext4 apt-get apt-cache dpkg truncate; do
+for tool in busybox cpio gzip mkfs.ext4 apt-get apt-cache dpkg truncate ldd flock; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 BUSYBOX=$(command -v busybox)
@@ -81,6 +92,7 @@ BUSYBOX=$(command -v busybox)
 if LC_ALL=C ldd "$BUSYBOX" >/dev/null 2>&1; then
     die "$BUSYBOX is dynamically linked; install busybox-static"
 fi
+QEMU_GA=$(PATH=$PATH:/usr/sbin:/sbin command -v qemu-ga) || die "missing qemu-ga; install qemu-guest-agent"
 
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -227,6 +239,13 @@ find "$IR" -exec touch -h -d @0 {} +
 RD=$WORK/rootfs
 mkdir -p "$RD"/{bin,sbin,etc/init.d,dev,proc,sys,run,tmp,root,srv/www/cgi-bin,usr/bin,usr/sbin,var/log}
 chmod 1777 "$RD/tmp"
+ln -s /run "$RD/var/run"
+# The guest agent and every library it links, at the same paths as on the host.
+cp -L "$QEMU_GA" "$RD/usr/sbin/qemu-ga"
+LC_ALL=C ldd "$QEMU_GA" | grep -o '/[^ ]*' | sort -u | while IFS= read -r lib; do
+    mkdir -p "$RD/$(dirname "$lib")"
+    cp -L "$lib" "$RD/$lib"
+done
 cp "$BUSYBOX" "$RD/bin/busybox"
 # One symlink per applet, placed where busybox itself would install it.
 "$BUSYBOX" --list-full | while IFS= read -r path; do
@@ -247,10 +266,11 @@ echo cloudlet-guest > "$RD/etc/hostname"
 printf '127.0.0.1 localhost\n%s cloudlet-guest\n' "$GUEST_IP" > "$RD/etc/hosts"
 echo "nameserver 10.0.2.3" > "$RD/etc/resolv.conf"
 
-# busybox init (not a shell script) is PID 1: it reaps orphans and respawns the command loop.
+# busybox init (not a shell script) is PID 1: it reaps orphans and respawns the console shell
+# ("-": a login shell, which reads /etc/profile), with ttyS0 as its controlling terminal.
 cat > "$RD/etc/inittab" <<'EOF'
 ::sysinit:/etc/init.d/rcS
-ttyS0::respawn:/sbin/cloudlet-cmdloop
+ttyS0::respawn:-/bin/sh
 ::ctrlaltdel:/sbin/poweroff -f
 ::shutdown:/bin/sync
 EOF
@@ -277,6 +297,14 @@ ip link set eth0 up
 ip addr add $GUEST_IP/24 dev eth0
 ip route add default via $GUEST_GW
 echo 0 > /run/counter
+# The guest agent, on its virtio-serial port if the VM has one (no udev here: find the port
+# by name).
+for port in /sys/class/virtio-ports/*; do
+    [ "\$(cat "\$port/name" 2>/dev/null)" = $AGENT_CHANNEL ] || continue
+    mkdir -p /run/qemu-ga
+    qemu-ga -d -m virtio-serial -p "/dev/\${port##*/}" -t /run/qemu-ga -f /run/qemu-ga.pid \
+        || echo "rcS: qemu-ga did not start"
+done
 httpd -p $GUEST_HTTP_PORT -h /srv/www
 # Ready means the service answers, not just that it was started.
 i=0
@@ -287,26 +315,15 @@ done
 EOF
 chmod 755 "$RD/etc/init.d/rcS"
 
-cat > "$RD/sbin/cloudlet-cmdloop" <<EOF
-#!/bin/sh
-# Serial command loop: one line in, run it, "$DONE_MARKER <rc>" out.
+cat > "$RD/etc/profile" <<EOF
+# Login shell on the console: environment, then the ready marker once per boot.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 cd /root
-# No echo: the typed line would otherwise come back and could contain a marker.
-stty -echo 2>/dev/null
 if [ ! -e /run/ready-printed ]; then
     : > /run/ready-printed
     echo "$READY_MARKER"
 fi
-while IFS= read -r line; do
-    [ -z "\$line" ] && continue
-    # Own shell per line: "exit" cannot end the loop; stdin is not the console, so a command
-    # cannot swallow the lines that follow it.
-    sh -c "\$line" </dev/null
-    echo "$DONE_MARKER \$?"
-done
 EOF
-chmod 755 "$RD/sbin/cloudlet-cmdloop"
 
 cat > "$RD/srv/www/index.html" <<'EOF'
 <!doctype html>
@@ -357,7 +374,8 @@ cat > "$WORK/guest.json" <<EOF
   "modules_builtin": $(json_list "${BUILTIN_USED[@]}"),
   "serial": "ttyS0",
   "ready_marker": "$READY_MARKER",
-  "cmd_done_marker": "$DONE_MARKER",
+  "console": "busybox sh, interactive",
+  "agent_channel": "$AGENT_CHANNEL",
   "guest_ip": "$GUEST_IP",
   "guest_http_port": $GUEST_HTTP_PORT,
   "http_paths": ["/index.html", "/cgi-bin/counter"]

@@ -5,7 +5,7 @@
 #
 #   1. build (or reuse) the guest with build-guest.sh
 #   2. boot A: RAM = memory-backend-file share=on on RAMFILE; wait for CLOUDLET-GUEST-READY;
-#      curl the counter; run commands on the serial console (incl. fstrim)
+#      curl the counter; run commands at the shell on the serial console (incl. fstrim)
 #   3. (SMOKE_BALLOON=1, default) virtio-balloon free-page-reporting: does QEMU punch holes
 #      in RAMFILE when the guest frees memory?
 #   4. save: QMP migrate-set-capabilities x-ignore-shared, stop, migrate file:DEVSTATE, quit
@@ -18,7 +18,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-GUESTDIR=${1:-${CLOUDLET_GUEST_DIR:-$HOME/.cache/cloudlet-guest}}
+GUESTDIR=${1:-${CLOUDLET_GUEST_DIR:-}}   # empty: build-guest.sh's default folder
 QEMU=${QEMU:-qemu-system-x86_64}
 SMOKE_BALLOON=${SMOKE_BALLOON:-1}
 RAM_MB=256
@@ -31,8 +31,8 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 T0=$(now)
 
-"$HERE/build-guest.sh" "$GUESTDIR" >/dev/null
-GUESTDIR=$(cd "$GUESTDIR" && pwd)
+GUESTDIR=$("$HERE/build-guest.sh" ${GUESTDIR:+"$GUESTDIR"} | sed -n 's/^guest dir: *//p')
+[[ -n $GUESTDIR ]] || fail "build-guest.sh named no guest dir"
 CMDLINE=$(sed -n 's/^  "cmdline": "\(.*\)",$/\1/p' "$GUESTDIR/guest.json")
 [[ -n $CMDLINE ]] || fail "no cmdline in $GUESTDIR/guest.json"
 
@@ -114,19 +114,43 @@ def wait_log(log, marker, timeout):
     sys.exit(f"timeout waiting for {marker!r} in {log}")
 
 def serial(sock, log, line, timeout="60"):
-    """Type one line on the serial console; print its output; exit with its rc."""
-    start = os.path.getsize(log)
-    s = socket.socket(socket.AF_UNIX); s.connect(sock)
-    s.sendall(line.encode() + b"\n")
-    end = time.time() + float(timeout)
-    while time.time() < end:
-        out = open(log, "rb").read()[start:].decode(errors="replace")
-        m = re.search(r"CLOUDLET-CMD-DONE (\d+)\r?\n", out)
-        if m:
-            sys.stdout.write(out[:m.start()].replace("\r", "")); s.close()
-            sys.exit(int(m.group(1)))
-        time.sleep(0.05)
-    sys.exit(f"timeout running {line!r}")
+    """Run one command at the console shell; print its output; exit with its rc.
+
+    The same framing as synth's vm::shell: markers assembled by printf in the guest (the
+    0x1e byte is never typed, so the shell's echo cannot hold one), a per-run nonce."""
+    s = socket.socket(socket.AF_UNIX); s.connect(sock); s.settimeout(0.2)
+    nonce = os.urandom(8).hex()
+    buf = b""
+    def framed(seq, code, wait):
+        nonlocal buf
+        tag = f"{nonce}:{seq}"
+        s.sendall(f" printf '\\036CLT%s:B\\036\\n' {tag};{code}</dev/null;"
+                  f"printf '\\036CLT%s:E%s\\036\\n' {tag} \"$?\"\n".encode())
+        end = time.time() + wait
+        pat = re.compile(rb"\x1eCLT" + tag.encode() + rb":B\x1e\r?\n(.*?)\x1eCLT"
+                         + tag.encode() + rb":E(\d+)\x1e", re.S)
+        while time.time() < end:
+            m = pat.search(buf)
+            if m:
+                buf = buf[m.end():]
+                return int(m.group(2)), m.group(1)
+            try: buf += s.recv(65536)
+            except socket.timeout: pass
+        return None
+    seq = 0
+    first = b"\x15"  # Ctrl-U clears a half-typed line; Ctrl-C before each retry
+    for _ in range(15):  # sync: a framed ':' until the shell answers
+        s.sendall(first); first = b"\x03"; seq += 1
+        if framed(seq, ":", 4): break
+    else:
+        sys.exit("no shell answered on the console")
+    quoted = "'" + line.replace("'", "'\\''") + "'"
+    r = framed(seq + 1, f"(eval {quoted})", float(timeout))
+    if r is None: sys.exit(f"timeout running {line!r}")
+    rc, out = r
+    out = re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]", b"", out).replace(b"\r", b"")
+    sys.stdout.write(out.decode(errors="replace")); s.close()
+    sys.exit(rc)
 
 def qmp_quit(sock):
     QMP(sock).cmd("quit")
@@ -185,7 +209,7 @@ BEFORE=$(counter); log "A counter: $BEFORE"
 H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'uname -r; grep " / " /proc/mounts' >&2
 H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'fstrim -v /' >&2 || fail "fstrim"
 rc=0; H serial "$WORK/serial-a.sock" "$WORK/serial-a.log" 'exit 3' || rc=$?
-[[ $rc == 3 ]] || fail "command loop rc: expected 3, got $rc"
+[[ $rc == 3 ]] || fail "console shell rc: expected 3, got $rc"
 
 BALLOON_RESULT=skipped
 if [[ $SMOKE_BALLOON == 1 ]]; then

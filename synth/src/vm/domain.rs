@@ -1,8 +1,10 @@
 //! libvirt domain XML for resuming a base's VM, from its launch config only.
 //!
 //! The domain XML says what libvirt can express the same way a direct QEMU has it: machine,
-//! RAM size, vCPUs, kernel/initrd/command line, and the disk (`disk/image` on cloudletfs, at
-//! the PCI slot a direct QEMU gives it). The rest goes into the `qemu:commandline` namespace,
+//! RAM size, vCPUs, kernel/initrd/command line, the disk (`disk/image` on cloudletfs, at
+//! the PCI slot a direct QEMU gives it) and the guest agent channel (a `virtio-serial`
+//! controller at its slot, port 1 named `org.qemu.guest_agent.0`, socket `RUN/qga.sock`;
+//! libvirt then connects to the agent itself, for `virsh qemu-agent-command` and friends). The rest goes into the `qemu:commandline` namespace,
 //! built by [`DomainLaunch`] from the same launch config, because libvirt 9 cannot say it:
 //!
 //! | needed | why not in libvirt's XML |
@@ -108,6 +110,31 @@ pub fn domain_xml(
             d.slot
         );
         let _ = writeln!(x, "    </disk>");
+    }
+    if let Some(agent) = &launch.agent {
+        let _ = writeln!(x, "    <controller type='virtio-serial' index='0'>");
+        let _ = writeln!(
+            x,
+            "      <address type='pci' domain='0x0000' bus='0x00' slot='{:#04x}' function='0x0'/>",
+            agent.slot
+        );
+        let _ = writeln!(x, "    </controller>");
+        let _ = writeln!(x, "    <channel type='unix'>");
+        let _ = writeln!(
+            x,
+            "      <source mode='bind' path='{}'/>",
+            path_text("agent socket", &agent.socket)?
+        );
+        let _ = writeln!(
+            x,
+            "      <target type='virtio' name='{}'/>",
+            super::qga::AGENT_CHANNEL
+        );
+        let _ = writeln!(
+            x,
+            "      <address type='virtio-serial' controller='0' bus='0' port='1'/>"
+        );
+        let _ = writeln!(x, "    </channel>");
     }
     let _ = writeln!(x, "    <controller type='usb' model='none'/>");
     let _ = writeln!(x, "    <memballoon model='none'/>");
@@ -219,6 +246,39 @@ mod tests {
         assert!(xml.contains("share=off,readonly=on,rom=off'"), "{xml}");
         assert!(xml.contains("<qemu:arg value='defer'/>"), "{xml}");
         assert!(!xml.contains("virtio-blk-pci"), "disk given twice: {xml}");
+    }
+
+    #[test]
+    fn domain_xml_guest_agent_is_a_channel_at_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(
+            dir.path(),
+            vec![
+                Device::VirtioBlk { discard: true },
+                Device::VirtioNet,
+                Device::GuestAgent,
+            ],
+        );
+        let xml = domain_xml("cloudlet-t", &l, Path::new("/usr/bin/qemu")).unwrap();
+        let controller = "<controller type='virtio-serial' index='0'>\n      \
+            <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>";
+        assert!(xml.contains(controller), "{xml}");
+        assert!(
+            xml.contains("<target type='virtio' name='org.qemu.guest_agent.0'/>"),
+            "{xml}"
+        );
+        let socket = dir.path().join("run/qga.sock");
+        assert!(
+            xml.contains(&format!(
+                "<source mode='bind' path='{}'/>",
+                socket.display()
+            )),
+            "{xml}"
+        );
+        assert!(
+            !xml.contains("virtio-serial-pci"),
+            "agent given twice: {xml}"
+        );
     }
 
     #[test]

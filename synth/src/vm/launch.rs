@@ -8,7 +8,8 @@
 //!   -accel A -machine M,memory-backend=mem -cpu C -smp N -m SIZE
 //!   -object memory-backend-file,id=mem,size=SIZE,mem-path=RAM,<mode options>
 //!   -nodefaults -no-user-config -display none -no-reboot [-kernel K] [-initrd I] [-append ..]
-//!   per device, in config order: -drive/-netdev + -device
+//!   per device, in config order: -drive/-netdev + -device (guest-agent: -chardev socket
+//!     RUN/qga.sock + -device virtio-serial-pci + -device virtserialport)
 //!   -chardev socket (serial, logged to RUN/serial.log) -serial chardev:ser0
 //!   -chardev socket (QMP, RUN/qmp.sock) -mon chardev=qmp0,mode=control  [-incoming defer]
 //! ```
@@ -37,6 +38,13 @@ pub const QEMU_DEFAULT: &str = "qemu-system-x86_64";
 
 /// Id of the RAM backend object; must match on both sides of a save/resume.
 const MEMORY_ID: &str = "mem";
+/// Chardev id of the guest agent's socket.
+const AGENT_CHARDEV: &str = "qga0";
+/// Id of the virtio-serial controller carrying the guest agent's port.
+const AGENT_SERIAL_ID: &str = "vserial0";
+/// Port number of the guest agent on its controller (libvirt's `port='1'`: the first
+/// port that is not a console).
+const AGENT_PORT: u32 = 1;
 /// Longest Unix socket path (`sizeof(sun_path) - 1` on Linux).
 const MAX_SOCKET_PATH: usize = 107;
 const MIB: u64 = 1 << 20;
@@ -341,6 +349,7 @@ pub struct QemuArgs {
     serial_socket: PathBuf,
     serial_log: PathBuf,
     qemu_log: PathBuf,
+    agent_socket: Option<PathBuf>,
     incoming: bool,
 }
 
@@ -361,6 +370,7 @@ impl QemuArgs {
         let serial_socket = socket_path(run_dir.join("serial.sock"))?;
         let serial_log = run_dir.join("serial.log");
         let qemu_log = run_dir.join("qemu.log");
+        let agent_socket = agent_socket(config, &run_dir)?;
 
         let mut a = Args::default();
         a.push("-accel").push(options.accel.as_str());
@@ -410,6 +420,7 @@ impl QemuArgs {
             &config.devices,
             paths,
             &options.hostfwd,
+            agent_socket.as_deref(),
             Placement::Implicit,
         )?;
         // The operator's own arguments, recorded in the base when it was made. Overlays carry
@@ -435,6 +446,7 @@ impl QemuArgs {
             serial_socket,
             serial_log,
             qemu_log,
+            agent_socket,
             incoming: options.incoming,
         })
     }
@@ -469,6 +481,11 @@ impl QemuArgs {
         &self.qemu_log
     }
 
+    /// The guest agent's socket, when the config has the `guest-agent` device.
+    pub fn agent_socket(&self) -> Option<&Path> {
+        self.agent_socket.as_deref()
+    }
+
     /// Whether QEMU starts with `-incoming defer`.
     pub fn incoming(&self) -> bool {
         self.incoming
@@ -483,6 +500,15 @@ pub struct DomainDisk {
     /// Pass guest TRIM to the image.
     pub discard: bool,
     /// PCI slot on `pcie.0`.
+    pub slot: usize,
+}
+
+/// The guest agent channel of a libvirt domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainAgent {
+    /// The Unix socket QEMU listens on (absolute).
+    pub socket: PathBuf,
+    /// PCI slot of its virtio-serial controller on `pcie.0`.
     pub slot: usize,
 }
 
@@ -506,6 +532,8 @@ pub struct DomainLaunch {
     pub append: Option<String>,
     /// The disk, if the config has one.
     pub disk: Option<DomainDisk>,
+    /// The guest agent channel, if the config has one.
+    pub agent: Option<DomainAgent>,
     /// Arguments appended to libvirt's own command line.
     pub qemu_args: Vec<OsString>,
     /// Run folder (absolute).
@@ -541,6 +569,7 @@ impl DomainLaunch {
         let run_dir = absolute(&paths.run_dir)?;
         let serial_socket = socket_path(run_dir.join("serial.sock"))?;
         let serial_log = run_dir.join("serial.log");
+        let agent_socket = agent_socket(config, &run_dir)?;
 
         let mut a = Args::default();
         // libvirt already passes -machine with its own RAM backend (`pc.ram`); a second
@@ -556,6 +585,7 @@ impl DomainLaunch {
             &config.devices,
             paths,
             &options.hostfwd,
+            agent_socket.as_deref(),
             Placement::Q35Slots,
         )?;
         for extra in &config.extra_args {
@@ -581,6 +611,20 @@ impl DomainLaunch {
             }),
             None => None,
         };
+        let agent = match agent_socket {
+            Some(socket) => {
+                let index = config
+                    .devices
+                    .iter()
+                    .position(|d| matches!(d, Device::GuestAgent))
+                    .ok_or_else(|| mismatch("an agent socket without a guest-agent device"))?;
+                Some(DomainAgent {
+                    socket,
+                    slot: q35_slot(index)?,
+                })
+            }
+            None => None,
+        };
         let boot = Boot::new(config, paths)?;
         debug!("libvirt domain QEMU arguments: {:?}", a.0);
         Ok(DomainLaunch {
@@ -592,6 +636,7 @@ impl DomainLaunch {
             initrd: boot.initrd,
             append: boot.append.map(str::to_owned),
             disk,
+            agent,
             qemu_args: a.0,
             run_dir,
             serial_socket,
@@ -721,7 +766,8 @@ enum Placement {
     Implicit,
     /// Every device gets, explicitly, the slot QEMU would have picked for it on a q35
     /// machine started by [`QemuArgs`] (slot 1 onwards on `pcie.0`, in config order), and
-    /// the disk is left out: the libvirt domain XML attaches it at its slot. Device state
+    /// the disk and the guest agent channel are left out: the libvirt domain XML attaches
+    /// them at their slots. Device state
     /// saved by a direct QEMU then loads into the libvirt one, because the same devices sit
     /// at the same PCI addresses.
     Q35Slots,
@@ -756,6 +802,7 @@ fn add_devices(
     devices: &[Device],
     paths: &VmPaths,
     hostfwd: &[HostFwd],
+    agent_socket: Option<&Path>,
     placement: Placement,
 ) -> Result<(), LaunchError> {
     let blk_count = devices
@@ -815,9 +862,43 @@ fn add_devices(
                 ));
                 balloons += 1;
             }
+            Device::GuestAgent if placement == Placement::Q35Slots => {}
+            Device::GuestAgent => {
+                let socket = agent_socket
+                    .ok_or_else(|| mismatch("a guest-agent device without its socket path"))?;
+                a.push("-chardev").push_opts(&[
+                    format!("socket,id={AGENT_CHARDEV},path=").into(),
+                    escape_option_value(socket.as_os_str()),
+                    ",server=on,wait=off".into(),
+                ]);
+                a.push("-device")
+                    .push(format!("virtio-serial-pci,id={AGENT_SERIAL_ID}{at}"));
+                a.push("-device").push(format!(
+                    "virtserialport,bus={AGENT_SERIAL_ID}.0,nr={AGENT_PORT},\
+                     chardev={AGENT_CHARDEV},name={}",
+                    super::qga::AGENT_CHANNEL
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// `RUN/qga.sock` when the config has the `guest-agent` device (at most one).
+fn agent_socket(config: &LaunchConfig, run_dir: &Path) -> Result<Option<PathBuf>, LaunchError> {
+    match config
+        .devices
+        .iter()
+        .filter(|d| matches!(d, Device::GuestAgent))
+        .count()
+    {
+        0 => Ok(None),
+        1 => socket_path(run_dir.join("qga.sock")).map(Some),
+        _ => Err(config_error(
+            "devices",
+            "more than one guest-agent device, but a guest has one agent",
+        )),
+    }
 }
 
 fn config_error(field: &'static str, reason: &str) -> LaunchError {

@@ -15,6 +15,9 @@
 //! driven through libvirt's QMP passthrough, which libvirt records by tainting the domain
 //! (`custom-monitor`). The domain is created with auto-destroy: if this process dies, libvirt
 //! destroys it when the connection drops. [`LibvirtVm`] destroys it when dropped.
+//!
+//! With the launch config's `guest-agent` device, libvirt holds the agent channel itself;
+//! [`LibvirtVm::agent_command`] goes through it (virDomainQemuAgentCommand).
 
 use super::domain::domain_xml;
 use super::launch::{qemu_binary, DomainLaunch, LaunchError};
@@ -89,6 +92,16 @@ pub enum LibvirtError {
     /// `resume_from` on a domain started without `-incoming defer`.
     #[error("This domain was not started with incoming: true, so it cannot load device state")]
     NotIncoming,
+    /// A guest agent command could not be passed through libvirt (no agent channel, no
+    /// agent answering in the guest, or an error reply).
+    #[error("The guest agent command {command} through libvirt failed")]
+    Agent {
+        /// The agent command.
+        command: String,
+        /// libvirt's error.
+        #[source]
+        source: virt::error::Error,
+    },
     /// libvirt failed to run the guest after loading its state.
     #[error("Resuming the libvirt domain {name} failed")]
     Resume {
@@ -143,7 +156,11 @@ impl LibvirtVm {
             path: run_dir.clone(),
             source,
         })?;
-        for stale in [&launch.serial_socket, &launch.serial_log] {
+        let agent_socket = launch.agent.as_ref().map(|a| &a.socket);
+        for stale in [&launch.serial_socket, &launch.serial_log]
+            .into_iter()
+            .chain(agent_socket)
+        {
             match std::fs::remove_file(stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(LibvirtError::RunDir {
@@ -246,6 +263,35 @@ impl LibvirtVm {
         self.timings.spawn_to_running = Some(self.started.elapsed());
         info!("Domain {} resumed in {took:?}", self.name);
         Ok(took)
+    }
+
+    /// Runs guest agent command `command` with `arguments` (`Value::Null` for none) through
+    /// libvirt, waiting at most `timeout` (whole seconds, at least one); its `return` value.
+    pub fn agent_command(
+        &self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, LibvirtError> {
+        let mut msg = json!({ "execute": command });
+        if !arguments.is_null() {
+            msg["arguments"] = arguments;
+        }
+        let seconds = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        let reply = self
+            .domain()?
+            .qemu_agent_command(&msg.to_string(), seconds, 0)
+            .map_err(|source| LibvirtError::Agent {
+                command: command.to_owned(),
+                source,
+            })?;
+        debug!("Guest agent via libvirt {msg} -> {reply}");
+        let refused = || LibvirtError::Refused {
+            step: "running a guest agent command",
+            reply: super::qmp::shorten(&reply),
+        };
+        let v: Value = serde_json::from_str(&reply).map_err(|_| refused())?;
+        v.get("return").cloned().ok_or_else(refused)
     }
 
     /// Destroys the domain (QEMU is killed; libvirt forgets the transient domain).

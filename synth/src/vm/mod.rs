@@ -8,7 +8,10 @@
 //!                                                      ▼
 //!                         Vm::spawn ──► QEMU process ◄── qmp::Qmp (QMP socket)
 //!                                            │
-//!                              serial socket + serial.log (guest console)
+//!              serial socket + serial.log ◄──┴──► qga.sock (with the `guest-agent` device)
+//!                       │                              │
+//!     serial::SerialPort ─► shell::Shell       qga::Agent (guest-exec, guest-file-*)
+//!     (framed commands for any POSIX shell)
 //! ```
 //!
 //! * **capture** (`cloudlet base`): [`MemoryMode::Capture`] maps guest RAM *shared* from the
@@ -19,6 +22,12 @@
 //!   guest writes stay in QEMU), then [`Vm::resume_from`] loads the device state and `cont`s.
 //!   Resuming with [`MemoryMode::Capture`] on a writable copy instead keeps guest RAM in that
 //!   copy, so the resumed VM can be captured again (`cloudlet overlay`).
+//!
+//! Commands reach the guest two ways: [`Vm::run_serial_command`] types them at the shell on
+//! the serial console ([`shell`]: any POSIX shell, framed so its echo and prompt do not
+//! matter), [`Vm::run_agent_command`] and [`Vm::copy_to_guest`] go through the QEMU guest
+//! agent ([`qga`]) when the guest runs one; [`Vm::run_command`] picks either by
+//! [`CommandChannel`].
 //!
 //! The libvirt backend (`libvirt` feature) resumes the same way through a libvirt domain:
 //! [`domain`] writes its XML from the launch config, `libvirt::LibvirtVm` drives it.
@@ -31,21 +40,25 @@ pub mod domain;
 pub mod launch;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod qga;
 pub mod qmp;
 pub mod serial;
+pub mod shell;
 
 pub use launch::{
-    escape_option_value, qemu_binary, Accel, BadHostFwd, DomainDisk, DomainLaunch, HostFwd,
-    LaunchError, LaunchOptions, MemoryMode, QemuArgs, VmPaths,
+    escape_option_value, qemu_binary, Accel, BadHostFwd, DomainAgent, DomainDisk, DomainLaunch,
+    HostFwd, LaunchError, LaunchOptions, MemoryMode, QemuArgs, VmPaths,
 };
+pub use qga::{Agent, AgentError, ExecOutput, AGENT_CHANNEL};
 pub use qmp::{Qmp, QmpError};
-pub use serial::{CMD_DONE_MARKER, READY_MARKER};
+pub use serial::{SerialPort, READY_MARKER};
+pub use shell::{CommandOutput, Received, Shell, ShellError, ShellOptions, Transport};
 
 use log::{debug, info, warn};
 use serde_json::{json, Value};
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener};
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -137,6 +150,15 @@ pub enum VmError {
     /// A serial line would have been split by the guest.
     #[error("Serial command contains a line break: {0:?}")]
     MultiLineCommand(String),
+    /// A command over the serial console failed (timeout, no shell, console closed).
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    /// Talking to the guest agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The guest agent was asked for, but the launch config has no `guest-agent` device.
+    #[error("This VM has no guest agent channel: its launch config lacks the guest-agent device")]
+    NoAgentChannel,
     /// Something did not happen in time.
     #[error("Timed out after {timeout:?} waiting for {what}")]
     Timeout {
@@ -162,13 +184,13 @@ pub enum VmError {
     },
 }
 
-/// What a serial command printed and how it ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandOutput {
-    /// Exit status of `sh -c LINE` in the guest.
-    pub rc: i32,
-    /// Everything the guest printed between sending the line and the done marker.
-    pub output: String,
+/// How [`Vm::run_command`] reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandChannel {
+    /// Typed at the shell on the serial console ([`Vm::run_serial_command_streaming`]).
+    Serial,
+    /// Run with `/bin/sh -c` by the guest agent ([`Vm::run_agent_command`]).
+    Agent,
 }
 
 /// Durations of a VM's lifecycle steps, as far as they happened.
@@ -178,6 +200,8 @@ pub struct Timings {
     pub qmp_connected: Option<Duration>,
     /// Spawn to the ready marker (set by [`Vm::wait_ready_marker`]).
     pub ready: Option<Duration>,
+    /// Spawn to the guest agent's first answer (set by [`Vm::wait_agent`]).
+    pub agent_ready: Option<Duration>,
     /// Length of the last [`Vm::save_device_state`] (x-ignore-shared to migration completed).
     pub save: Option<Duration>,
     /// Length of [`Vm::resume_from`] (x-ignore-shared to `cont`).
@@ -237,7 +261,9 @@ impl Drop for Process {
 pub struct Vm {
     // Declared first so the sockets close before the process is killed.
     qmp: Qmp,
-    serial: UnixStream,
+    // Boxed: a `Vm` is moved around by value (and sits in enums next to smaller types).
+    shell: Box<Shell<SerialPort>>,
+    agent: Option<Box<Agent>>,
     process: Process,
     args: QemuArgs,
     started: Instant,
@@ -261,7 +287,10 @@ impl Vm {
             path: run_dir.to_owned(),
             source,
         })?;
-        for stale in [args.qmp_socket(), args.serial_socket(), args.serial_log()] {
+        let stale_files = [args.qmp_socket(), args.serial_socket(), args.serial_log()]
+            .into_iter()
+            .chain(args.agent_socket());
+        for stale in stale_files {
             match std::fs::remove_file(stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(VmError::RunDir {
@@ -324,24 +353,17 @@ impl Vm {
         debug!("QMP ready after {qmp_connected:?}");
 
         let serial = connect_serial(&mut process, args, deadline)?;
-        let drain = serial
-            .try_clone()
-            .map_err(|source| VmError::SerialConnect {
-                path: args.serial_socket().to_owned(),
-                source,
-            })?;
-        // The serial log records only what the socket client accepts, so someone must read.
-        std::thread::Builder::new()
-            .name("vm-serial-drain".into())
-            .spawn(move || drain_serial(drain))
-            .map_err(|source| VmError::SerialConnect {
-                path: args.serial_socket().to_owned(),
-                source,
-            })?;
+        // The port reads the socket all the time: the serial log records only what the
+        // socket client accepts, and the shell needs what the guest printed.
+        let port = SerialPort::new(serial).map_err(|source| VmError::SerialConnect {
+            path: args.serial_socket().to_owned(),
+            source,
+        })?;
 
         Ok(Vm {
             qmp,
-            serial,
+            shell: Box::new(Shell::new(port)),
+            agent: None,
             process,
             args: args.clone(),
             started,
@@ -393,7 +415,8 @@ impl Vm {
         }
     }
 
-    /// Types `line` and a newline on the serial console.
+    /// Types `line` and a newline on the serial console, unframed. The next serial command
+    /// syncs with the shell again first.
     pub fn serial_send(&mut self, line: &str) -> Result<(), VmError> {
         if line.contains(['\n', '\r']) {
             return Err(VmError::MultiLineCommand(line.to_owned()));
@@ -402,34 +425,147 @@ impl Vm {
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
-        self.serial
-            .write_all(&bytes)
-            .and_then(|()| self.serial.flush())
+        self.shell
+            .transport_mut()
+            .send(&bytes)
             .map_err(VmError::SerialWrite)
     }
 
-    /// Runs `cmd` in the guest through the serial command loop (`sh -c CMD`) and waits for its
-    /// `CLOUDLET-CMD-DONE <rc>` line.
+    /// The shell on the serial console, e.g. to change its [`ShellOptions`].
+    pub fn serial_shell(&mut self) -> &mut Shell<SerialPort> {
+        &mut self.shell
+    }
+
+    /// Runs `cmd` at the guest's shell on the serial console and waits at most `timeout` for
+    /// it; see [`Vm::run_serial_command_streaming`].
     pub fn run_serial_command(
         &mut self,
         cmd: &str,
         timeout: Duration,
     ) -> Result<CommandOutput, VmError> {
-        let log_path = self.args.serial_log().to_owned();
-        let start = serial::log_len(&log_path).map_err(|source| VmError::SerialLog {
-            path: log_path.clone(),
-            source,
-        })?;
-        self.serial_send(cmd)?;
-        let deadline = Instant::now() + timeout;
-        let step = || format!("serial command {cmd:?} to finish");
-        loop {
-            let text = self.read_serial_log(start)?;
-            if let Some((output, rc)) = serial::parse_cmd_done(&text) {
-                debug!("Serial command {cmd:?} exited with {rc}");
-                return Ok(CommandOutput { rc, output });
+        self.run_serial_command_streaming(cmd, timeout, &mut |_| {})
+    }
+
+    /// Runs `cmd` at the guest's shell on the serial console (any POSIX shell: bash, dash,
+    /// busybox `sh`; in a subshell, stdin from `/dev/null`, see [`shell`]) and waits at most
+    /// `timeout` for it, handing its output to `on_output` as it arrives. The first command
+    /// first waits (up to [`ShellOptions::sync_timeout`]) for the shell to answer.
+    ///
+    /// A non-zero exit status is `Ok` (check [`CommandOutput::rc`]). A command still running
+    /// at `timeout` is interrupted with Ctrl-C and reported as [`ShellError::Timeout`], with
+    /// its output so far; the shell is usable again afterwards if it answers.
+    pub fn run_serial_command_streaming(
+        &mut self,
+        cmd: &str,
+        timeout: Duration,
+        on_output: &mut dyn FnMut(&[u8]),
+    ) -> Result<CommandOutput, VmError> {
+        match self.shell.run(cmd, timeout, on_output) {
+            Ok(out) => Ok(out),
+            Err(e @ ShellError::Closed { .. }) => {
+                let step = format!("running {cmd:?} on the serial console");
+                Err(
+                    exit_error_within(&mut self.process, &self.args, &step, EXIT_GRACE)
+                        .unwrap_or(VmError::Shell(e)),
+                )
             }
-            self.poll_wait(deadline, timeout, step)?;
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The guest agent client, connected and in sync (both tried until `timeout`: an agent
+    /// still starting in the guest answers a later attempt).
+    pub fn agent(&mut self, timeout: Duration) -> Result<&mut Agent, VmError> {
+        let deadline = Instant::now() + timeout;
+        if self.agent.is_none() {
+            let path = self.args.agent_socket().ok_or(VmError::NoAgentChannel)?;
+            let process = &mut self.process;
+            let agent = Agent::connect_with(path, timeout, &mut || process.exited().is_none());
+            let agent = self.agent_step("connecting to the guest agent", agent)?;
+            self.agent = Some(Box::new(agent));
+        }
+        let synced = match self.agent.as_mut() {
+            Some(agent) if !agent.is_synced() => {
+                agent.sync(deadline.saturating_duration_since(Instant::now()))
+            }
+            _ => Ok(()),
+        };
+        self.agent_step("waiting for the guest agent", synced)?;
+        self.agent.as_deref_mut().ok_or(VmError::NoAgentChannel)
+    }
+
+    /// Waits until the guest agent answers `guest-ping`, at most `timeout`; returns the time
+    /// since spawn.
+    pub fn wait_agent(&mut self, timeout: Duration) -> Result<Duration, VmError> {
+        let deadline = Instant::now() + timeout;
+        let pinged = self
+            .agent(timeout)?
+            .ping(deadline.saturating_duration_since(Instant::now()));
+        self.agent_step("pinging the guest agent", pinged)?;
+        let t = self.started.elapsed();
+        self.timings.agent_ready = Some(t);
+        info!("Guest agent answered {t:?} after spawn");
+        Ok(t)
+    }
+
+    /// Runs `cmd` with `/bin/sh -c` through the guest agent and waits at most `timeout` for
+    /// it (stdin empty; stdout and stderr apart, returned when it exits). A non-zero exit is
+    /// `Ok`; a timeout kills its process tree ([`AgentError::ExecTimeout`]).
+    pub fn run_agent_command(
+        &mut self,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, VmError> {
+        let deadline = Instant::now() + timeout;
+        let out = self
+            .agent(timeout)?
+            .exec_shell(cmd, deadline.saturating_duration_since(Instant::now()));
+        self.agent_step("running a command through the guest agent", out)
+    }
+
+    /// Copies the local file `local` to `guest_path` (absolute) in the guest through the
+    /// guest agent, with permissions `mode` (e.g. `0o644`), within `timeout`; returns the
+    /// bytes copied. The file appears under its name only once complete.
+    pub fn copy_to_guest(
+        &mut self,
+        local: &Path,
+        guest_path: &str,
+        mode: u32,
+        timeout: Duration,
+    ) -> Result<u64, VmError> {
+        let deadline = Instant::now() + timeout;
+        let copied = self.agent(timeout)?.copy_file(
+            local,
+            guest_path,
+            mode,
+            deadline.saturating_duration_since(Instant::now()),
+        );
+        self.agent_step("copying a file through the guest agent", copied)
+    }
+
+    /// Runs `cmd` in the guest over `channel`, waiting at most `timeout`. Over the serial
+    /// console the output streams to `on_output` as it arrives; over the agent it comes when
+    /// the command exits (stdout, then stderr), and [`CommandOutput::output`] holds both.
+    pub fn run_command(
+        &mut self,
+        channel: CommandChannel,
+        cmd: &str,
+        timeout: Duration,
+        on_output: &mut dyn FnMut(&[u8]),
+    ) -> Result<CommandOutput, VmError> {
+        match channel {
+            CommandChannel::Serial => self.run_serial_command_streaming(cmd, timeout, on_output),
+            CommandChannel::Agent => {
+                let out = self.run_agent_command(cmd, timeout)?;
+                on_output(&out.stdout);
+                on_output(&out.stderr);
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                Ok(CommandOutput {
+                    rc: out.rc(),
+                    output: text,
+                })
+            }
         }
     }
 
@@ -536,6 +672,21 @@ impl Vm {
         Ok(())
     }
 
+    /// Maps a closed agent socket to [`VmError::Exited`] when QEMU is gone, else passes the
+    /// agent's error on.
+    fn agent_step<T>(&mut self, step: &str, r: Result<T, AgentError>) -> Result<T, VmError> {
+        r.map_err(|e| {
+            let grace = match e {
+                AgentError::Closed { .. } | AgentError::Io { .. } | AgentError::Connect { .. } => {
+                    EXIT_GRACE
+                }
+                _ => Duration::ZERO,
+            };
+            exit_error_within(&mut self.process, &self.args, step, grace)
+                .unwrap_or(VmError::Agent(e))
+        })
+    }
+
     /// Maps a QMP failure to [`VmError::Exited`] when QEMU is gone, else to [`VmError::Qmp`].
     fn qmp_step<T>(&mut self, step: &'static str, r: Result<T, QmpError>) -> Result<T, VmError> {
         r.map_err(|source| {
@@ -543,13 +694,6 @@ impl Vm {
             exit_error_within(&mut self.process, &self.args, step, grace)
                 .unwrap_or(VmError::Qmp { step, source })
         })
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        // Ends the drain thread's read.
-        let _ = self.serial.shutdown(Shutdown::Both);
     }
 }
 
@@ -674,34 +818,28 @@ fn connect_serial(
     deadline: Instant,
 ) -> Result<UnixStream, VmError> {
     let path = args.serial_socket();
+    connect_unix(path, deadline, &mut || process.exited().is_none()).map_err(|source| {
+        exit_error(process, args, "connecting to the serial console").unwrap_or(
+            VmError::SerialConnect {
+                path: path.to_owned(),
+                source,
+            },
+        )
+    })
+}
+
+/// Connects to the Unix socket at `path`, retrying until `deadline` (QEMU creates its
+/// sockets a little after it starts) or until `keep_trying` says no; the last error.
+pub(crate) fn connect_unix(
+    path: &Path,
+    deadline: Instant,
+    keep_trying: &mut dyn FnMut() -> bool,
+) -> io::Result<UnixStream> {
     loop {
         match UnixStream::connect(path) {
             Ok(s) => return Ok(s),
-            Err(source) => {
-                if let Some(e) = exit_error(process, args, "connecting to the serial console") {
-                    return Err(e);
-                }
-                if Instant::now() >= deadline {
-                    return Err(VmError::SerialConnect {
-                        path: path.to_owned(),
-                        source,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// Reads and discards console output until QEMU closes the socket.
-fn drain_serial(mut stream: UnixStream) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(e) if Instant::now() >= deadline || !keep_trying() => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }

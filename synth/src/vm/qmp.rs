@@ -358,31 +358,21 @@ fn connect_retry(
     keep_trying: &mut impl FnMut() -> bool,
 ) -> Result<UnixStream, QmpError> {
     let start = Instant::now();
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => {
-                debug!(
-                    "QMP connected to {} after {:?}",
-                    path.display(),
-                    start.elapsed()
-                );
-                return Ok(s);
-            }
-            Err(source) => {
-                if Instant::now() >= deadline || !keep_trying() {
-                    return Err(QmpError::Connect {
-                        path: path.to_owned(),
-                        waited: start.elapsed(),
-                        source,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
+    let stream =
+        super::connect_unix(path, deadline, keep_trying).map_err(|source| QmpError::Connect {
+            path: path.to_owned(),
+            waited: start.elapsed(),
+            source,
+        })?;
+    debug!(
+        "QMP connected to {} after {:?}",
+        path.display(),
+        start.elapsed()
+    );
+    Ok(stream)
 }
 
-fn is_disconnect(e: &io::Error) -> bool {
+pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
@@ -390,7 +380,7 @@ fn is_disconnect(e: &io::Error) -> bool {
 }
 
 /// Shortens text for an error message.
-fn shorten(s: &str) -> String {
+pub(crate) fn shorten(s: &str) -> String {
     const MAX: usize = 300;
     match s.char_indices().nth(MAX) {
         Some((i, _)) => format!("{}...", &s[..i]),

@@ -57,11 +57,11 @@ pub enum SessionError {
     Launch(#[from] synth::vm::LaunchError),
     /// Starting, resuming or stopping the VM failed.
     #[error(transparent)]
-    Vm(#[from] synth::vm::VmError),
+    Vm(Box<synth::vm::VmError>),
     /// The libvirt backend failed.
     #[cfg(feature = "libvirt")]
     #[error(transparent)]
-    Libvirt(#[from] synth::vm::libvirt::LibvirtError),
+    Libvirt(Box<synth::vm::libvirt::LibvirtError>),
     /// The backend is not in this build.
     #[error(transparent)]
     LibvirtNotBuilt(#[from] LibvirtNotBuilt),
@@ -71,4 +71,17 @@ pub enum SessionError {
     /// Installing the SIGINT/SIGTERM handlers failed.
     #[error("Installing the signal handlers failed")]
     Signals(#[source] std::io::Error),
+}
+
+impl From<synth::vm::VmError> for SessionError {
+    fn from(e: synth::vm::VmError) -> Self {
+        SessionError::Vm(Box::new(e))
+    }
+}
+
+#[cfg(feature = "libvirt")]
+impl From<synth::vm::libvirt::LibvirtError> for SessionError {
+    fn from(e: synth::vm::libvirt::LibvirtError) -> Self {
+        SessionError::Libvirt(Box::new(e))
+    }
 }

@@ -23,7 +23,7 @@ pub enum WaitError {
         marker: String,
         /// What happened.
         #[source]
-        source: VmError,
+        source: Box<VmError>,
     },
     /// The URL did not answer 200 in time.
     #[error("{url}: no HTTP 200 within {timeout:?} (last: {last})")]
@@ -60,7 +60,7 @@ pub fn wait_marker(
             Err(source) => {
                 return Err(WaitError::Marker {
                     marker: marker.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })
             }
         }
