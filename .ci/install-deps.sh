@@ -4,9 +4,12 @@
 set -euo pipefail
 
 need_apt=()
-for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd; do
+for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd \
+  sfdisk grub-mkimage unshare flock; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
+# The Debian test guest (tools/guest/build-debian.sh) installs GRUB into its disk image file.
+[ -x /usr/lib/grub/i386-pc/grub-bios-setup ] || need_apt+=(grub-pc-bin)
 # libvirt-dev: headers and pkg-config file the `libvirt` cargo feature builds against.
 [ -e /usr/include/libvirt/libvirt.h ] || need_apt+=(libvirt-dev)
 qemu_ok=false
@@ -32,7 +35,7 @@ SRC
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     fuse3 xdelta3 xz-utils zstd nginx-light debootstrap e2fsprogs cpio busybox-static curl \
-    iproute2 >/dev/null
+    iproute2 fdisk grub-pc-bin util-linux >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-utils >/dev/null
   # The optional libvirt backend (tests run it). Without recommends it pulls in no QEMU of
