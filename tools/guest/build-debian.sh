@@ -294,6 +294,9 @@ LinkLocalAddressing=no
 IPv6AcceptRA=no
 EOF
 echo "nameserver $GUEST_DNS" >"$ROOT/etc/resolv.conf"
+# glibc's built-in locale. Without a system locale cloud-init, when a seed runs it, sets
+# en_US.UTF-8, which is not generated here, and reports an error.
+echo "LANG=C.UTF-8" >"$ROOT/etc/default/locale"
 # Root autologin on the serial console.
 mkdir -p "$ROOT/etc/systemd/system/serial-getty@ttyS0.service.d"
 cat >"$ROOT/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
