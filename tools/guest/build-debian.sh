@@ -306,9 +306,9 @@ ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 - $
 EOF
 mkdir -p "$ROOT/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\n' >"$ROOT/etc/systemd/journald.conf.d/cloudlet.conf"
-# cloud-init: local seeds only (NoCloud: a file system labelled CIDATA, or ds=nocloud on the
-# kernel command line; ConfigDrive: one labelled config-2), and it leaves the static network
-# above alone. Two entries on purpose: with a single one, ds-identify enables it without
+# cloud-init: local seeds only (NoCloud: a file system labelled CIDATA, or ds=nocloud[-net];s=…
+# on the kernel command line or in the SMBIOS serial number; ConfigDrive: a file system
+# labelled config-2), and it leaves the static network above alone. Two entries on purpose: with a single one, ds-identify enables it without
 # looking for a seed; with two it looks, finds none and disables cloud-init for that boot.
 cat >"$ROOT/etc/cloud/cloud.cfg.d/90-cloudlet.cfg" <<'EOF'
 datasource_list: [ NoCloud, ConfigDrive ]
