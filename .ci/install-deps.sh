@@ -5,11 +5,14 @@ set -euo pipefail
 
 need_apt=()
 # socat and dash: the console tests run real shells on a pty behind a Unix socket; qemu-ga: the
-# guest agent tests run it on the host, and the test guest carries it.
+# guest agent tests run it on the host, and the test guest carries it. sfdisk, grub-mkimage:
+# the Debian test guest's partitioned, bootable disk.
 for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd \
-  socat dash qemu-ga flock; do
+  socat dash qemu-ga sfdisk grub-mkimage unshare flock; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
+# The Debian test guest (tools/guest/build-debian.sh) installs GRUB into its disk image file.
+[ -x /usr/lib/grub/i386-pc/grub-bios-setup ] || need_apt+=(grub-pc-bin)
 # libvirt-dev: headers and pkg-config file the `libvirt` cargo feature builds against.
 [ -e /usr/include/libvirt/libvirt.h ] || need_apt+=(libvirt-dev)
 qemu_ok=false
@@ -35,7 +38,7 @@ SRC
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     fuse3 xdelta3 xz-utils zstd nginx-light debootstrap e2fsprogs cpio busybox-static curl \
-    iproute2 socat dash qemu-guest-agent util-linux >/dev/null
+    iproute2 socat dash qemu-guest-agent fdisk grub-pc-bin util-linux >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-utils >/dev/null
   # The optional libvirt backend (tests run it). Without recommends it pulls in no QEMU of

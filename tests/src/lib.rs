@@ -314,6 +314,107 @@ pub fn guest(disk_mb: u64) -> Guest {
     }
 }
 
+/// The stock Debian bookworm guest built by `tools/guest/build-debian.sh` (systemd, root
+/// autologin on ttyS0, qemu-guest-agent, cloud-init, Python with Flask and numpy): a partitioned
+/// raw disk that boots by itself (GRUB) or with its own kernel and initrd (direct kernel boot).
+/// The build is cached in `<target>/guest-cache/debian-bookworm`; see `guest.json` there.
+#[derive(Debug, Clone)]
+pub struct DebianGuest {
+    /// Folder with `disk.img`, `vmlinuz`, `initrd.img` and the manifest `guest.json`.
+    pub dir: PathBuf,
+    /// Kernel command line for direct kernel boot (`root=LABEL=…`, console on ttyS0).
+    pub cmdline: String,
+    /// Root's shell prompt on the serial console once the guest is up
+    /// (`root@cloudlet-debian:~#`).
+    pub ready_prompt: String,
+    /// Guest RAM the manifest suggests, in MiB.
+    pub memory_mb: u64,
+    /// Name of the virtio-serial port qemu-guest-agent listens on.
+    pub agent_port: String,
+}
+
+impl DebianGuest {
+    /// The raw disk image (never boot it writable: copy it, or boot with `-snapshot`).
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+
+    /// The guest's kernel.
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+
+    /// The guest's initramfs.
+    pub fn initrd(&self) -> PathBuf {
+        self.dir.join("initrd.img")
+    }
+}
+
+/// Where [`debian_guest`] keeps the guest: `$CLOUDLET_DEBIAN_GUEST_DIR`, else
+/// `guest-cache/debian-bookworm` in the cargo target folder of this test binary.
+pub fn debian_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLOUDLET_DEBIAN_GUEST_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    // <target>/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("test binary lives in <target>/<profile>/deps");
+    target.join("guest-cache").join("debian-bookworm")
+}
+
+/// The Debian guest, built on first use by `tools/guest/build-debian.sh` (minutes; needs root
+/// and Debian's mirror) and reused while the script is unchanged. Parallel tests (threads or
+/// processes) wait on a lock file, so the guest is built once. `None` when this machine cannot
+/// build it (not root, or a build tool missing): the test is skipped, except under `CI=true`
+/// where that fails.
+pub fn debian_guest() -> Option<DebianGuest> {
+    let dir = debian_guest_dir();
+    let parent = dir.parent().expect("guest folder has a parent");
+    std::fs::create_dir_all(parent).expect("create the guest cache folder");
+    // Not the script's own lock (`.lock` inside the folder): flock would then wait for itself.
+    let lock = std::fs::File::create(parent.join("debian-bookworm.lock"))
+        .expect("create the guest lock file");
+    lock.lock().expect("lock the guest lock file");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tools/guest/build-debian.sh"
+    );
+    // Fast when the cached build is current: the script compares its own hash with the one
+    // recorded in guest.json. Its progress goes straight to stderr (a build takes minutes).
+    let status = std::process::Command::new(script)
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run build-debian.sh");
+    drop(lock);
+    // Exit status 3: this machine lacks what a build needs (root, a tool); the script said which.
+    if status.code() == Some(3) {
+        skip("cannot build the Debian guest here (build-debian.sh said why above)");
+        return None;
+    }
+    assert!(status.success(), "{script} failed ({status})");
+    let manifest = dir.join("guest.json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("read guest.json"))
+            .expect("guest.json parses");
+    let field = |name: &str| {
+        v[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in {}", manifest.display()))
+            .to_owned()
+    };
+    Some(DebianGuest {
+        cmdline: field("cmdline"),
+        ready_prompt: field("ready_prompt"),
+        agent_port: field("guest_agent_port"),
+        memory_mb: v["memory_mb"].as_u64().expect("memory_mb in guest.json"),
+        dir,
+    })
+}
+
 /// Whether QEMU can run here; `false` skips a test, except under `CI=true` where it fails.
 pub fn require_qemu() -> bool {
     let ok = synth::vm::qemu_binary().is_ok();

@@ -8,6 +8,7 @@
 )]
 
 mod cli;
+mod debian;
 mod discovery;
 mod format_errors;
 mod golden;
