@@ -428,6 +428,33 @@ pub fn require_qemu() -> bool {
     ok
 }
 
+/// The lock every test that runs a VM holds: one QEMU at a time (TCG on a small machine).
+pub fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    static VM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Copies `src` to `dst`, leaving all-zero MiB blocks as holes.
+pub fn sparse_copy(src: &Path, dst: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut input = std::fs::File::open(src).expect("open the copy's source");
+    let mut output = std::fs::File::create(dst).expect("create the copy");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = input.read(&mut buf).expect("read the copy's source");
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            output.seek(SeekFrom::Start(pos)).expect("seek in the copy");
+            output.write_all(&buf[..n]).expect("write the copy");
+        }
+        pos += n as u64;
+    }
+    output.set_len(pos).expect("size the copy");
+}
+
 /// Whether FUSE can be used here; `false` skips a test, except under `CI=true`.
 pub fn require_fuse() -> bool {
     let ok = Path::new("/dev/fuse").exists();
@@ -476,6 +503,12 @@ pub fn require_libvirt(home: &Path) -> bool {
     if code == 2 && err.contains("without libvirt support") {
         return skip("cloudlet was built without the libvirt feature (--features libvirt)");
     }
+    libvirt_daemon_ready()
+}
+
+/// Whether libvirtd answers at [`LIBVIRT_URI`], started here (`virtlogd -d`, `libvirtd -d`) if
+/// it was not running. `false` skips a test, except under `CI=true` where it fails.
+pub fn libvirt_daemon_ready() -> bool {
     if libvirtd_answers() {
         return true;
     }

@@ -17,3 +17,4 @@ mod server;
 mod server_hostile;
 mod server_load;
 mod synthesis;
+mod vm;

@@ -1,18 +1,15 @@
 //! Real VMs end to end (TCG): `cloudlet base` captures the test guest, `cloudlet overlay`
 //! customizes it under cloudletfs and captures an overlay from the traces, and
 //! `cloudlet synthesis --early-start` resumes it; the customized service answers over HTTP.
-//! One QEMU at a time: every test here holds `VM_LOCK`.
+//! One QEMU at a time: every test here holds `cloudlet_e2e::vm_lock`.
 
 use cloudlet_e2e::{
     http_get, libvirt_domain_exists, parse_counter, require_fuse, require_libvirt, require_qemu,
-    try_http_get, workspace_bin, Scratch, LIBVIRT_URI,
+    try_http_get, vm_lock, workspace_bin, Scratch, LIBVIRT_URI,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-static VM_LOCK: Mutex<()> = Mutex::new(());
 
 /// Writes a page the HTTP service serves, bumps the counter, and syncs.
 const CUSTOMIZE: &str = "\
@@ -149,7 +146,7 @@ fn synthesis_early_start_serves_customized_guest() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     // The working set is profiled: the overlay is resumed once and written again with what
@@ -182,7 +179,7 @@ fn synthesis_libvirt_early_start_serves_customized_guest() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     if !require_libvirt(&h.home()) {
         return;
@@ -215,7 +212,7 @@ fn mount_after_fill_equals_reconstruct() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
@@ -255,7 +252,7 @@ fn overlay_memory_trace_matches_full_scan() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     // The same captured VM, overlaid twice: memory candidates from the trace, and from a
@@ -303,7 +300,7 @@ fn overlay_trimmed_file_leaves_no_chunks() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     overlay(&h, &base, CUSTOMIZE, "plain.overlay", &[]);
@@ -326,7 +323,7 @@ fn overlay_disk_from_trace_alone_is_independent_of_disk_size() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let small = h.guest_base(256);
     let large = h.guest_base(2048);
