@@ -12,7 +12,7 @@
 //! | rebuilt chunks | [`cache`] | the cache of verified overlay chunks: a memfd, or a file when the memory budget is spent |
 //! | fetching | [`fetch`] | a priority queue of segments: demand reads first, then the background filler |
 //! | byte sources | [`http`], [`synth::source`] | where overlay bytes come from (local file, HTTP Range requests), each read with a priority |
-//! | copy-on-write | [`store`] | sparse state file plus a durable journal of modified/discarded chunks |
+//! | copy-on-write | [`store`] | sparse state file plus a durable journal of modified/discarded chunks, within a quota |
 //! | observability | [`stats`], [`streams`] | JSON counters and bounded trace streams |
 //! | lifecycle | [`mount`](mod@mount) | [`mount()`] → [`Mounted`], unmount on drop |
 //! | program edge | [`cli`] | exit codes, signals and daemon failures shared with `cloudlet` |
@@ -40,7 +40,8 @@
 //!
 //! Decoded segments are held in memory only while their chunks are still to rebuild: a
 //! segment a reader, a demand worker or the filler is decoding (at most
-//! [`fetch::MAX_CLAIMED`] claimed by readers at once, one per worker), and the published
+//! [`fetch::MAX_CLAIMED`] claimed by readers at once, holding at most
+//! [`fetch::MAX_CLAIMED_BYTES`] together, one per worker), and the published
 //! *rests* of segments decoded on demand that wait for the `SCHED_IDLE` rest worker, up to
 //! [`fetch::MAX_QUEUED_REST_BYTES`] (past that the decoding thread rebuilds the rest itself).
 //! Each chunk, once verified, goes to the image's cache: a memfd when every overlay chunk of
