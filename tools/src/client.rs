@@ -58,7 +58,7 @@ pub struct ClientArgs {
     /// ones must present the same (default: HOME/known_servers).
     #[arg(long, value_name = "FILE")]
     pub known_servers: Option<PathBuf>,
-    /// The overlay's metadata digest (`SHA256:<hex>`, as `cloudlet inspect` prints it): the
+    /// The overlay's metadata digest (`SHA256:<hex>`, as `cloudlet info-overlay` prints it): the
     /// server refuses an overlay at --url with another one.
     #[arg(long, value_name = "DIGEST", value_parser = parse_digest)]
     pub overlay_digest: Option<synth::Digest>,

@@ -140,6 +140,9 @@ pub struct OverlayInfo {
     pub metadata_size: u64,
     /// The base it applies to.
     pub base_id: String,
+    /// The metadata digest (`SHA256:<hex>`) that pins every chunk and segment: what `cloudlet
+    /// client --overlay-digest` takes.
+    pub metadata_digest: String,
     /// Segment codec.
     pub codec: &'static str,
     /// Chunk size in bytes.
@@ -173,6 +176,7 @@ pub fn overlay_info(ov: &Overlay) -> OverlayInfo {
         file_size: ov.file_len(),
         metadata_size: ov.metadata_len(),
         base_id: hex(&m.base_id),
+        metadata_digest: synth::protocol::format_sha256(&ov.id()),
         codec: m.codec.name(),
         chunk_size: m.chunk_size,
         device_state_size: m.device_state.len() as u64,

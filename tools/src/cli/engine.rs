@@ -180,6 +180,7 @@ pub fn info_overlay(a: &InfoOverlayArgs) -> Result<()> {
         info.file_size, info.metadata_size
     );
     println!("base         {}", info.base_id);
+    println!("digest       {}", info.metadata_digest);
     println!("codec        {}", info.codec);
     println!(
         "segments     {} ({} bytes compressed, {} decoded)",
