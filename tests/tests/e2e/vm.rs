@@ -26,26 +26,21 @@ fn qemu_lock() -> Option<MutexGuard<'static, ()>> {
     require_qemu().then(vm_lock)
 }
 
-/// The test guest's launch config: direct kernel boot, virtio disk with discard, network and
-/// a balloon with free page reporting.
+/// The test guest's launch config: direct kernel boot, and a balloon with free page reporting
+/// besides the default virtio disk (with discard) and network.
 fn guest_config(cmdline: &str) -> LaunchConfig {
-    LaunchConfig {
-        machine: "q35".into(),
+    let mut c = LaunchConfig {
         cpu: "max".into(),
         memory_mb: GUEST_RAM_MB,
-        vcpus: 1,
-        devices: vec![
-            Device::VirtioBlk { discard: true },
-            Device::VirtioNet,
-            Device::VirtioBalloon {
-                free_page_reporting: true,
-            },
-        ],
         kernel: Some("vmlinuz".into()),
         initrd: Some("initrd.img".into()),
         append: Some(cmdline.into()),
-        extra_args: Vec::new(),
-    }
+        ..LaunchConfig::default()
+    };
+    c.devices.push(Device::VirtioBalloon {
+        free_page_reporting: true,
+    });
+    c
 }
 
 /// `guest_config` with the guest agent's channel added at the end.
