@@ -226,7 +226,7 @@ impl ServerIdentity {
 fn generate_pem() -> Result<(String, String), IdentityError> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(IdentityError::Generate)?;
-    let host = super::discovery::local_host_label();
+    let host = super::local_host_label();
     let mut params =
         rcgen::CertificateParams::new(vec![host.clone()]).map_err(IdentityError::Generate)?;
     params.distinguished_name.push(

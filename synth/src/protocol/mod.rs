@@ -252,3 +252,29 @@ pub fn clip_text(mut s: String) -> String {
     }
     s
 }
+
+/// This machine's name as a DNS label (`[a-z0-9-]`, at most 63 bytes), `cloudlet` if unknown.
+pub fn local_host_label() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = raw
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "cloudlet".to_string()
+    } else {
+        label.to_string()
+    }
+}
