@@ -243,15 +243,18 @@ impl CloudletFs {
     }
 
     fn attr(&self, node: Node) -> FileAttr {
+        // Owner only: a guest's memory and disk, and the traces of what it touched, are
+        // that session's alone. The kernel enforces the modes (`default_permissions`), also
+        // under `allow_other`.
         let (kind, perm, size) = match node {
-            Node::Root | Node::Dir(_) | Node::Streams(_) => (FileType::Directory, 0o755, 0),
-            Node::Image(k) => (FileType::RegularFile, 0o644, self.core.image(k).size),
+            Node::Root | Node::Dir(_) | Node::Streams(_) => (FileType::Directory, 0o700, 0),
+            Node::Image(k) => (FileType::RegularFile, 0o600, self.core.image(k).size),
             Node::DeviceState => (
                 FileType::RegularFile,
-                0o444,
+                0o400,
                 self.core.meta.device_state.len() as u64,
             ),
-            Node::Stats(_) | Node::Stream(..) => (FileType::RegularFile, 0o444, 0),
+            Node::Stats(_) | Node::Stream(..) => (FileType::RegularFile, 0o400, 0),
         };
         FileAttr {
             ino: INodeNo(node.ino()),

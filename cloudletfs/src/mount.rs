@@ -355,6 +355,8 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     let mut mount_options = vec![
         MountOption::FSName("cloudletfs".into()),
         MountOption::Subtype("cloudletfs".into()),
+        // The kernel checks the files' owner-only modes for every caller.
+        MountOption::DefaultPermissions,
     ];
     if opts.auto_unmount {
         mount_options.push(MountOption::AutoUnmount);

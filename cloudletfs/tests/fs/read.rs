@@ -400,3 +400,49 @@ fn base_truncated_under_the_mount_gives_eio() {
     let got = pread(&img, 0, kept).expect("read what the base still has");
     assert!(got == s.disk[..kept]);
 }
+
+#[test]
+fn read_by_another_user_is_refused_even_with_allow_other() {
+    if !fuse_ok() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: switching to another user needs root");
+        return;
+    }
+    let s = Setup::new(6, Shape::default());
+    let g = mount_with(&s, OverlaySource::Path(s.overlay.clone()), |o| {
+        o.allow_other = true;
+        o.background_fill = false;
+    });
+    let as_nobody = |rel: &str| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("cat")
+            .arg(g.path(rel))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run cat as nobody")
+    };
+
+    let memory = as_nobody("memory/image");
+    let disk = as_nobody("disk/image");
+
+    for out in [&memory, &disk] {
+        assert!(!out.status.success(), "another user read a guest image");
+        assert!(out.stdout.is_empty());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mode = std::fs::metadata(g.path("memory/image")).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        read_all(&g.path("memory/image")),
+        s.memory,
+        "the owner still reads"
+    );
+}
