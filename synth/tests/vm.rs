@@ -198,8 +198,9 @@ fn qemu_args_hostfwd_goes_on_the_first_netdev() {
     assert_eq!(
         netdevs,
         [
-            "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:18080-:8080",
-            "user,id=net1"
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:10022-:22,\
+             hostfwd=tcp:127.0.0.1:18080-:8080",
+            "user,id=net1,restrict=on"
         ]
     );
 }

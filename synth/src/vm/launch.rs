@@ -842,7 +842,10 @@ fn add_devices(
                 a.push("-device").push("virtio-blk-pci,drive=disk0");
             }
             Device::VirtioNet => {
-                let mut netdev = format!("user,id=net{nets}");
+                // restrict=on: the guest opens no connection out, so it reaches neither the
+                // host's loopback (10.0.2.2), other sessions' forwarded ports, the LAN nor
+                // beyond; it only answers the forwarded ports.
+                let mut netdev = format!("user,id=net{nets},restrict=on");
                 if nets == 0 {
                     for fwd in hostfwd {
                         netdev.push_str(&format!(",hostfwd={fwd}"));

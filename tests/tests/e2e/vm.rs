@@ -105,6 +105,39 @@ fn vm_boot_serves_http_and_runs_serial_commands() {
 }
 
 #[test]
+fn vm_guest_reaches_its_forwarded_port_but_not_the_host_loopback() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest(GUEST_DISK_MB);
+    let tmp = tempfile::tempdir().unwrap();
+    // A service on the host's loopback only: what another session's forwarded port, the
+    // server's admin side or any local daemon looks like from a guest.
+    let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host_service.local_addr().unwrap().port();
+    host_service.set_nonblocking(true).unwrap();
+    let (mut vm, port) = boot(tmp.path(), &guest_config(&guest.cmdline), &guest);
+
+    let from_guest = vm
+        .run_serial_command(
+            &format!("timeout 5 wget -q -O - http://10.0.2.2:{host_port}/"),
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    let forwarded = http_get(port, "/cgi-bin/counter", Duration::from_secs(10));
+    vm.quit().unwrap();
+
+    assert_ne!(
+        from_guest.rc, 0,
+        "the guest reached the host: {from_guest:?}"
+    );
+    let reached = host_service.accept();
+    assert!(
+        matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host service saw a connection from the guest: {reached:?}"
+    );
+    assert!(forwarded.contains("count="), "{forwarded}");
+}
+
+#[test]
 fn vm_serial_shell_passes_any_command_and_its_output_unchanged() {
     let Some(_lock) = qemu_lock() else { return };
     let guest = guest(GUEST_DISK_MB);
