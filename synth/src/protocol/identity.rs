@@ -180,7 +180,7 @@ impl ServerIdentity {
         rustls::sign::CertifiedKey::from_der(
             vec![cert.clone()],
             key.clone_key(),
-            &super::tls::crypto_provider(),
+            &crypto_provider(),
         )
         .map_err(|source| IdentityError::KeyMismatch {
             cert: cert_path.to_path_buf(),
@@ -220,6 +220,12 @@ impl ServerIdentity {
     pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
+}
+
+/// The crypto provider of every TLS connection here and of the identity's key check: rustls's
+/// `ring` one, the crypto ureq already uses, so there is a single crypto stack in the program.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
 }
 
 /// A fresh ECDSA P-256 key and a self-signed certificate for it, both as PEM.

@@ -32,7 +32,7 @@ use super::identity::ServerIdentity;
 use super::messages::{ClientMsg, RefuseReason};
 use super::{ProtoError, HANDSHAKE_FRAME_MAX, PROTOCOL_VERSION};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, Connection, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use std::io::{ErrorKind, Read, Write};
@@ -48,11 +48,7 @@ const FIRST_BYTES: usize = 16;
 /// Content type of a TLS handshake record: the first byte a TLS client sends.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The crypto provider of every TLS connection here: rustls's `ring` one, the crypto ureq
-/// already uses, so there is a single crypto stack in the program.
-pub fn crypto_provider() -> CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
+pub use super::identity::crypto_provider;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
