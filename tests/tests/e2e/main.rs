@@ -12,6 +12,7 @@ mod debian;
 mod discovery;
 mod format_errors;
 mod golden;
+mod refusals;
 mod roundtrip;
 mod server;
 mod server_hostile;

@@ -98,6 +98,9 @@ pub struct ServerArgs {
     /// off (at least 20).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Bounds on every session.
+    #[command(flatten)]
+    pub limits: crate::session::LimitArgs,
 }
 
 /// Errors of starting or stopping the server (a session's failure is its client's business
@@ -165,6 +168,8 @@ pub(crate) struct Server {
     pub(crate) token: Option<Token>,
     pub(crate) policy: UrlPolicy,
     pub(crate) max_sessions: u32,
+    /// Bounds on every session (disk growth over the base, copy-on-write quota).
+    pub(crate) limits: crate::session::LimitArgs,
     pub(crate) public_addr: String,
     /// Host address QEMU's port forwards listen on.
     pub(crate) fwd_addr: Ipv4Addr,
@@ -300,6 +305,7 @@ pub fn serve(
         token,
         policy,
         max_sessions: opts.max_sessions,
+        limits: opts.limits,
         public_addr: opts.public_addr.clone(),
         fwd_addr,
         sessions: Mutex::new(HashSet::new()),

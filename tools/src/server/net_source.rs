@@ -270,6 +270,7 @@ mod tests {
             token: None,
             policy: UrlPolicy::default(),
             max_sessions: 1,
+            limits: crate::session::LimitArgs::default(),
             public_addr: "127.0.0.1".into(),
             fwd_addr: Ipv4Addr::LOCALHOST,
             sessions: Mutex::new(HashSet::new()),

@@ -15,7 +15,7 @@
 use super::admin::{SessionInfo, SessionState};
 use super::net_source::NetSource;
 use super::{lock, ConnGuard, Server, TICK};
-use crate::session::{resume_vm, Backend, ResumeOptions, RunDir, RunningVm};
+use crate::session::{resume_vm_with, Backend, ResumeOptions, RunDir, RunningVm};
 use cloudletfs::error::chain;
 use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -395,7 +395,9 @@ pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> End {
     End::Fail(RefuseReason::Internal(format!("{what}: {e}")))
 }
 
-/// Looks the overlay's base up in the registry and sends `Accepted`.
+/// Looks the overlay's base up in the registry, checks the overlay against it (memory the
+/// base's size, disk within the operator's growth limit, base references inside the base)
+/// and sends `Accepted`; a mismatch is refused as `BadOverlay` before any segment is read.
 fn accept_overlay(conn: &Conn, overlay: &Overlay) -> Result<synth::registry::Base, End> {
     let base_id = hex(&overlay.metadata().base_id);
     let registry = Registry::open(&conn.srv.home).map_err(|e| internal("registry", e))?;
@@ -406,6 +408,10 @@ fn accept_overlay(conn: &Conn, overlay: &Overlay) -> Result<synth::registry::Bas
         }
         Err(e) => return Err(internal("registry", e)),
     };
+    if let Err(e) = overlay.check_base(&base.limits(conn.srv.limits.max_disk_growth())) {
+        log::info!("session {}: overlay refused: {e}", conn.id);
+        return Err(End::Fail(RefuseReason::BadOverlay(e.to_string())));
+    }
     lock(&conn.timings).metadata_ms = conn.ms();
     let segments = u32::try_from(overlay.metadata().segments.len())
         .map_err(|_| End::Fail(RefuseReason::BadOverlay("too many segments".into())))?;
@@ -467,7 +473,7 @@ fn run_vm(
         Err(e) => return e,
     };
     let id = conn.id;
-    let running = resume_vm(
+    let running = resume_vm_with(
         &conn.srv.home,
         base,
         OverlaySource::Source(source),
@@ -477,6 +483,7 @@ fn run_vm(
             // The server runs its sessions on QEMU directly.
             backend: &Backend::Qemu,
         },
+        &conn.srv.limits,
         &conn.stop,
         &mut |e: &str| log::info!("session {id}: {e}"),
     );

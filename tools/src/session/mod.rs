@@ -20,7 +20,8 @@ pub mod synthesis;
 pub mod wait;
 
 pub use resume::{
-    resume_vm, Backend, BackendKind, LibvirtNotBuilt, ResumeOptions, ResumedVm, RunningVm,
+    resume_vm, resume_vm_with, Backend, BackendKind, LibvirtNotBuilt, LimitArgs, ResumeOptions,
+    ResumedVm, RunningVm,
 };
 pub use run_dir::RunDir;
 pub use synthesis::{synthesis, SynthesisArgs, TimelineEvent};

@@ -133,6 +133,34 @@ impl RunningVm {
     }
 }
 
+/// What an operator bounds per session: how far an overlay's disk may grow past its base's, and
+/// how much copy-on-write data the guest may write (`--max-disk-growth-mib`,
+/// `--cow-quota-mib` of `cloudlet synthesis` and `cloudlet server`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+pub struct LimitArgs {
+    /// How far an overlay's disk may grow past its base's disk, in MiB [default: the base's
+    /// disk size]; a larger overlay is refused (exit code 3). Its memory must always be the
+    /// base's size.
+    #[arg(long, value_name = "MIB")]
+    pub max_disk_growth_mib: Option<u64>,
+    /// Most MiB of modified chunks (disk and memory together) a session keeps; a guest write
+    /// past it gets an I/O error [default: no limit].
+    #[arg(long, value_name = "MIB")]
+    pub cow_quota_mib: Option<u64>,
+}
+
+impl LimitArgs {
+    /// `--max-disk-growth-mib` in bytes.
+    pub fn max_disk_growth(&self) -> Option<u64> {
+        self.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20))
+    }
+
+    /// `--cow-quota-mib` in bytes.
+    pub fn cow_quota(&self) -> Option<u64> {
+        self.cow_quota_mib.map(|m| m.saturating_mul(1 << 20))
+    }
+}
+
 /// How [`resume_vm`] runs the VM.
 pub struct ResumeOptions<'a> {
     /// Resume before every chunk is in.
@@ -154,12 +182,27 @@ pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: P
     }
 }
 
-/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`.
+/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`, with no
+/// limits beyond the defaults (see [`mount_vm_with`]).
 pub(crate) fn mount_vm(
     base: &Base,
     overlay: OverlaySource,
     run: &RunDir,
     fill: bool,
+) -> Result<Mounted, SessionError> {
+    mount_vm_with(base, overlay, run, fill, &LimitArgs::default())
+}
+
+/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`. The mount
+/// checks the overlay against the base before serving anything
+/// ([`synth::format::Overlay::check_base`]: memory the base's size, disk within `limits`'
+/// growth) and bounds its copy-on-write data by `limits`' quota.
+pub(crate) fn mount_vm_with(
+    base: &Base,
+    overlay: OverlaySource,
+    run: &RunDir,
+    fill: bool,
+    limits: &LimitArgs,
 ) -> Result<Mounted, SessionError> {
     let mnt = run.join("mnt");
     std::fs::create_dir_all(&mnt).map_err(|source| SessionError::RunDir {
@@ -170,17 +213,40 @@ pub(crate) fn mount_vm(
     opts.state_dir = Some(run.join("state"));
     opts.cache_dir = Some(run.path().to_path_buf());
     opts.background_fill = fill;
+    opts.max_disk_growth = limits.max_disk_growth();
+    opts.cow_quota = limits.cow_quota();
     mount(opts).map_err(SessionError::Mount)
 }
 
-/// Mounts `overlay` over `base` and resumes the VM: early (right away) or eager (once every
-/// chunk is in). `on_event` hears "overlay opened", "overlay fetched (eager)", "VM resumed".
-/// A set `stop` flag abandons the eager wait.
+/// [`resume_vm_with`] with the default limits.
 pub fn resume_vm(
     home: &Path,
     base: &Base,
     overlay: OverlaySource,
     how: &ResumeOptions<'_>,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<RunningVm, SessionError> {
+    resume_vm_with(
+        home,
+        base,
+        overlay,
+        how,
+        &LimitArgs::default(),
+        stop,
+        on_event,
+    )
+}
+
+/// Mounts `overlay` over `base` (bounded by `limits`) and resumes the VM: early (right away)
+/// or eager (once every chunk is in). `on_event` hears "overlay opened", "overlay fetched
+/// (eager)", "VM resumed". A set `stop` flag abandons the eager wait.
+pub fn resume_vm_with(
+    home: &Path,
+    base: &Base,
+    overlay: OverlaySource,
+    how: &ResumeOptions<'_>,
+    limits: &LimitArgs,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(&str),
 ) -> Result<RunningVm, SessionError> {
@@ -191,7 +257,7 @@ pub fn resume_vm(
     } = *how;
     backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
-    let mounted = mount_vm(base, overlay, &run, true)?;
+    let mounted = mount_vm_with(base, overlay, &run, true, limits)?;
     on_event("overlay opened");
     if !early_start {
         while !mounted.wait_filled(Some(Duration::from_millis(250))) {
