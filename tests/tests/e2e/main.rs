@@ -16,5 +16,6 @@ mod refusals;
 mod roundtrip;
 mod server;
 mod server_hostile;
+mod server_limits;
 mod server_load;
 mod synthesis;

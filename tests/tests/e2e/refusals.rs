@@ -14,7 +14,7 @@ use std::path::Path;
 use synth::format::{encode_head, Metadata, Overlay};
 
 /// A base (in the fixture's registry, `home/`) and a valid overlay of it.
-fn base_and_overlay() -> (Fixture, std::path::PathBuf) {
+pub(crate) fn base_and_overlay() -> (Fixture, std::path::PathBuf) {
     let fx = Fixture::seeded(31, 256 << 10, 128 << 10);
     let mut rng = Rng::new(32);
     let (mut d, mut m) = (fx.base_disk.clone(), fx.base_memory.clone());
@@ -40,7 +40,7 @@ fn base_and_overlay() -> (Fixture, std::path::PathBuf) {
 
 /// Writes a copy of `overlay` whose metadata `f` changed (with a correct metadata digest, so
 /// only the check against the base can refuse it) to `out`.
-fn rewrite(overlay: &Path, out: &Path, f: impl FnOnce(&mut Metadata)) {
+pub(crate) fn rewrite(overlay: &Path, out: &Path, f: impl FnOnce(&mut Metadata)) {
     let bytes = std::fs::read(overlay).unwrap();
     let src: std::sync::Arc<dyn synth::source::ByteSource> = std::sync::Arc::new(bytes.clone());
     let ov = Overlay::open(src).unwrap();

@@ -277,6 +277,7 @@ mod tests {
             live: Mutex::new(HashMap::new()),
             idle_timeout: synth::protocol::IDLE_TIMEOUT,
             connections: AtomicUsize::new(0),
+            admission: crate::server::admission::Admission::new(1, 1),
             next_id: AtomicU64::new(1),
             shutdown: Arc::new(AtomicBool::new(false)),
         });

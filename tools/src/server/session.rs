@@ -3,7 +3,8 @@
 //! or a URL the server fetches), the VM, and the last message.
 //!
 //! ```text
-//!  connection: TLS (TlsAcceptor) ─► slot ─► handshake ─► run_session
+//!  connection: (admitted: admission.rs) TLS (TlsAcceptor) ─► handshake (token) ─► slot
+//!              ─► run_session
 //!              ─► overlay_session | url_session (reader thread and writers share one TlsConn)
 //!     overlay_session: Head parts ─► accept_overlay (Accepted) ─► read_loop thread
 //!                      (segments ─► NetSource) ─► run_vm
@@ -26,9 +27,9 @@ use synth::chunk::hex;
 use synth::format::Overlay;
 use synth::protocol::server::{self, check_ports, reason_for, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
-    clip_text, frame::read_frame_before, read_msg_before, ClientMsg, FillInfo, PortMapping,
-    ProtoError, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX,
-    HANDSHAKE_FRAME_MAX, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
+    clip_text, read_msg_before, ClientMsg, FillInfo, PortMapping, ProtoError, RefuseReason,
+    ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX, HANDSHAKE_TIMEOUT,
+    KEEPALIVE_INTERVAL,
 };
 use synth::registry::{Registry, RegistryError};
 use synth::source::{ByteSource, SourceError};
@@ -234,27 +235,30 @@ pub(crate) fn connection(mut guard: ConnGuard, stream: TcpStream, peer: SocketAd
             return;
         }
     };
+    if let Err(e) = server::handshake(&*stream, srv.token.as_ref(), id, deadline) {
+        log::info!("session {id} from {peer}: handshake failed: {e}");
+        return;
+    }
+    guard.ticket.authenticated();
+    // The slot is taken only now: connections that never authenticate cannot hold one.
     {
         let mut sessions = lock(&srv.sessions);
         if sessions.len() >= usize::try_from(srv.max_sessions).unwrap_or(usize::MAX) {
             drop(sessions);
-            // Read the Hello first, so the refusal is not lost to a reset.
-            let _ = read_frame_before(&*stream, HANDSHAKE_FRAME_MAX, deadline);
             server::refuse(
                 &mut &*stream,
                 RefuseReason::Busy {
                     max_sessions: srv.max_sessions,
                 },
             );
-            log::info!("{peer}: refused: busy");
+            // The client's first message may be on its way: read it so the refusal is not
+            // lost to a reset.
+            stream.drain_and_close(DRAIN_TIME, DRAIN_BYTES);
+            log::info!("session {id} from {peer}: refused: busy");
             return;
         }
         sessions.insert(id);
         guard.slot = Some(id);
-    }
-    if let Err(e) = server::handshake(&*stream, srv.token.as_ref(), id, deadline) {
-        log::info!("session {id} from {peer}: handshake failed: {e}");
-        return;
     }
     log::info!("session {id} from {peer}: authenticated");
     let conn = Arc::new(Conn::new(id, Arc::clone(&srv), Arc::clone(&stream), peer));
