@@ -1,6 +1,7 @@
 //! Resuming a VM from base + overlay: the run folder, the cloudletfs mount, the VM on one of
 //! the backends (QEMU directly, or a libvirt domain), and its orderly end.
 
+use super::cgroup::{CgroupLimits, SessionCgroup};
 use super::{RunDir, SessionError, WaitError};
 use cloudletfs::{mount, MountOptions, Mounted, OverlaySource};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,8 @@ impl ResumedVm {
 pub struct RunningVm {
     /// The VM (QEMU process or libvirt domain).
     pub vm: ResumedVm,
+    /// The QEMU's cgroup (removed once QEMU is gone), when it has one.
+    pub cgroup: Option<SessionCgroup>,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -123,9 +126,14 @@ impl RunningVm {
     /// Stops QEMU and unmounts; returns the final cloudletfs stats.
     pub fn stop(self) -> Result<cloudletfs::Stats, SessionError> {
         let RunningVm {
-            vm, mounted, run, ..
+            vm,
+            cgroup,
+            mounted,
+            run,
+            ..
         } = self;
         drop(vm);
+        drop(cgroup);
         let stats = mounted.stats();
         mounted.unmount().map_err(SessionError::Unmount)?;
         drop(run);
@@ -136,7 +144,7 @@ impl RunningVm {
 /// What an operator bounds per session: how far an overlay's disk may grow past its base's, and
 /// how much copy-on-write data the guest may write (`--max-disk-growth-mib`,
 /// `--cow-quota-mib` of `cloudlet synthesis` and `cloudlet server`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct LimitArgs {
     /// How far an overlay's disk may grow past its base's disk, in MiB [default: the base's
     /// disk size]; a larger overlay is refused (exit code 3). Its memory must always be the
@@ -147,9 +155,49 @@ pub struct LimitArgs {
     /// past it gets an I/O error [default: no limit].
     #[arg(long, value_name = "MIB")]
     pub cow_quota_mib: Option<u64>,
+    /// Most MiB of memory each VM's QEMU may use, through a cgroup of its own (RAM and the
+    /// page cache it faults in) [default: twice the guest's RAM plus 512].
+    #[arg(long, value_name = "MIB")]
+    pub qemu_memory_limit_mib: Option<u64>,
+    /// Most tasks (threads) each VM's QEMU may have, through its cgroup.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QEMU_PIDS)]
+    pub qemu_pids_limit: u64,
+    /// Run QEMU without a cgroup of its own (no memory or task limit).
+    #[arg(long)]
+    pub no_cgroup: bool,
+}
+
+/// Default of `--qemu-pids-limit`: QEMU under TCG runs a thread per vCPU, a main loop, RCU and
+/// up to 64 I/O workers.
+pub const DEFAULT_QEMU_PIDS: u64 = 512;
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        LimitArgs {
+            max_disk_growth_mib: None,
+            cow_quota_mib: None,
+            qemu_memory_limit_mib: None,
+            qemu_pids_limit: DEFAULT_QEMU_PIDS,
+            no_cgroup: false,
+        }
+    }
 }
 
 impl LimitArgs {
+    /// The cgroup limits for a VM of `guest_mb` MiB of RAM; `None` with `--no-cgroup`.
+    pub fn cgroup(&self, guest_mb: u64) -> Option<CgroupLimits> {
+        if self.no_cgroup {
+            return None;
+        }
+        let mib = self
+            .qemu_memory_limit_mib
+            .unwrap_or_else(|| guest_mb.saturating_mul(2).saturating_add(512));
+        Some(CgroupLimits {
+            memory_bytes: mib.saturating_mul(1 << 20),
+            pids: self.qemu_pids_limit,
+        })
+    }
+
     /// `--max-disk-growth-mib` in bytes.
     pub fn max_disk_growth(&self) -> Option<u64> {
         self.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20))
@@ -282,10 +330,22 @@ pub fn resume_vm_with(
         vnc: None,
     };
     let device_state = mnt.join("device-state");
+    let mut cgroup = None;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
+            let cg = confine(&run, limits.cgroup(base.record.config.memory_mb));
             let mut vm = Vm::spawn(&args)?;
+            if let Some(cg) = cg {
+                // Before the guest runs and touches its RAM.
+                match cg.add(vm.pid()) {
+                    Ok(()) => {
+                        log::info!("QEMU pid {} confined: {}", vm.pid(), cg.describe());
+                        cgroup = Some(cg);
+                    }
+                    Err(e) => log::warn!("QEMU pid {} runs without a cgroup: {e}", vm.pid()),
+                }
+            }
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
         }
@@ -297,10 +357,27 @@ pub fn resume_vm_with(
     on_event("VM resumed");
     Ok(RunningVm {
         vm,
+        cgroup,
         mounted,
         serial_log,
         run,
     })
+}
+
+/// The session's cgroup with `limits`, or `None` (with a warning) where the host has none or
+/// it cannot be made: the VM then runs unbounded rather than not at all.
+fn confine(run: &RunDir, limits: Option<CgroupLimits>) -> Option<SessionCgroup> {
+    let limits = limits?;
+    match SessionCgroup::create(&run.name(), limits) {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            log::warn!(
+                "QEMU will run without memory or task limits: {}",
+                cloudletfs::error::chain(&e)
+            );
+            None
+        }
+    }
 }
 
 /// Starts the VM as a transient libvirt domain and loads its device state.
