@@ -89,7 +89,14 @@ impl Progress for Counter {
 /// The exit code for a failure of any flow (see [`cloudletfs::cli`] for the codes).
 pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     let mut chain = std::iter::successors(Some(e), |&c| c.source());
-    if chain.any(|c| c.downcast_ref::<session::LibvirtNotBuilt>().is_some()) {
+    // `SessionError::LibvirtNotBuilt` is transparent: its `source()` skips the error it wraps.
+    if chain.any(|c| {
+        c.downcast_ref::<session::LibvirtNotBuilt>().is_some()
+            || matches!(
+                c.downcast_ref::<session::SessionError>(),
+                Some(session::SessionError::LibvirtNotBuilt(_))
+            )
+    }) {
         // An option this build cannot honour: a usage error, like clap's own.
         return EXIT_USAGE;
     }
@@ -138,6 +145,12 @@ fn refused_as_invalid(r: &RefuseReason) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_code_libvirt_not_built_inside_a_session_error_is_usage() {
+        let e = session::SessionError::from(session::LibvirtNotBuilt);
+        assert_eq!(exit_code(&e), EXIT_USAGE);
+    }
 
     #[test]
     fn exit_code_server_refusing_the_overlay_is_invalid_busy_is_not() {

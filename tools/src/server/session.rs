@@ -105,6 +105,7 @@ struct View {
     base_id: Option<String>,
     ports: Vec<PortMapping>,
     qemu_pid: Option<u32>,
+    confinement: Option<String>,
 }
 
 impl Conn {
@@ -128,6 +129,7 @@ impl Conn {
                 base_id: None,
                 ports: Vec::new(),
                 qemu_pid: None,
+                confinement: None,
             }),
         }
     }
@@ -158,6 +160,7 @@ impl Conn {
             demand_requests: self.demand_requests.load(Ordering::Relaxed),
             ports: v.ports.clone(),
             qemu_pid: v.qemu_pid,
+            confinement: v.confinement.clone(),
         }
     }
 
@@ -506,6 +509,7 @@ fn run_vm(
         let mut v = lock(&conn.view);
         v.qemu_pid = pid;
         v.ports.clone_from(&maps);
+        v.confinement = Some(running.confinement());
     }
     log::info!(
         "session {id}: VM resumed ({vm}, ports {:?})",

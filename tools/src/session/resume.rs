@@ -123,6 +123,17 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// How the VM's QEMU is confined, for logs and `list-session`: "seccomp, cgroup v1:
+    /// memory 1024 MiB, 512 tasks", or "seccomp, no cgroup"; libvirt's own for its domains.
+    pub fn confinement(&self) -> String {
+        match (&self.vm, &self.cgroup) {
+            (ResumedVm::Qemu(_), Some(cg)) => format!("seccomp, {}", cg.describe()),
+            (ResumedVm::Qemu(_), None) => "seccomp, no cgroup".into(),
+            #[cfg(feature = "libvirt")]
+            (ResumedVm::Libvirt(_), _) => "libvirt's".into(),
+        }
+    }
+
     /// Stops QEMU and unmounts; returns the final cloudletfs stats.
     pub fn stop(self) -> Result<cloudletfs::Stats, SessionError> {
         let RunningVm {
