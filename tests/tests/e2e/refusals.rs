@@ -9,32 +9,16 @@
 //!   shows them.
 
 use crate::server::{client_output, start_server_with};
-use cloudlet_e2e::{cloudlet, mutate, require_fuse, Fixture, Mutations, Rng};
+use cloudlet_e2e::{cloudlet, require_fuse, Fixture, Rng};
 use std::path::Path;
-use synth::format::{encode_head, Metadata, Overlay};
+use synth::format::Metadata;
 
-/// A base (in the fixture's registry, `home/`) and a valid overlay of it.
+/// A base (in the fixture's registry, `home/`) and a valid overlay of it
+/// (`format_errors::valid`), written to a file.
 pub(crate) fn base_and_overlay() -> (Fixture, std::path::PathBuf) {
-    let fx = Fixture::seeded(31, 256 << 10, 128 << 10);
-    let mut rng = Rng::new(32);
-    let (mut d, mut m) = (fx.base_disk.clone(), fx.base_memory.clone());
-    let muts = Mutations {
-        new: 8,
-        zero: 2,
-        from_base: 4,
-        repeated: 4,
-    };
-    mutate(
-        &mut rng,
-        &fx.base_disk,
-        &fx.base_memory,
-        &mut d,
-        &mut m,
-        muts,
-    );
-    let custom = fx.write_custom(&d, &m);
+    let (fx, bytes) = crate::format_errors::valid();
     let p = fx.path("valid.overlay");
-    fx.diff(&custom, &p, &Default::default());
+    std::fs::write(&p, bytes).unwrap();
     (fx, p)
 }
 
@@ -42,14 +26,7 @@ pub(crate) fn base_and_overlay() -> (Fixture, std::path::PathBuf) {
 /// only the check against the base can refuse it) to `out`.
 pub(crate) fn rewrite(overlay: &Path, out: &Path, f: impl FnOnce(&mut Metadata)) {
     let bytes = std::fs::read(overlay).unwrap();
-    let src: std::sync::Arc<dyn synth::source::ByteSource> = std::sync::Arc::new(bytes.clone());
-    let ov = Overlay::open(src).unwrap();
-    let mut meta = ov.metadata().clone();
-    let segments = &bytes[usize::try_from(ov.data_start()).unwrap()..];
-    f(&mut meta);
-    let mut b = encode_head(&meta, segments.len() as u64).unwrap();
-    b.extend_from_slice(segments);
-    std::fs::write(out, b).unwrap();
+    std::fs::write(out, crate::format_errors::with_meta(&bytes, f)).unwrap();
 }
 
 /// Cloudletfs mounts and folders left under `home/tmp`.
@@ -102,7 +79,7 @@ fn synthesis_disk_past_max_disk_growth_refused_with_code_3() {
     }
     let (fx, valid) = base_and_overlay();
     let grown = fx.path("grown-disk.overlay");
-    // 2 MiB past a 256 KiB base disk: past the default growth (the base's size) and past a
+    // 2 MiB past a 128 KiB base disk: past the default growth (the base's size) and past a
     // 1 MiB limit.
     let disk = fx.base.record.disk_size;
     rewrite(&valid, &grown, |m| m.disk.size = disk + (2 << 20));
