@@ -59,7 +59,7 @@ pub fn input_refused(e: &(dyn Error + 'static)) -> bool {
             )
             || matches!(
                 c.downcast_ref::<RegistryError>(),
-                Some(RegistryError::BadPackage { .. })
+                Some(RegistryError::BadPackage { .. } | RegistryError::UntrustedExtraArgs { .. })
             )
             || matches!(
                 c.downcast_ref::<ResolveError>(),
@@ -106,6 +106,15 @@ mod tests {
     #[test]
     fn exit_code_format_error_deep_in_the_chain_is_invalid() {
         let e = Outer(FormatError::BadMagic);
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+    }
+
+    #[test]
+    fn exit_code_untrusted_extra_args_is_invalid() {
+        let e = RegistryError::UntrustedExtraArgs {
+            path: "base.pkg".into(),
+            args: vec!["-monitor".into(), "tcp:0.0.0.0:4444,server".into()],
+        };
         assert_eq!(exit_code(&e), EXIT_INVALID);
     }
 

@@ -33,6 +33,7 @@ pub mod session;
 
 use std::error::Error;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use synth::protocol::{ProtoError, RefuseReason};
 
 pub use cloudletfs::cli::{
     interrupt_flag, DaemonFailed, EXIT_ERROR, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE,
@@ -88,7 +89,14 @@ impl Progress for Counter {
 /// The exit code for a failure of any flow (see [`cloudletfs::cli`] for the codes).
 pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     let mut chain = std::iter::successors(Some(e), |&c| c.source());
-    if chain.any(|c| c.downcast_ref::<session::LibvirtNotBuilt>().is_some()) {
+    // `SessionError::LibvirtNotBuilt` is transparent: its `source()` skips the error it wraps.
+    if chain.any(|c| {
+        c.downcast_ref::<session::LibvirtNotBuilt>().is_some()
+            || matches!(
+                c.downcast_ref::<session::SessionError>(),
+                Some(session::SessionError::LibvirtNotBuilt(_))
+            )
+    }) {
         // An option this build cannot honour: a usage error, like clap's own.
         return EXIT_USAGE;
     }
@@ -101,5 +109,59 @@ pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     }) {
         return EXIT_NOT_FOUND;
     }
+    let mut chain = std::iter::successors(Some(e), |&c| c.source());
+    if chain.any(|c| matches!(as_proto(c), Some(ProtoError::Refused(r)) if refused_as_invalid(r))) {
+        return EXIT_INVALID;
+    }
     cloudletfs::cli::exit_code(e)
+}
+
+/// `c` as a protocol error, also where it is boxed or wrapped transparently (a transparent
+/// error's `source()` skips the error it wraps).
+fn as_proto<'a>(c: &'a (dyn Error + 'static)) -> Option<&'a ProtoError> {
+    if let Some(p) = c.downcast_ref::<ProtoError>() {
+        return Some(p);
+    }
+    if let Some(b) = c.downcast_ref::<Box<ProtoError>>() {
+        return Some(b);
+    }
+    match c.downcast_ref::<client::ClientError>() {
+        Some(client::ClientError::Session(b)) => Some(b),
+        _ => None,
+    }
+}
+
+/// Whether a server refused the client's input itself (the overlay, its base, its URL's
+/// content), as opposed to the client (token, protocol) or the server's own state.
+fn refused_as_invalid(r: &RefuseReason) -> bool {
+    matches!(
+        r,
+        RefuseReason::BadOverlay(_)
+            | RefuseReason::UnknownBase { .. }
+            | RefuseReason::MetadataDigest { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_libvirt_not_built_inside_a_session_error_is_usage() {
+        let e = session::SessionError::from(session::LibvirtNotBuilt);
+        assert_eq!(exit_code(&e), EXIT_USAGE);
+    }
+
+    #[test]
+    fn exit_code_server_refusing_the_overlay_is_invalid_busy_is_not() {
+        let bad = ProtoError::Refused(RefuseReason::BadOverlay("memory size".into()));
+        assert_eq!(exit_code(&bad), EXIT_INVALID);
+        let boxed = client::ClientError::Session(Box::new(bad));
+        assert_eq!(exit_code(&boxed), EXIT_INVALID);
+        let busy =
+            client::ClientError::Session(Box::new(ProtoError::Refused(RefuseReason::Busy {
+                max_sessions: 1,
+            })));
+        assert_eq!(exit_code(&busy), EXIT_ERROR);
+    }
 }

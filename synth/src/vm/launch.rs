@@ -324,6 +324,12 @@ pub fn escape_option_value(value: &OsStr) -> OsString {
     OsString::from_vec(out)
 }
 
+/// QEMU's seccomp filter, on every QEMU started from a [`QemuArgs`]: besides QEMU's default
+/// deny list, no obsolete system calls, no set*uid/set*gid, no fork/exec, no scheduler or
+/// CPU-affinity changes. A guest that escapes into QEMU's process through a device-model bug
+/// cannot start programs or raise its privileges from there.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Runtime choices that are not part of the launch config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchOptions {
@@ -381,6 +387,7 @@ impl QemuArgs {
         a.push("-m").push(format!("{mb}M"));
         push_memory_object(&mut a, config, paths, options.memory, checked.memory_bytes)?;
         a.push("-nodefaults").push("-no-user-config");
+        a.push("-sandbox").push(SANDBOX);
         match &options.vnc {
             Some(addr) => {
                 // HOST:DISPLAY only: no commas, so no further VNC options can ride along.
@@ -999,6 +1006,48 @@ fn check_memory_image(path: &Path, expected: u64, mode: MemoryMode) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn qemu_args_every_vm_runs_under_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        let memory = dir.path().join("memory.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        std::fs::File::create(&memory)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let config = LaunchConfig {
+            memory_mb: 16,
+            ..LaunchConfig::default()
+        };
+        let paths = VmPaths {
+            disk,
+            memory,
+            kernel: None,
+            initrd: None,
+            run_dir: dir.path().join("run"),
+        };
+        for (memory, incoming) in [(MemoryMode::Capture, false), (MemoryMode::Resume, true)] {
+            let options = LaunchOptions {
+                memory,
+                incoming,
+                hostfwd: Vec::new(),
+                accel: Accel::Tcg,
+                vnc: None,
+            };
+            let args = QemuArgs::new(&config, &paths, &options).unwrap();
+            let a: Vec<&std::ffi::OsStr> = args.args().iter().map(|a| a.as_os_str()).collect();
+            let at = a
+                .iter()
+                .position(|x| *x == "-sandbox")
+                .expect("no -sandbox");
+            assert_eq!(a[at + 1], SANDBOX);
+            assert_eq!(a.iter().filter(|x| **x == "-sandbox").count(), 1);
+        }
+    }
 
     #[test]
     fn hostfwd_from_str_qemu_and_short_forms() {

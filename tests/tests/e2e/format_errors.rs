@@ -11,7 +11,7 @@ use synth::format::{
 use synth::ImageKind;
 
 /// A fixture with a valid overlay that has payloads in two segments, self refs and base refs.
-fn valid() -> (Fixture, Vec<u8>) {
+pub(crate) fn valid() -> (Fixture, Vec<u8>) {
     let fx = Fixture::seeded(21, 128 << 10, 64 << 10);
     let mut rng = Rng::new(22);
     let (mut d, mut m) = (fx.base_disk.clone(), fx.base_memory.clone());
@@ -47,7 +47,7 @@ fn open_bytes(fx: &Fixture, bytes: &[u8]) -> Result<synth::format::Overlay, Form
 }
 
 /// Re-encodes `bytes` after `f` changes its metadata (with a correct metadata digest).
-fn with_meta(bytes: &[u8], f: impl FnOnce(&mut Metadata)) -> Vec<u8> {
+pub(crate) fn with_meta(bytes: &[u8], f: impl FnOnce(&mut Metadata)) -> Vec<u8> {
     let src: std::sync::Arc<dyn synth::source::ByteSource> = std::sync::Arc::new(bytes.to_vec());
     let ov = synth::format::Overlay::open(src).unwrap();
     let mut meta = ov.metadata().clone();

@@ -8,13 +8,16 @@
 )]
 
 mod cli;
+mod confinement;
 mod debian;
 mod discovery;
 mod format_errors;
 mod golden;
+mod refusals;
 mod roundtrip;
 mod server;
 mod server_hostile;
+mod server_limits;
 mod server_load;
 mod synthesis;
 mod vm;

@@ -230,6 +230,11 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
     );
     let pid = s["qemu_pid"].as_u64().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // Its QEMU is confined, and list-session says how.
+    let confinement = s["confinement"].as_str().unwrap_or_default();
+    assert!(confinement.starts_with("seccomp, cgroup v"), "{s}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "{status}");
     let id = s["id"].as_u64().unwrap();
 
     // Both slow clients were cut off before they could finish a frame.

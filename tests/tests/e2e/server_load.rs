@@ -34,7 +34,19 @@ fn server_load_16_sessions_served_and_cleaned_up() {
     let token = h.p("token");
     std::fs::write(&token, "load-token\n").unwrap();
     let max = SESSIONS.to_string();
-    let server = start_server_with(&h, &["--token-file", &token, "--max-sessions", &max]);
+    // Every client comes from 127.0.0.1: let that one address hold them all, and the 17th.
+    let per_ip = (SESSIONS * 2).to_string();
+    let server = start_server_with(
+        &h,
+        &[
+            "--token-file",
+            &token,
+            "--max-sessions",
+            &max,
+            "--max-connections-per-ip",
+            &per_ip,
+        ],
+    );
     let t_setup = t0.elapsed();
 
     let clients: Vec<_> = (0..SESSIONS)

@@ -52,8 +52,8 @@ pub fn list_session(ctx: &Context, a: &ListSessionArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<6} {:<22} {:<13} {:<12} {:>7} {:>12} {:>6} {:<8} PORTS",
-        "ID", "PEER", "STATE", "BASE", "AGE", "RECEIVED", "DEMAND", "QEMU"
+        "{:<6} {:<22} {:<13} {:<12} {:>7} {:>12} {:>6} {:<8} {:<24} CONFINEMENT",
+        "ID", "PEER", "STATE", "BASE", "AGE", "RECEIVED", "DEMAND", "QEMU", "PORTS"
     );
     for s in &sessions {
         let base: String = s
@@ -69,7 +69,7 @@ pub fn list_session(ctx: &Context, a: &ListSessionArgs) -> Result<()> {
             .map(|p| format!("{}->{}:{}", p.guest, p.host_addr, p.host_port))
             .collect();
         println!(
-            "{:<6} {:<22} {:<13} {:<12} {:>6}s {:>12} {:>6} {:<8} {}",
+            "{:<6} {:<22} {:<13} {:<12} {:>6}s {:>12} {:>6} {:<8} {:<24} {}",
             s.id,
             s.peer,
             s.state.name(),
@@ -82,7 +82,8 @@ pub fn list_session(ctx: &Context, a: &ListSessionArgs) -> Result<()> {
                 "-".into()
             } else {
                 ports.join(",")
-            }
+            },
+            s.confinement.as_deref().unwrap_or("-")
         );
     }
     Ok(())

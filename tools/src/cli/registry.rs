@@ -7,7 +7,7 @@ use cloudlet_tools::Reporter;
 use serde::Serialize;
 use std::path::PathBuf;
 use synth::base::LaunchConfig;
-use synth::registry::{AddBase, Base};
+use synth::registry::{AddBase, Base, ImportOptions};
 
 /// Arguments of `add-base`.
 #[derive(Debug, clap::Args)]
@@ -65,6 +65,11 @@ pub struct ExportBaseArgs {
 pub struct ImportBaseArgs {
     /// Package file.
     package: PathBuf,
+    /// Accept a package whose launch config passes raw arguments to QEMU (`extra_args`),
+    /// which go on the command line of every VM resumed from it. Without this such a package
+    /// is refused (exit code 3): only pass it for a package you trust.
+    #[arg(long)]
+    trust_extra_args: bool,
     /// Print the base record as JSON.
     #[arg(long)]
     json: bool,
@@ -115,6 +120,8 @@ struct BaseRow<'a> {
     name: &'a str,
     disk_size: u64,
     memory_size: u64,
+    /// Raw QEMU arguments of its launch config (on every command line of its VMs).
+    raw_qemu_args: &'a [String],
     path: String,
 }
 
@@ -128,6 +135,7 @@ pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
             name: &b.record.name,
             disk_size: b.record.disk_size,
             memory_size: b.record.memory_size,
+            raw_qemu_args: b.record.raw_qemu_args(),
             path: b.dir.display().to_string(),
         })
         .collect();
@@ -137,16 +145,21 @@ pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
         eprintln!("no base VMs in {}", reg.home().display());
     } else {
         println!(
-            "{:<16} {:<20} {:>12} {:>12}",
+            "{:<16} {:<20} {:>12} {:>12} RAW QEMU ARGS",
             "ID", "NAME", "DISK", "MEMORY"
         );
         for r in rows {
             println!(
-                "{:<16} {:<20} {:>12} {:>12}",
+                "{:<16} {:<20} {:>12} {:>12} {}",
                 &r.id[..16],
                 r.name,
                 r.disk_size,
-                r.memory_size
+                r.memory_size,
+                if r.raw_qemu_args.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:?}", r.raw_qemu_args)
+                }
             );
         }
     }
@@ -169,7 +182,20 @@ pub fn import_base(ctx: &Context, a: &ImportBaseArgs) -> Result<()> {
     let reg = ctx.registry()?;
     let total = file_size(&a.package)?;
     let progress = Terminal.progress("verifying", total);
-    let base = reg.import(&a.package, progress.counter())?;
+    let opts = ImportOptions {
+        trust_extra_args: a.trust_extra_args,
+    };
+    let base = reg.import_with(&a.package, &opts, progress.counter())?;
     drop(progress);
+    let raw = base.record.raw_qemu_args();
+    if !raw.is_empty() {
+        eprintln!(
+            "WARNING: base {} passes raw arguments to QEMU, trusted on your word \
+             (--trust-extra-args): {raw:?}\n\
+             They go on the command line of every VM resumed from this base, the synthesis \
+             server's sessions included. `cloudlet del-base {}` removes it.",
+            base.record.id, base.record.id
+        );
+    }
     print_base(&base, a.json)
 }

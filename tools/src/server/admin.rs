@@ -145,6 +145,10 @@ pub struct SessionInfo {
     pub ports: Vec<PortMapping>,
     /// Pid of the session's QEMU, once it runs.
     pub qemu_pid: Option<u32>,
+    /// How its QEMU is confined ("seccomp, cgroup v1: memory 1024 MiB, 512 tasks"), once it
+    /// runs.
+    #[serde(default)]
+    pub confinement: Option<String>,
 }
 
 /// What the server's session table offers the admin socket.
@@ -468,6 +472,7 @@ mod tests {
                 host_port: 8080,
             }],
             qemu_pid: Some(42),
+            confinement: None,
         }
     }
 

@@ -20,6 +20,7 @@
 //! `NeedSegment` once, so the client sends that segment next.
 
 pub mod admin;
+pub mod admission;
 pub mod net_source;
 mod session;
 
@@ -36,8 +37,6 @@ use synth::protocol::{
 };
 use synth::registry::Registry;
 
-/// Connections allowed in the handshake on top of the sessions (further ones are dropped).
-const MAX_PENDING: usize = 16;
 /// How often waiting loops wake up.
 pub(crate) const TICK: Duration = Duration::from_millis(200);
 /// Longest the server waits for its sessions to clean up after SIGTERM.
@@ -70,12 +69,24 @@ fn pin_malloc_thresholds() {
 /// Runs until SIGINT/SIGTERM, then ends every session (VMs stopped, mounts removed).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
-    /// Address and port to listen on.
+    /// Address and port to listen on. Any address but a loopback one needs --token-file (or
+    /// --insecure-no-token).
     #[arg(long, default_value = "0.0.0.0:8021", value_name = "ADDR:PORT")]
     pub listen: String,
     /// Require this pre-shared token (the file's content, without surrounding whitespace).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Listen beyond loopback without a token: anyone who reaches the port can run VMs here.
+    #[arg(long, conflicts_with = "token_file")]
+    pub insecure_no_token: bool,
+    /// Connections at once from one peer address (handshaking or in a session); further ones
+    /// are closed at once.
+    #[arg(long, default_value_t = admission::DEFAULT_PER_IP, value_name = "N")]
+    pub max_connections_per_ip: usize,
+    /// Connections at once that have not authenticated yet, all peers together; further ones
+    /// are closed at once. Session slots are taken only after the token is checked.
+    #[arg(long, default_value_t = admission::DEFAULT_HANDSHAKES, value_name = "N")]
+    pub max_handshakes: usize,
     /// Sessions at once; further clients are refused as busy.
     #[arg(long, default_value_t = 4)]
     pub max_sessions: u32,
@@ -98,6 +109,9 @@ pub struct ServerArgs {
     /// off (at least 20).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+    /// Bounds on every session.
+    #[command(flatten)]
+    pub limits: crate::session::LimitArgs,
 }
 
 /// Errors of starting or stopping the server (a session's failure is its client's business
@@ -140,6 +154,13 @@ pub enum ServerError {
     /// Starting the mDNS announcement failed.
     #[error("--advertise failed")]
     Advertise(#[source] crate::discovery::FindError),
+    /// A non-loopback address without a token, and no `--insecure-no-token`.
+    #[error(
+        "Listening on {0} (not a loopback address) needs --token-file: anyone who reaches the \
+         port could run VMs on this machine. Give a token, listen on 127.0.0.1, or pass \
+         --insecure-no-token if the network is yours alone"
+    )]
+    TokenRequired(SocketAddr),
     /// Sessions were still cleaning up when the server gave up waiting.
     #[error("{0} sessions did not end within {SHUTDOWN_WAIT:?}")]
     SessionsLeft(usize),
@@ -165,6 +186,8 @@ pub(crate) struct Server {
     pub(crate) token: Option<Token>,
     pub(crate) policy: UrlPolicy,
     pub(crate) max_sessions: u32,
+    /// Bounds on every session (disk growth over the base, copy-on-write quota).
+    pub(crate) limits: crate::session::LimitArgs,
     pub(crate) public_addr: String,
     /// Host address QEMU's port forwards listen on.
     pub(crate) fwd_addr: Ipv4Addr,
@@ -174,6 +197,8 @@ pub(crate) struct Server {
     /// A client silent this long (or slower than this for one frame) is gone.
     pub(crate) idle_timeout: Duration,
     pub(crate) connections: AtomicUsize,
+    /// Per-address and handshake limits.
+    pub(crate) admission: Arc<admission::Admission>,
     pub(crate) next_id: AtomicU64,
     pub(crate) shutdown: Arc<AtomicBool>,
 }
@@ -186,10 +211,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// Frees a connection (and its session slot, if it has one) when dropped.
+/// Frees a connection (its session slot, if it has one, and its admission) when dropped.
 pub(crate) struct ConnGuard {
     pub(crate) srv: Arc<Server>,
     pub(crate) slot: Option<u64>,
+    pub(crate) ticket: admission::Ticket,
 }
 
 impl ConnGuard {
@@ -289,6 +315,24 @@ pub fn serve(
     };
     let listener = TcpListener::bind(&opts.listen).map_err(listen_err)?;
     let local = listener.local_addr().map_err(listen_err)?;
+    if !local.ip().is_loopback() && token.is_none() {
+        if !opts.insecure_no_token {
+            return Err(ServerError::TokenRequired(local));
+        }
+        log::warn!(
+            "INSECURE: listening on {local} without a token (--insecure-no-token): anyone who \
+             reaches this port can run VMs on this machine"
+        );
+        reporter.note(&format!(
+            "WARNING: listening on {local} WITHOUT A TOKEN (--insecure-no-token): anyone who \
+             reaches this port can run VMs on this machine"
+        ));
+    }
+    if opts.max_connections_per_ip == 0 || opts.max_handshakes == 0 {
+        return Err(ServerError::Option(
+            "--max-connections-per-ip and --max-handshakes must be at least 1".into(),
+        ));
+    }
     listener.set_nonblocking(true).map_err(listen_err)?;
     let fwd_addr = match local.ip() {
         IpAddr::V4(a) => a,
@@ -300,12 +344,14 @@ pub fn serve(
         token,
         policy,
         max_sessions: opts.max_sessions,
+        limits: opts.limits,
         public_addr: opts.public_addr.clone(),
         fwd_addr,
         sessions: Mutex::new(HashSet::new()),
         live: Mutex::new(HashMap::new()),
         idle_timeout,
         connections: AtomicUsize::new(0),
+        admission: admission::Admission::new(opts.max_connections_per_ip, opts.max_handshakes),
         next_id: AtomicU64::new(1),
         shutdown: Arc::clone(&shutdown),
     });
@@ -317,13 +363,16 @@ pub fn serve(
     )?;
     log::info!("admin socket {}", admin.path().display());
     log::info!(
-        "listening on {local} (token {}, at most {} sessions)",
+        "listening on {local} (token {}, at most {} sessions, {} connections per address, {} \
+         handshakes)",
         if srv.token.is_some() {
             "required"
         } else {
             "not required"
         },
-        srv.max_sessions
+        srv.max_sessions,
+        opts.max_connections_per_ip,
+        opts.max_handshakes
     );
     reporter.note(&format!("cloudlet server listening on {local}"));
     reporter.note(&format!(
@@ -373,19 +422,23 @@ pub fn serve(
     Ok(())
 }
 
+/// Admits a connection (per-address and handshake limits) and starts its thread; a connection
+/// not admitted is closed at once, before anything is read from it.
 fn accept(srv: &Arc<Server>, stream: TcpStream, peer: SocketAddr) {
-    let limit = usize::try_from(srv.max_sessions)
-        .unwrap_or(usize::MAX)
-        .saturating_add(MAX_PENDING);
-    if srv.connections.fetch_add(1, Ordering::SeqCst) >= limit {
-        srv.connections.fetch_sub(1, Ordering::SeqCst);
-        log::warn!("{peer}: too many connections, dropped");
-        return;
-    }
+    let ticket = match srv.admission.admit(peer.ip()) {
+        Ok(t) => t,
+        Err(why) => {
+            log::warn!("{peer}: {why}: closed");
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    };
+    srv.connections.fetch_add(1, Ordering::SeqCst);
     let id = srv.next_id.fetch_add(1, Ordering::SeqCst);
     let guard = ConnGuard {
         srv: Arc::clone(srv),
         slot: None,
+        ticket,
     };
     let spawned = std::thread::Builder::new()
         .name(format!("session-{id}"))

@@ -3,7 +3,8 @@
 //! or a URL the server fetches), the VM, and the last message.
 //!
 //! ```text
-//!  connection: TLS (TlsAcceptor) ─► slot ─► handshake ─► run_session
+//!  connection: (admitted: admission.rs) TLS (TlsAcceptor) ─► handshake (token) ─► slot
+//!              ─► run_session
 //!              ─► overlay_session | url_session (reader thread and writers share one TlsConn)
 //!     overlay_session: Head parts ─► accept_overlay (Accepted) ─► read_loop thread
 //!                      (segments ─► NetSource) ─► run_vm
@@ -15,7 +16,7 @@
 use super::admin::{SessionInfo, SessionState};
 use super::net_source::NetSource;
 use super::{lock, ConnGuard, Server, TICK};
-use crate::session::{resume_vm, Backend, ResumeOptions, RunDir, RunningVm};
+use crate::session::{resume_vm_with, Backend, ResumeOptions, RunDir, RunningVm};
 use cloudletfs::error::chain;
 use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -26,9 +27,9 @@ use synth::chunk::hex;
 use synth::format::Overlay;
 use synth::protocol::server::{self, check_ports, reason_for, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
-    clip_text, frame::read_frame_before, read_msg_before, ClientMsg, FillInfo, PortMapping,
-    ProtoError, RefuseReason, ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX,
-    HANDSHAKE_FRAME_MAX, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
+    clip_text, read_msg_before, ClientMsg, FillInfo, PortMapping, ProtoError, RefuseReason,
+    ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX, HANDSHAKE_TIMEOUT,
+    KEEPALIVE_INTERVAL,
 };
 use synth::registry::{Registry, RegistryError};
 use synth::source::{ByteSource, SourceError};
@@ -104,6 +105,7 @@ struct View {
     base_id: Option<String>,
     ports: Vec<PortMapping>,
     qemu_pid: Option<u32>,
+    confinement: Option<String>,
 }
 
 impl Conn {
@@ -127,6 +129,7 @@ impl Conn {
                 base_id: None,
                 ports: Vec::new(),
                 qemu_pid: None,
+                confinement: None,
             }),
         }
     }
@@ -157,6 +160,7 @@ impl Conn {
             demand_requests: self.demand_requests.load(Ordering::Relaxed),
             ports: v.ports.clone(),
             qemu_pid: v.qemu_pid,
+            confinement: v.confinement.clone(),
         }
     }
 
@@ -234,27 +238,30 @@ pub(crate) fn connection(mut guard: ConnGuard, stream: TcpStream, peer: SocketAd
             return;
         }
     };
+    if let Err(e) = server::handshake(&*stream, srv.token.as_ref(), id, deadline) {
+        log::info!("session {id} from {peer}: handshake failed: {e}");
+        return;
+    }
+    guard.ticket.authenticated();
+    // The slot is taken only now: connections that never authenticate cannot hold one.
     {
         let mut sessions = lock(&srv.sessions);
         if sessions.len() >= usize::try_from(srv.max_sessions).unwrap_or(usize::MAX) {
             drop(sessions);
-            // Read the Hello first, so the refusal is not lost to a reset.
-            let _ = read_frame_before(&*stream, HANDSHAKE_FRAME_MAX, deadline);
             server::refuse(
                 &mut &*stream,
                 RefuseReason::Busy {
                     max_sessions: srv.max_sessions,
                 },
             );
-            log::info!("{peer}: refused: busy");
+            // The client's first message may be on its way: read it so the refusal is not
+            // lost to a reset.
+            stream.drain_and_close(DRAIN_TIME, DRAIN_BYTES);
+            log::info!("session {id} from {peer}: refused: busy");
             return;
         }
         sessions.insert(id);
         guard.slot = Some(id);
-    }
-    if let Err(e) = server::handshake(&*stream, srv.token.as_ref(), id, deadline) {
-        log::info!("session {id} from {peer}: handshake failed: {e}");
-        return;
     }
     log::info!("session {id} from {peer}: authenticated");
     let conn = Arc::new(Conn::new(id, Arc::clone(&srv), Arc::clone(&stream), peer));
@@ -395,7 +402,9 @@ pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> End {
     End::Fail(RefuseReason::Internal(format!("{what}: {e}")))
 }
 
-/// Looks the overlay's base up in the registry and sends `Accepted`.
+/// Looks the overlay's base up in the registry, checks the overlay against it (memory the
+/// base's size, disk within the operator's growth limit, base references inside the base)
+/// and sends `Accepted`; a mismatch is refused as `BadOverlay` before any segment is read.
 fn accept_overlay(conn: &Conn, overlay: &Overlay) -> Result<synth::registry::Base, End> {
     let base_id = hex(&overlay.metadata().base_id);
     let registry = Registry::open(&conn.srv.home).map_err(|e| internal("registry", e))?;
@@ -406,6 +415,10 @@ fn accept_overlay(conn: &Conn, overlay: &Overlay) -> Result<synth::registry::Bas
         }
         Err(e) => return Err(internal("registry", e)),
     };
+    if let Err(e) = overlay.check_base(&base.limits(conn.srv.limits.max_disk_growth())) {
+        log::info!("session {}: overlay refused: {e}", conn.id);
+        return Err(End::Fail(RefuseReason::BadOverlay(e.to_string())));
+    }
     lock(&conn.timings).metadata_ms = conn.ms();
     let segments = u32::try_from(overlay.metadata().segments.len())
         .map_err(|_| End::Fail(RefuseReason::BadOverlay("too many segments".into())))?;
@@ -467,7 +480,7 @@ fn run_vm(
         Err(e) => return e,
     };
     let id = conn.id;
-    let running = resume_vm(
+    let running = resume_vm_with(
         &conn.srv.home,
         base,
         OverlaySource::Source(source),
@@ -477,6 +490,7 @@ fn run_vm(
             // The server runs its sessions on QEMU directly.
             backend: &Backend::Qemu,
         },
+        &conn.srv.limits,
         &conn.stop,
         &mut |e: &str| log::info!("session {id}: {e}"),
     );
@@ -495,6 +509,7 @@ fn run_vm(
         let mut v = lock(&conn.view);
         v.qemu_pid = pid;
         v.ports.clone_from(&maps);
+        v.confinement = Some(running.confinement());
     }
     log::info!(
         "session {id}: VM resumed ({vm}, ports {:?})",

@@ -10,17 +10,22 @@
 //!  RunningVm::stop (or drop): QEMU stopped ─► unmounted ─► run folder removed
 //! ```
 //!
+//! QEMU runs under a seccomp filter (`-sandbox`, [`synth::vm::QemuArgs`]) and, where the host
+//! has cgroups, in a cgroup of its own bounding its memory and tasks ([`cgroup`]).
+//!
 //! [`resume`] is that sequence ([`resume_vm`]); [`synthesis`] runs one session until a signal
 //! and reports its timeline (`cloudlet synthesis`); [`wait`] holds the bounded, interruptible
 //! waits every flow uses (a serial marker, the user, an HTTP 200).
 
+pub mod cgroup;
 pub mod resume;
 pub mod run_dir;
 pub mod synthesis;
 pub mod wait;
 
 pub use resume::{
-    resume_vm, Backend, BackendKind, LibvirtNotBuilt, ResumeOptions, ResumedVm, RunningVm,
+    resume_vm, resume_vm_with, Backend, BackendKind, LibvirtNotBuilt, LimitArgs, ResumeOptions,
+    ResumedVm, RunningVm,
 };
 pub use run_dir::RunDir;
 pub use synthesis::{synthesis, SynthesisArgs, TimelineEvent};

@@ -1,6 +1,7 @@
 //! Resuming a VM from base + overlay: the run folder, the cloudletfs mount, the VM on one of
 //! the backends (QEMU directly, or a libvirt domain), and its orderly end.
 
+use super::cgroup::{CgroupLimits, SessionCgroup};
 use super::{RunDir, SessionError, WaitError};
 use cloudletfs::{mount, MountOptions, Mounted, OverlaySource};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,8 @@ impl ResumedVm {
 pub struct RunningVm {
     /// The VM (QEMU process or libvirt domain).
     pub vm: ResumedVm,
+    /// The QEMU's cgroup (removed once QEMU is gone), when it has one.
+    pub cgroup: Option<SessionCgroup>,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -120,16 +123,100 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// How the VM's QEMU is confined, for logs and `list-session`: "seccomp, cgroup v1:
+    /// memory 1024 MiB, 512 tasks", or "seccomp, no cgroup"; libvirt's own for its domains.
+    pub fn confinement(&self) -> String {
+        match (&self.vm, &self.cgroup) {
+            (ResumedVm::Qemu(_), Some(cg)) => format!("seccomp, {}", cg.describe()),
+            (ResumedVm::Qemu(_), None) => "seccomp, no cgroup".into(),
+            #[cfg(feature = "libvirt")]
+            (ResumedVm::Libvirt(_), _) => "libvirt's".into(),
+        }
+    }
+
     /// Stops QEMU and unmounts; returns the final cloudletfs stats.
     pub fn stop(self) -> Result<cloudletfs::Stats, SessionError> {
         let RunningVm {
-            vm, mounted, run, ..
+            vm,
+            cgroup,
+            mounted,
+            run,
+            ..
         } = self;
         drop(vm);
+        drop(cgroup);
         let stats = mounted.stats();
         mounted.unmount().map_err(SessionError::Unmount)?;
         drop(run);
         Ok(stats)
+    }
+}
+
+/// What an operator bounds per session: how far an overlay's disk may grow past its base's, and
+/// how much copy-on-write data the guest may write (`--max-disk-growth-mib`,
+/// `--cow-quota-mib` of `cloudlet synthesis` and `cloudlet server`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct LimitArgs {
+    /// How far an overlay's disk may grow past its base's disk, in MiB [default: the base's
+    /// disk size]; a larger overlay is refused (exit code 3). Its memory must always be the
+    /// base's size.
+    #[arg(long, value_name = "MIB")]
+    pub max_disk_growth_mib: Option<u64>,
+    /// Most MiB of modified chunks (disk and memory together) a session keeps; a guest write
+    /// past it gets an I/O error [default: no limit].
+    #[arg(long, value_name = "MIB")]
+    pub cow_quota_mib: Option<u64>,
+    /// Most MiB of memory each VM's QEMU may use, through a cgroup of its own (RAM and the
+    /// page cache it faults in) [default: twice the guest's RAM plus 512].
+    #[arg(long, value_name = "MIB")]
+    pub qemu_memory_limit_mib: Option<u64>,
+    /// Most tasks (threads) each VM's QEMU may have, through its cgroup.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QEMU_PIDS)]
+    pub qemu_pids_limit: u64,
+    /// Run QEMU without a cgroup of its own (no memory or task limit).
+    #[arg(long)]
+    pub no_cgroup: bool,
+}
+
+/// Default of `--qemu-pids-limit`: QEMU under TCG runs a thread per vCPU, a main loop, RCU and
+/// up to 64 I/O workers.
+pub const DEFAULT_QEMU_PIDS: u64 = 512;
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        LimitArgs {
+            max_disk_growth_mib: None,
+            cow_quota_mib: None,
+            qemu_memory_limit_mib: None,
+            qemu_pids_limit: DEFAULT_QEMU_PIDS,
+            no_cgroup: false,
+        }
+    }
+}
+
+impl LimitArgs {
+    /// The cgroup limits for a VM of `guest_mb` MiB of RAM; `None` with `--no-cgroup`.
+    pub fn cgroup(&self, guest_mb: u64) -> Option<CgroupLimits> {
+        if self.no_cgroup {
+            return None;
+        }
+        let mib = self
+            .qemu_memory_limit_mib
+            .unwrap_or_else(|| guest_mb.saturating_mul(2).saturating_add(512));
+        Some(CgroupLimits {
+            memory_bytes: mib.saturating_mul(1 << 20),
+            pids: self.qemu_pids_limit,
+        })
+    }
+
+    /// `--max-disk-growth-mib` in bytes.
+    pub fn max_disk_growth(&self) -> Option<u64> {
+        self.max_disk_growth_mib.map(|m| m.saturating_mul(1 << 20))
+    }
+
+    /// `--cow-quota-mib` in bytes.
+    pub fn cow_quota(&self) -> Option<u64> {
+        self.cow_quota_mib.map(|m| m.saturating_mul(1 << 20))
     }
 }
 
@@ -154,12 +241,27 @@ pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: P
     }
 }
 
-/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`.
+/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`, with no
+/// limits beyond the defaults (see [`mount_vm_with`]).
 pub(crate) fn mount_vm(
     base: &Base,
     overlay: OverlaySource,
     run: &RunDir,
     fill: bool,
+) -> Result<Mounted, SessionError> {
+    mount_vm_with(base, overlay, run, fill, &LimitArgs::default())
+}
+
+/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`. The mount
+/// checks the overlay against the base before serving anything
+/// ([`synth::format::Overlay::check_base`]: memory the base's size, disk within `limits`'
+/// growth) and bounds its copy-on-write data by `limits`' quota.
+pub(crate) fn mount_vm_with(
+    base: &Base,
+    overlay: OverlaySource,
+    run: &RunDir,
+    fill: bool,
+    limits: &LimitArgs,
 ) -> Result<Mounted, SessionError> {
     let mnt = run.join("mnt");
     std::fs::create_dir_all(&mnt).map_err(|source| SessionError::RunDir {
@@ -170,17 +272,40 @@ pub(crate) fn mount_vm(
     opts.state_dir = Some(run.join("state"));
     opts.cache_dir = Some(run.path().to_path_buf());
     opts.background_fill = fill;
+    opts.max_disk_growth = limits.max_disk_growth();
+    opts.cow_quota = limits.cow_quota();
     mount(opts).map_err(SessionError::Mount)
 }
 
-/// Mounts `overlay` over `base` and resumes the VM: early (right away) or eager (once every
-/// chunk is in). `on_event` hears "overlay opened", "overlay fetched (eager)", "VM resumed".
-/// A set `stop` flag abandons the eager wait.
+/// [`resume_vm_with`] with the default limits.
 pub fn resume_vm(
     home: &Path,
     base: &Base,
     overlay: OverlaySource,
     how: &ResumeOptions<'_>,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<RunningVm, SessionError> {
+    resume_vm_with(
+        home,
+        base,
+        overlay,
+        how,
+        &LimitArgs::default(),
+        stop,
+        on_event,
+    )
+}
+
+/// Mounts `overlay` over `base` (bounded by `limits`) and resumes the VM: early (right away)
+/// or eager (once every chunk is in). `on_event` hears "overlay opened", "overlay fetched
+/// (eager)", "VM resumed". A set `stop` flag abandons the eager wait.
+pub fn resume_vm_with(
+    home: &Path,
+    base: &Base,
+    overlay: OverlaySource,
+    how: &ResumeOptions<'_>,
+    limits: &LimitArgs,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(&str),
 ) -> Result<RunningVm, SessionError> {
@@ -191,7 +316,7 @@ pub fn resume_vm(
     } = *how;
     backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
-    let mounted = mount_vm(base, overlay, &run, true)?;
+    let mounted = mount_vm_with(base, overlay, &run, true, limits)?;
     on_event("overlay opened");
     if !early_start {
         while !mounted.wait_filled(Some(Duration::from_millis(250))) {
@@ -216,10 +341,22 @@ pub fn resume_vm(
         vnc: None,
     };
     let device_state = mnt.join("device-state");
+    let mut cgroup = None;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
+            let cg = confine(&run, limits.cgroup(base.record.config.memory_mb));
             let mut vm = Vm::spawn(&args)?;
+            if let Some(cg) = cg {
+                // Before the guest runs and touches its RAM.
+                match cg.add(vm.pid()) {
+                    Ok(()) => {
+                        log::info!("QEMU pid {} confined: {}", vm.pid(), cg.describe());
+                        cgroup = Some(cg);
+                    }
+                    Err(e) => log::warn!("QEMU pid {} runs without a cgroup: {e}", vm.pid()),
+                }
+            }
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
         }
@@ -231,10 +368,27 @@ pub fn resume_vm(
     on_event("VM resumed");
     Ok(RunningVm {
         vm,
+        cgroup,
         mounted,
         serial_log,
         run,
     })
+}
+
+/// The session's cgroup with `limits`, or `None` (with a warning) where the host has none or
+/// it cannot be made: the VM then runs unbounded rather than not at all.
+fn confine(run: &RunDir, limits: Option<CgroupLimits>) -> Option<SessionCgroup> {
+    let limits = limits?;
+    match SessionCgroup::create(&run.name(), limits) {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            log::warn!(
+                "QEMU will run without memory or task limits: {}",
+                cloudletfs::error::chain(&e)
+            );
+            None
+        }
+    }
 }
 
 /// Starts the VM as a transient libvirt domain and loads its device state.

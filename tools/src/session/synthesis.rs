@@ -2,7 +2,7 @@
 //! "overlay opened" → ["overlay fetched (eager)"] → "VM resumed" → "background fill done" →
 //! "VM stopped".
 
-use super::{resume_vm, Backend, BackendKind, ResumeOptions, SessionError};
+use super::{resume_vm_with, Backend, BackendKind, LimitArgs, ResumeOptions, SessionError};
 use cloudletfs::OverlaySource;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +38,9 @@ pub struct SynthesisArgs {
     /// libvirt connection URI (with --backend libvirt).
     #[arg(long, default_value = synth::vm::DEFAULT_LIBVIRT_URI)]
     pub libvirt_uri: String,
+    /// Bounds on the session.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// One step of the timeline.
@@ -76,7 +79,9 @@ pub fn synthesis(
         .iter()
         .map(|h| format!("{}:{} -> guest {}", h.host_addr, h.host_port, h.guest_port))
         .collect();
-    let running = resume_vm(
+    // The mount checks the overlay against the base (memory size, disk growth) before the
+    // FUSE mount and QEMU: a refused overlay leaves nothing behind (exit code 3).
+    let running = resume_vm_with(
         home,
         &base,
         OverlaySource::parse(&args.overlay),
@@ -85,6 +90,7 @@ pub fn synthesis(
             hostfwd: &args.hostfwd,
             backend: &backend,
         },
+        &args.limits,
         stop,
         &mut |e: &str| match e {
             "overlay opened" => emit("overlay opened", None),

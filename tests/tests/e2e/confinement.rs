@@ -1,0 +1,110 @@
+//! Every VM the tools start is confined: a real `cloudlet synthesis` of the test guest (TCG)
+//! runs its QEMU under the seccomp filter (`Seccomp: 2` in `/proc/PID/status`) and in a
+//! cgroup of its own with the memory and task limits asked for, the customized service still
+//! answers, and the cgroup is gone once the synthesis ends.
+
+use cloudlet_e2e::{http_get, require_fuse, require_qemu, workspace_bin, Scratch};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The cgroup folders `pid` is in for memory and pids: one folder for cgroup v2, the memory
+/// and pids hierarchies' folders for v1.
+fn cgroup_dirs(pid: u32) -> Vec<(String, PathBuf)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let root = Path::new("/sys/fs/cgroup");
+    let path_of = |ctrl: &str| {
+        text.lines()
+            .find_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+                let hit = if ctrl.is_empty() {
+                    ctrls.is_empty()
+                } else {
+                    ctrls.split(',').any(|c| c == ctrl)
+                };
+                hit.then(|| path.trim_start_matches('/').to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {ctrl:?} line in {text}"))
+    };
+    if root.join("cgroup.controllers").exists() {
+        let d = root.join(path_of(""));
+        vec![("memory.max".into(), d.clone()), ("pids.max".into(), d)]
+    } else {
+        vec![
+            (
+                "memory.limit_in_bytes".into(),
+                root.join("memory").join(path_of("memory")),
+            ),
+            ("pids.max".into(), root.join("pids").join(path_of("pids"))),
+        ]
+    }
+}
+
+#[test]
+fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let h = Scratch::new();
+    let base = h.guest_base(64);
+    let script = h.p("customize.sh");
+    std::fs::write(
+        &script,
+        "echo confined-$((6*7)) > /srv/www/custom.txt\nsync\n",
+    )
+    .unwrap();
+    let overlay = h.p("vm.overlay");
+    h.ok(&["overlay", &base, "-o", &overlay, "--run", &script, "--json"]);
+    let port = synth::vm::free_tcp_port().unwrap();
+
+    let mut child = Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .env("RUST_LOG", "info")
+        .args(["synthesis", &base, &overlay, "--early-start", "--json"])
+        .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8080")])
+        .args(["--qemu-memory-limit-mib", "700", "--qemu-pids-limit", "300"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(h.p("synthesis.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Read on (until the end) so that synthesis's later lines never meet a closed pipe.
+    let rx = crate::server::lines(&mut child);
+    let resumed = crate::server::wait_event(&rx, "VM resumed", Duration::from_secs(180));
+    let pid: u32 = resumed["detail"]["vm"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("QEMU pid "))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{resumed}"));
+    let body = http_get(port, "/custom.txt", Duration::from_secs(180));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let dirs = cgroup_dirs(pid);
+    let limits: Vec<String> = dirs
+        .iter()
+        .map(|(file, d)| std::fs::read_to_string(d.join(file)).unwrap())
+        .collect();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let ended = child.wait().unwrap();
+
+    assert_eq!(body.trim(), "confined-42");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "{status}"
+    );
+    for (_, d) in &dirs {
+        let name = d.file_name().unwrap().to_string_lossy();
+        assert!(name.starts_with("cloudlet-synthesis-"), "{}", d.display());
+    }
+    assert_eq!(limits[0].trim(), (700u64 << 20).to_string());
+    assert_eq!(limits[1].trim(), "300");
+    let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
+    assert!(ended.success(), "{ended}: {log}");
+    for (_, d) in &dirs {
+        assert!(!d.exists(), "cgroup left behind: {}", d.display());
+    }
+    assert!(log.contains("memory 700 MiB, 300 tasks"), "{log}");
+}
