@@ -1,9 +1,9 @@
 //! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
-//! guest is ready, save the device state and register disk + memory + device state + launch
-//! config as a base.
+//! guest is ready (a serial marker, the guest agent answering, or the user), save the device
+//! state and register disk + memory + device state + launch config as a base.
 
 use super::CaptureError;
-use crate::session::{wait_marker, RunDir, SessionError};
+use crate::session::{wait_agent, wait_marker, RunDir, SessionError};
 use crate::Reporter;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,10 +40,14 @@ pub struct BaseArgs {
     /// Kernel command line.
     #[arg(long, requires = "kernel")]
     pub append: Option<String>,
-    /// Capture once the guest prints this on its serial console (else: wait for Enter).
+    /// Capture once the guest prints this on its serial console (without any --ready*:
+    /// wait for Enter).
     #[arg(long, value_name = "MARKER")]
     pub ready: Option<String>,
-    /// How long to wait for --ready, in seconds.
+    /// Capture once the guest agent answers guest-ping (after --ready, if both are given).
+    #[arg(long, requires = "guest_agent")]
+    pub ready_agent: bool,
+    /// How long to wait for each --ready*, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Show the guest on a VNC display (e.g. 127.0.0.1:1) to prepare it by hand.
@@ -53,6 +57,11 @@ pub struct BaseArgs {
     /// image while the base boots).
     #[arg(long)]
     pub balloon: bool,
+    /// Give the guest the QEMU guest agent's virtio-serial channel (org.qemu.guest_agent.0),
+    /// recorded in the launch config: `cloudlet overlay` then runs commands and copies files
+    /// through the agent if the guest runs qemu-guest-agent.
+    #[arg(long)]
+    pub guest_agent: bool,
     /// Name of the base.
     #[arg(long)]
     pub name: Option<String>,
@@ -89,6 +98,9 @@ pub fn make_base(
             free_page_reporting: true,
         });
     }
+    if args.guest_agent {
+        devices.push(Device::GuestAgent);
+    }
     let config = LaunchConfig {
         machine: args.machine.clone(),
         cpu: args.cpu.clone(),
@@ -120,21 +132,30 @@ pub fn make_base(
         "booting (serial console log: {})",
         qemu.serial_log().display()
     ));
-    match &args.ready {
-        Some(marker) => {
-            let t = wait_marker(&mut vm, marker, Duration::from_secs(args.timeout), &stop)?;
-            reporter.note(&format!("guest ready after {:.1}s", t.as_secs_f64()));
-        }
-        None => {
-            let how = match &args.vnc {
-                Some(addr) => format!("on VNC display {addr}"),
-                None => format!("(serial console log: {})", qemu.serial_log().display()),
-            };
-            reporter.wait_for_user(
-                &format!("Prepare the guest {how}, then press Enter to capture it."),
-                &stop,
-            )?;
-        }
+    let timeout = Duration::from_secs(args.timeout);
+    if let Some(marker) = &args.ready {
+        let t = wait_marker(&mut vm, marker, timeout, &stop)?;
+        reporter.note(&format!(
+            "guest printed {marker:?} after {:.1}s",
+            t.as_secs_f64()
+        ));
+    }
+    if args.ready_agent {
+        let t = wait_agent(&mut vm, timeout, &stop)?;
+        reporter.note(&format!(
+            "guest agent answered after {:.1}s",
+            t.as_secs_f64()
+        ));
+    }
+    if args.ready.is_none() && !args.ready_agent {
+        let how = match &args.vnc {
+            Some(addr) => format!("on VNC display {addr}"),
+            None => format!("(serial console log: {})", qemu.serial_log().display()),
+        };
+        reporter.wait_for_user(
+            &format!("Prepare the guest {how}, then press Enter to capture it."),
+            &stop,
+        )?;
     }
     let ds = run.join("device-state");
     let t = vm.save_device_state(&ds)?;
