@@ -8,6 +8,7 @@
 )]
 
 mod cli;
+mod customize;
 mod debian;
 mod discovery;
 mod format_errors;
