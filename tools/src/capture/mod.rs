@@ -142,3 +142,63 @@ impl From<WaitError> for CaptureError {
         CaptureError::Session(e.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{exit_code, EXIT_ERROR, EXIT_GUEST_COMMAND};
+    use std::time::Duration;
+
+    fn vm_timeout() -> synth::vm::VmError {
+        synth::vm::VmError::Timeout {
+            what: "x".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn exit_code_failed_command_is_guest_command() {
+        let e = CaptureError::CommandFailed {
+            line: "false".into(),
+            rc: 1,
+            output: String::new(),
+        };
+        assert_eq!(exit_code(&e), EXIT_GUEST_COMMAND);
+    }
+
+    #[test]
+    fn exit_code_timed_out_command_is_guest_command() {
+        let e = CaptureError::CommandTimedOut {
+            line: "sleep 1000".into(),
+            timeout: Duration::from_secs(5),
+            source: vm_timeout(),
+        };
+        assert_eq!(exit_code(&e), EXIT_GUEST_COMMAND);
+    }
+
+    #[test]
+    fn exit_code_channel_failure_is_plain_error() {
+        let e = CaptureError::CommandChannel {
+            line: "true".into(),
+            channel: "serial console",
+            source: vm_timeout(),
+        };
+        assert_eq!(exit_code(&e), EXIT_ERROR);
+    }
+
+    #[test]
+    fn command_failed_message_names_command_status_and_output_tail() {
+        let e = CaptureError::CommandFailed {
+            line: "make".into(),
+            rc: 2,
+            output: format!("{}\nlast line\n", "x".repeat(10_000)),
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("Customization command \"make\" failed in the guest (exit status 2)"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("last line"), "{msg}");
+        assert!(msg.len() < 5000, "{}", msg.len());
+    }
+}

@@ -586,3 +586,42 @@ fn create_options(args: &OverlayArgs, threads: usize) -> CreateOptions {
         ..CreateOptions::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_spec_splits_at_the_absolute_guest_path() {
+        let c: CopySpec = "dir/a:b.txt:/srv/x:y".parse().unwrap();
+        assert_eq!(c.local, PathBuf::from("dir/a:b.txt"));
+        assert_eq!(c.guest, "/srv/x:y");
+    }
+
+    #[test]
+    fn copy_spec_relative_guest_path_is_refused() {
+        assert!("a.txt:srv/x".parse::<CopySpec>().is_err());
+    }
+
+    #[test]
+    fn copy_spec_empty_local_path_is_refused() {
+        assert!(":/srv/x".parse::<CopySpec>().is_err());
+    }
+
+    #[test]
+    fn read_script_skips_empty_lines_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sh");
+        std::fs::write(&p, "# setup\n\n  echo a  \n#x\necho 'b # not a comment'\n").unwrap();
+        assert_eq!(
+            read_script(&p).unwrap(),
+            ["echo a", "echo 'b # not a comment'"]
+        );
+    }
+
+    #[test]
+    fn read_script_missing_file_names_it() {
+        let e = read_script(Path::new("/nonexistent/s.sh")).unwrap_err();
+        assert_eq!(e.to_string(), "Reading /nonexistent/s.sh failed");
+    }
+}
