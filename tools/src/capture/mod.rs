@@ -59,7 +59,7 @@ pub enum CaptureError {
         timeout: std::time::Duration,
         /// The channel's report (interrupted or killed, output so far).
         #[source]
-        source: synth::vm::VmError,
+        source: Box<synth::vm::VmError>,
     },
     /// Running a customization command failed for another reason than its own (no shell
     /// answered, the agent or QEMU went away).
@@ -71,7 +71,7 @@ pub enum CaptureError {
         channel: &'static str,
         /// What failed.
         #[source]
-        source: synth::vm::VmError,
+        source: Box<synth::vm::VmError>,
     },
     /// The guest agent was asked for (`--copy`, `--channel agent`, `--ready-agent`) but the
     /// base's launch config has no guest-agent device.
@@ -95,7 +95,7 @@ pub enum CaptureError {
         guest: String,
         /// What failed.
         #[source]
-        source: synth::vm::VmError,
+        source: Box<synth::vm::VmError>,
     },
     /// Building the overlay failed.
     #[error(transparent)]
@@ -171,7 +171,7 @@ mod tests {
         let e = CaptureError::CommandTimedOut {
             line: "sleep 1000".into(),
             timeout: Duration::from_secs(5),
-            source: vm_timeout(),
+            source: Box::new(vm_timeout()),
         };
         assert_eq!(exit_code(&e), EXIT_GUEST_COMMAND);
     }
@@ -181,7 +181,7 @@ mod tests {
         let e = CaptureError::CommandChannel {
             line: "true".into(),
             channel: "serial console",
-            source: vm_timeout(),
+            source: Box::new(vm_timeout()),
         };
         assert_eq!(exit_code(&e), EXIT_ERROR);
     }

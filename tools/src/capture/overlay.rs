@@ -492,7 +492,7 @@ fn copy_file(vm: &mut Vm, c: &CopySpec, timeout: Duration) -> Result<u64, Captur
         .map_err(|source| CaptureError::Copy {
             local: c.local.clone(),
             guest: c.guest.clone(),
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -564,7 +564,7 @@ fn command_error(
         | VmError::Agent(AgentError::ExecTimeout { .. }) => CaptureError::CommandTimedOut {
             line: line.to_owned(),
             timeout,
-            source,
+            source: Box::new(source),
         },
         source => CaptureError::CommandChannel {
             line: line.to_owned(),
@@ -572,7 +572,7 @@ fn command_error(
                 CommandChannel::Serial => "serial console",
                 CommandChannel::Agent => "guest agent",
             },
-            source,
+            source: Box::new(source),
         },
     }
 }
