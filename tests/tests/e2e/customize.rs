@@ -2,7 +2,9 @@
 //! a failing command stops the run with its command, exit status and output (exit code 5), a
 //! hung command ends at `--cmd-timeout`, `--copy` without an agent channel is refused before
 //! the VM starts, and with `base --guest-agent` the script runs through the agent, copied
-//! files arrive and `--keep-going` lists the failures in the report.
+//! files arrive and `--keep-going` lists the failures in the report. `cloudlet base
+//! --ready-http` captures once the guest's service answers through `--hostfwd`, and fails
+//! when it never does.
 //! One QEMU at a time: every test here holds `VM_LOCK`.
 
 use cloudlet_e2e::{cloudlet, guest, require_fuse, require_qemu, Scratch};
@@ -138,27 +140,17 @@ fn overlay_agent_channel_copies_files_runs_script_and_keeps_going() {
     }
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let h = Scratch::new();
-    let g = guest(256);
-    let d = |f: &str| g.dir.join(f).display().to_string();
-    let base = h
-        .ok(&[
-            "base",
-            &d("disk.img"),
-            "--memory-mb",
-            "256",
-            "--kernel",
-            &d("vmlinuz"),
-            "--initrd",
-            &d("initrd.img"),
-            "--append",
-            &g.cmdline,
+    let (code, base, err) = guest_base_with(
+        &h,
+        &[
             "--guest-agent",
             "--ready",
             "CLOUDLET-GUEST-READY",
             "--ready-agent",
-        ])
-        .trim()
-        .to_owned();
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let base = base.trim().to_owned();
     let file = script(&h, "tool.sh", "#!/bin/sh\necho tool-ran-$1\n");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
     let s = script(
@@ -198,4 +190,69 @@ fn overlay_agent_channel_copies_files_runs_script_and_keeps_going() {
     assert!(err.contains("tool-ran-42\n"), "{err}");
     assert!(err.contains("750\n"), "{err}");
     assert!(err.contains("still-running\n"), "{err}");
+}
+
+/// `cloudlet base` of the busybox guest with `extra` arguments (and no `--ready` marker);
+/// (exit code, stdout, stderr).
+fn guest_base_with(h: &Scratch, extra: &[&str]) -> (i32, String, String) {
+    let g = guest(256);
+    let d = |f: &str| g.dir.join(f).display().to_string();
+    let mut args = vec![
+        "base".to_owned(),
+        d("disk.img"),
+        "--kernel".to_owned(),
+        d("vmlinuz"),
+        "--initrd".to_owned(),
+        d("initrd.img"),
+        "--append".to_owned(),
+        g.cmdline.clone(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cloudlet(&h.home(), &args)
+}
+
+#[test]
+fn base_ready_http_captures_once_the_guest_service_answers() {
+    if !require_qemu() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Scratch::new();
+    let port = synth::vm::free_tcp_port().unwrap();
+    let fwd = format!("tcp:127.0.0.1:{port}-:8080");
+    let url = format!("http://127.0.0.1:{port}/index.html");
+
+    let (code, out, err) = guest_base_with(&h, &["--hostfwd", &fwd, "--ready-http", &url]);
+
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("{url} answered 200")), "{err}");
+    let bases: serde_json::Value = serde_json::from_str(&h.ok(&["list-base", "--json"])).unwrap();
+    assert_eq!(bases.as_array().map(Vec::len), Some(1), "{bases}");
+    assert!(!out.trim().is_empty());
+}
+
+#[test]
+fn base_ready_http_without_answer_times_out_with_last_error() {
+    if !require_qemu() {
+        return;
+    }
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Scratch::new();
+    let port = synth::vm::free_tcp_port().unwrap();
+    // Guest port 8081: nothing listens there.
+    let fwd = format!("tcp:127.0.0.1:{port}-:8081");
+    let url = format!("http://127.0.0.1:{port}/");
+
+    let (code, _, err) = guest_base_with(
+        &h,
+        &["--hostfwd", &fwd, "--ready-http", &url, "--timeout", "20"],
+    );
+
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{url}: no HTTP 200 within 20s")),
+        "{err}"
+    );
+    assert_eq!(h.ok(&["list-base", "--json"]).trim(), "[]");
 }

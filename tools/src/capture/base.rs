@@ -1,15 +1,15 @@
 //! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
-//! guest is ready (a serial marker, the guest agent answering, or the user), save the device
+//! guest is ready (a serial marker, the guest agent answering, an HTTP 200, or the user), save the device
 //! state and register disk + memory + device state + launch config as a base.
 
 use super::CaptureError;
-use crate::session::{wait_agent, wait_marker, RunDir, SessionError};
+use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError};
 use crate::Reporter;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use synth::base::{Device, LaunchConfig};
 use synth::registry::{AddBase, Base, Registry};
-use synth::vm::{Accel, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
 
 /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
 ///
@@ -47,6 +47,14 @@ pub struct BaseArgs {
     /// Capture once the guest agent answers guest-ping (after --ready, if both are given).
     #[arg(long, requires = "guest_agent")]
     pub ready_agent: bool,
+    /// Capture once this URL answers HTTP 200 (a guest port reached through --hostfwd; after
+    /// --ready and --ready-agent).
+    #[arg(long, value_name = "http://HOST:PORT/PATH")]
+    pub ready_http: Option<String>,
+    /// Forward a host port to the guest while it boots (for --ready-http; not recorded in
+    /// the base): tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
+    #[arg(long)]
+    pub hostfwd: Vec<HostFwd>,
     /// How long to wait for each --ready*, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
@@ -81,6 +89,11 @@ pub fn make_base(
     args: &BaseArgs,
     reporter: &dyn Reporter,
 ) -> Result<Base, CaptureError> {
+    if let Some(url) = &args.ready_http {
+        if !url.starts_with("http://") {
+            return Err(CaptureError::ReadyUrl(url.clone()));
+        }
+    }
     let stop = cloudletfs::cli::interrupt_flag().map_err(SessionError::Signals)?;
     let registry = Registry::open(home)?;
     let run = RunDir::new(home, "base")?;
@@ -122,7 +135,7 @@ pub fn make_base(
     let options = LaunchOptions {
         memory: MemoryMode::Capture,
         incoming: false,
-        hostfwd: Vec::new(),
+        hostfwd: args.hostfwd.clone(),
         accel: Accel::detect()?,
         vnc: args.vnc.clone(),
     };
@@ -147,7 +160,11 @@ pub fn make_base(
             t.as_secs_f64()
         ));
     }
-    if args.ready.is_none() && !args.ready_agent {
+    if let Some(url) = &args.ready_http {
+        wait_http_ok(url, timeout, &stop)?;
+        reporter.note(&format!("{url} answered 200"));
+    }
+    if args.ready.is_none() && !args.ready_agent && args.ready_http.is_none() {
         let how = match &args.vnc {
             Some(addr) => format!("on VNC display {addr}"),
             None => format!("(serial console log: {})", qemu.serial_log().display()),
