@@ -1,6 +1,6 @@
 //! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
-//! guest is ready (a serial marker, the guest agent answering, an HTTP 200, or the user), save the device
-//! state and register disk + memory + device state + launch config as a base.
+//! guest is ready (a serial marker, the guest agent answering, an HTTP 200, or the user), save
+//! the device state and register disk + memory + device state + launch config as a base.
 
 use super::CaptureError;
 use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError};

@@ -41,7 +41,10 @@ pub enum CaptureError {
         source: std::io::Error,
     },
     /// A customization command exited with a non-zero status in the guest.
-    #[error("Customization command {line:?} failed in the guest (exit status {rc}); its output:\n{}", tail(.output))]
+    #[error(
+        "Customization command {line:?} failed in the guest (exit status {rc}); its output:\n{}",
+        tail(.output)
+    )]
     CommandFailed {
         /// The command.
         line: String,

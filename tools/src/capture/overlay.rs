@@ -27,8 +27,9 @@ pub(crate) const MAX_ORDER: usize = 1 << 20;
 ///
 /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
 /// traced); after the customization (files copied and a script run over the serial console
-/// or the guest agent, or by hand until Enter) the device state is saved and the overlay built from the traces: disk
-/// chunks written or discarded, memory chunks written back, stored in first-touch order.
+/// or the guest agent, or by hand until Enter) the device state is saved and the overlay
+/// built from the traces: disk chunks written or discarded, memory chunks written back,
+/// stored in first-touch order.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OverlayArgs {
     /// Base id (or unique prefix, or name).
@@ -37,8 +38,8 @@ pub struct OverlayArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Commands to run in the guest, one per line (empty lines and `#` comments skipped),
-    /// each in its own `sh` (a `cd` or `export` does not carry over); without it (and
-    /// without --copy), customize by hand and press Enter.
+    /// each in its own `sh` (a `cd` or `export` does not carry over); without it, --copy
+    /// or a --ready*, customize by hand and press Enter.
     #[arg(long, value_name = "SCRIPT")]
     pub run: Option<PathBuf>,
     /// How --run reaches the guest: the shell on its serial console (any POSIX shell,
@@ -202,7 +203,8 @@ fn flush(path: &Path) -> Result<(), CaptureError> {
 
 /// Resumes the base VM under cloudletfs (copy-on-write, traced), lets a script or the user
 /// customize it (`--copy` files first, then `--run` commands one by one, each ended by its
-/// exit status or `--cmd-timeout`), captures the device state and builds the overlay from the traces.
+/// exit status or `--cmd-timeout`), captures the device state and builds the overlay from
+/// the traces.
 pub fn make_overlay(
     home: &Path,
     threads: usize,
