@@ -9,6 +9,7 @@
 //! | [`EXIT_USAGE`] | bad arguments, or an option this build cannot honour |
 //! | [`EXIT_INVALID`] | input refused as invalid, corrupt or made for another base |
 //! | [`EXIT_NOT_FOUND`] | the thing named does not exist (a server session) |
+//! | [`EXIT_GUEST_COMMAND`] | a customization command in the guest failed or timed out |
 
 use crate::MountError;
 use std::error::Error;
@@ -30,6 +31,9 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_INVALID: u8 = 3;
 /// Exit code: the thing named does not exist (a session, for `close-session`).
 pub const EXIT_NOT_FOUND: u8 = 4;
+/// Exit code: a customization command (`cloudlet overlay --run`) exited with a non-zero
+/// status or did not finish within its timeout.
+pub const EXIT_GUEST_COMMAND: u8 = 5;
 
 /// A child daemon failed and has already told the user why on stderr: the parent exits with
 /// the child's code and prints nothing more.

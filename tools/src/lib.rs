@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use synth::protocol::{ProtoError, RefuseReason};
 
 pub use cloudletfs::cli::{
-    interrupt_flag, DaemonFailed, EXIT_ERROR, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE,
+    interrupt_flag, DaemonFailed, EXIT_ERROR, EXIT_GUEST_COMMAND, EXIT_INVALID, EXIT_NOT_FOUND,
+    EXIT_OK, EXIT_USAGE,
 };
 
 /// How long work tells whoever runs it how it is going.
@@ -47,6 +48,12 @@ pub trait Reporter: Sync {
     /// Starts showing the progress of work of `total` bytes labelled `label`; the work counts
     /// the bytes it has done into [`Progress::counter`]; the display ends when it is dropped.
     fn progress(&self, label: &str, total: u64) -> Box<dyn Progress>;
+
+    /// Output of a command running in a guest (`cloudlet overlay --run`), as it arrives:
+    /// raw bytes, not split at lines.
+    fn guest_output(&self, bytes: &[u8]) {
+        log::debug!("guest: {}", String::from_utf8_lossy(bytes));
+    }
 
     /// Waits until the user says to go on (Enter on a terminal), giving up when `stop` is set;
     /// `prompt` says what to do first. Without a user this fails at once.
@@ -112,6 +119,18 @@ pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     let mut chain = std::iter::successors(Some(e), |&c| c.source());
     if chain.any(|c| matches!(as_proto(c), Some(ProtoError::Refused(r)) if refused_as_invalid(r))) {
         return EXIT_INVALID;
+    }
+    let mut chain = std::iter::successors(Some(e), |&c| c.source());
+    if chain.any(|c| {
+        matches!(
+            c.downcast_ref::<capture::CaptureError>(),
+            Some(
+                capture::CaptureError::CommandFailed { .. }
+                    | capture::CaptureError::CommandTimedOut { .. }
+            )
+        )
+    }) {
+        return EXIT_GUEST_COMMAND;
     }
     cloudletfs::cli::exit_code(e)
 }

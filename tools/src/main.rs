@@ -34,9 +34,10 @@ enum Command {
     /// Customize a base VM and capture the changes as an overlay.
     ///
     /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
-    /// traced); after the customization (a script typed on the serial console, or by hand
-    /// until Enter) the device state is saved and the overlay built from the traces: disk
-    /// chunks written or discarded, memory chunks written back, stored in first-touch order.
+    /// traced); after the customization (files copied and a script run over the serial console
+    /// or the guest agent, or by hand until Enter) the device state is saved and the overlay
+    /// built from the traces: disk chunks written or discarded, memory chunks written back,
+    /// stored in first-touch order.
     Overlay(cloudlet_tools::capture::OverlayArgs),
     /// Synthesize a VM: mount base + overlay with cloudletfs and resume it on QEMU.
     ///

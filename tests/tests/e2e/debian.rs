@@ -1,15 +1,18 @@
 //! The stock Debian bookworm guest (`tools/guest/build-debian.sh`, built and cached on first
-//! use) on real QEMU through `synth::vm`: it boots with direct kernel boot and with its own
-//! bootloader, reaches root's autologin prompt on the serial console, and answers commands
-//! typed there. Commands are framed ad hoc: `echo BEGIN$((6*7)); CMD; echo END$((6*7)) rc=$?`
-//! prints `BEGIN42` … `END42 rc=N`, which the echo of the typed line never contains.
-//! The cached image is never written: every boot here runs with QEMU's `-snapshot`.
-//! One QEMU at a time: every test here holds `VM_LOCK`.
+//! use) on real QEMU: through `synth::vm` it boots with direct kernel boot and with its own
+//! bootloader, reaches root's autologin prompt on the serial console, answers commands typed
+//! at its bash there (synth's framed `Shell`) and through qemu-guest-agent; through the real
+//! `cloudlet` binary it goes base → overlay over the serial console → overlay over the agent
+//! → synthesis, and the service installed by the customization answers from the host.
+//! The cached image is never written: the `synth::vm` boots run with QEMU's `-snapshot`,
+//! `cloudlet base` copies it. One QEMU at a time: every test here holds `VM_LOCK`.
 
-use cloudlet_e2e::{debian_guest, require_qemu, DebianGuest};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use cloudlet_e2e::{
+    debian_guest, http_get, require_fuse, require_qemu, try_http_get, workspace_bin, DebianGuest,
+    Scratch,
+};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use synth::base::{Device, LaunchConfig};
@@ -42,8 +45,8 @@ fn stamp(disk: &Path) -> (u64, SystemTime) {
     (m.len(), m.modified().unwrap())
 }
 
-/// Boots `guest` with `extra` QEMU arguments (after `-snapshot`) and waits for root's prompt.
-fn boot(guest: &DebianGuest, how: Boot, extra: &[String]) -> Booted {
+/// Boots `guest` (with the guest agent's channel if `agent`) and waits for root's prompt.
+fn boot(guest: &DebianGuest, how: Boot, agent: bool) -> Booted {
     let dir = tempfile::tempdir().unwrap();
     let (kernel, initrd, append) = match how {
         Boot::DirectKernel => (
@@ -54,15 +57,17 @@ fn boot(guest: &DebianGuest, how: Boot, extra: &[String]) -> Booted {
         Boot::OwnBootloader => (None, None, None),
     };
     let name = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let mut extra_args = vec!["-snapshot".to_owned()];
-    extra_args.extend_from_slice(extra);
+    let mut devices = vec![Device::VirtioBlk { discard: true }, Device::VirtioNet];
+    if agent {
+        devices.push(Device::GuestAgent);
+    }
     let config = LaunchConfig {
         memory_mb: guest.memory_mb,
-        devices: vec![Device::VirtioBlk { discard: true }, Device::VirtioNet],
+        devices,
         kernel: name(&kernel),
         initrd: name(&initrd),
         append,
-        extra_args,
+        extra_args: vec!["-snapshot".to_owned()],
         ..LaunchConfig::default()
     };
     let paths = VmPaths {
@@ -87,36 +92,11 @@ fn boot(guest: &DebianGuest, how: Boot, extra: &[String]) -> Booted {
     Booted { vm, _dir: dir }
 }
 
-/// Runs `cmd` in root's shell on the serial console; returns its output and exit status.
+/// Runs `cmd` at root's bash on the serial console (synth's framed shell); its output
+/// (trailing whitespace removed) and exit status.
 fn shell(vm: &mut Vm, cmd: &str) -> (String, i32) {
-    let log = vm.args().serial_log().to_owned();
-    let start = usize::try_from(std::fs::metadata(&log).unwrap().len()).unwrap();
-    vm.serial_send(&format!(
-        "echo BEGIN$((6*7)); {cmd}; echo END$((6*7)) rc=$?"
-    ))
-    .unwrap();
-    let deadline = Instant::now() + CMD_TIMEOUT;
-    loop {
-        let bytes = std::fs::read(&log).unwrap();
-        let text = String::from_utf8_lossy(&bytes[start.min(bytes.len())..]).replace('\r', "");
-        if let Some(framed) = framed_output(&text) {
-            return framed;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no END42 for {cmd:?} within {CMD_TIMEOUT:?}; the console said:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The output between `BEGIN42` and a complete `END42 rc=N` line, and N.
-fn framed_output(text: &str) -> Option<(String, i32)> {
-    let begin = text.find("BEGIN42\n")? + "BEGIN42\n".len();
-    let end = begin + text[begin..].find("END42 rc=")?;
-    let rest = &text[end + "END42 rc=".len()..];
-    let line = &rest[..rest.find('\n')?];
-    Some((text[begin..end].trim_end().to_owned(), line.parse().ok()?))
+    let out = vm.run_serial_command(cmd, CMD_TIMEOUT).unwrap();
+    (out.output.trim_end().to_owned(), out.rc)
 }
 
 /// [`shell`], asserting that `cmd` succeeded; its output.
@@ -124,21 +104,6 @@ fn shell_ok(vm: &mut Vm, cmd: &str) -> String {
     let (out, rc) = shell(vm, cmd);
     assert_eq!(rc, 0, "{cmd:?} failed with {rc}:\n{out}");
     out
-}
-
-#[test]
-fn framed_output_complete_frame_returns_output_and_status() {
-    let text = "echo BEGIN$((6*7)); false; echo END$((6*7)) rc=$?\nBEGIN42\nhi\nEND42 rc=1\n";
-    assert_eq!(framed_output(text), Some(("hi".to_owned(), 1)));
-}
-
-#[test]
-fn framed_output_typed_line_only_is_not_a_frame() {
-    assert_eq!(
-        framed_output("echo BEGIN$((6*7)); true; echo END$((6*7)) rc=$?\nBEGIN42\n"),
-        None
-    );
-    assert_eq!(framed_output("BEGIN42\nEND42 rc=0"), None);
 }
 
 #[test]
@@ -150,7 +115,7 @@ fn debian_direct_kernel_boot_reaches_prompt_with_systemd_and_agent_unit() {
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let before = stamp(&guest.disk());
 
-    let mut b = boot(&guest, Boot::DirectKernel, &[]);
+    let mut b = boot(&guest, Boot::DirectKernel, false);
 
     assert_eq!(shell_ok(&mut b.vm, "cat /proc/1/comm"), "systemd");
     assert_eq!(
@@ -184,73 +149,6 @@ fn debian_direct_kernel_boot_reaches_prompt_with_systemd_and_agent_unit() {
     assert_eq!(stamp(&guest.disk()), before, "the cached image was written");
 }
 
-/// A session with qemu-guest-agent over its virtio-serial port (QEMU's chardev socket).
-struct Agent {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Agent {
-    /// Connects and synchronizes (`guest-sync` with a fresh id, sent again until the agent
-    /// answers with that id), waiting until `deadline`: the agent starts when udev sees its
-    /// port, and bytes sent before that may be lost or answered late.
-    fn connect(sock: &Path, deadline: Instant) -> Agent {
-        let writer = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(e) => assert!(Instant::now() < deadline, "connect {}: {e}", sock.display()),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        writer
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let mut agent = Agent {
-            reader: BufReader::new(writer.try_clone().unwrap()),
-            writer,
-        };
-        let id = u64::from(std::process::id());
-        let sync = format!(r#"{{"execute":"guest-sync","arguments":{{"id":{id}}}}}"#);
-        loop {
-            agent.send(&sync);
-            // Read until our id comes back or the line read times out; then send again.
-            while let Some(reply) = agent.read_reply() {
-                if reply["return"] == id {
-                    return agent;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the guest agent did not answer guest-sync"
-            );
-        }
-    }
-
-    fn send(&mut self, request: &str) {
-        self.writer.write_all(request.as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
-    }
-
-    /// The next JSON line, or `None` when nothing came within the read timeout.
-    fn read_reply(&mut self) -> Option<serde_json::Value> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(n) if n > 0 => Some(serde_json::from_str(&line).unwrap_or_default()),
-            _ => None,
-        }
-    }
-
-    /// Runs `request`; its `return` value.
-    fn call(&mut self, request: &str) -> serde_json::Value {
-        self.send(request);
-        let reply = self
-            .read_reply()
-            .unwrap_or_else(|| panic!("no reply to {request}"));
-        assert!(reply.get("return").is_some(), "{request}: {reply}");
-        reply["return"].clone()
-    }
-}
-
 #[test]
 fn debian_own_bootloader_boots_and_guest_agent_answers() {
     if !require_qemu() {
@@ -258,29 +156,210 @@ fn debian_own_bootloader_boots_and_guest_agent_answers() {
     }
     let Some(guest) = debian_guest() else { return };
     let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let sock_dir = tempfile::tempdir().unwrap();
-    let sock = sock_dir.path().join("qga.sock");
-    let agent = vec![
-        "-device".to_owned(),
-        "virtio-serial-pci".to_owned(),
-        "-chardev".to_owned(),
-        format!("socket,id=qga0,path={},server=on,wait=off", sock.display()),
-        "-device".to_owned(),
-        format!("virtserialport,chardev=qga0,name={}", guest.agent_port),
-    ];
+    assert_eq!(guest.agent_port, synth::vm::AGENT_CHANNEL);
 
-    let mut b = boot(&guest, Boot::OwnBootloader, &agent);
+    let mut b = boot(&guest, Boot::OwnBootloader, true);
 
     // GRUB, not QEMU, loaded the kernel: it passes BOOT_IMAGE.
     let cmdline = shell_ok(&mut b.vm, "cat /proc/cmdline");
     assert!(cmdline.starts_with("BOOT_IMAGE=/vmlinuz "), "{cmdline}");
     assert!(cmdline.contains(&guest.cmdline), "{cmdline}");
-    let mut agent = Agent::connect(&sock, Instant::now() + CMD_TIMEOUT);
-    let host = agent.call(r#"{"execute":"guest-get-host-name"}"#);
+    b.vm.wait_agent(CMD_TIMEOUT).unwrap();
+    let host =
+        b.vm.agent(CMD_TIMEOUT)
+            .unwrap()
+            .execute("guest-get-host-name", serde_json::Value::Null, CMD_TIMEOUT)
+            .unwrap();
     assert_eq!(host["host-name"], "cloudlet-debian");
     assert_eq!(
         shell_ok(&mut b.vm, "systemctl is-active qemu-guest-agent.service"),
         "active"
     );
     b.vm.quit().unwrap();
+}
+
+/// The customization typed at root's bash on the serial console: a page, a web server started
+/// as a transient systemd unit, and the page fetched inside the guest once it answers.
+const SERIAL_SCRIPT: &str = r#"
+# Comments and empty lines are skipped.
+mkdir -p /srv/www
+echo serial-made-$((6*7)) > /srv/www/index.txt
+systemd-run --unit=cloudlet-www python3 -m http.server 8001 --directory /srv/www
+for i in $(seq 200); do python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8001/index.txt").read().decode().strip())' 2>/dev/null && exit 0; sleep 0.3; done; exit 1
+sync
+"#;
+
+/// A Flask service serving `/srv/page.txt` at `/page` on guest port 8000.
+const FLASK_APP: &str = r#"from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.get("/page")
+def page():
+    with open("/srv/page.txt") as f:
+        return f.read()
+
+
+app.run(host="0.0.0.0", port=8000)
+"#;
+
+const FLASK_UNIT: &str = "\
+[Unit]
+Description=cloudlet test page
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 /srv/app.py
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// The customization run by the guest agent, after the files above were copied in.
+const AGENT_SCRIPT: &str = "\
+systemctl daemon-reload
+systemctl enable --now cloudlet-web.service
+systemctl is-active cloudlet-web.service
+sync
+";
+
+/// A `cloudlet synthesis` process, stopped with SIGTERM (and reaped) on drop.
+struct Synthesis(Child);
+
+impl Drop for Synthesis {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cloudlet ARGS`, prints how long it took; (exit code, stdout, stderr).
+fn timed(h: &Scratch, what: &str, args: &[&str]) -> (i32, String, String) {
+    let start = Instant::now();
+    let r = cloudlet_e2e::cloudlet(&h.home(), args);
+    eprintln!(
+        "{what}: {:.1}s (exit {})",
+        start.elapsed().as_secs_f64(),
+        r.0
+    );
+    r
+}
+
+#[test]
+fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let Some(guest) = debian_guest() else { return };
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Scratch::new();
+    let page = format!("agent-made-{}\n", std::process::id());
+    let files = [
+        ("serial.sh", SERIAL_SCRIPT),
+        ("agent.sh", AGENT_SCRIPT),
+        ("app.py", FLASK_APP),
+        ("cloudlet-web.service", FLASK_UNIT),
+        ("page.txt", page.as_str()),
+    ];
+    for (name, text) in files {
+        std::fs::write(h.p(name), text).unwrap();
+    }
+    let memory = guest.memory_mb.to_string();
+    let disk = guest.disk().display().to_string();
+
+    // Arrange: a base booted by the image's own bootloader, captured at root's prompt once
+    // the agent answers.
+    let (code, base, err) = timed(
+        &h,
+        "cloudlet base",
+        &[
+            "base",
+            &disk,
+            "--memory-mb",
+            &memory,
+            "--guest-agent",
+            "--ready",
+            &guest.ready_prompt,
+            "--ready-agent",
+            "--name",
+            "debian",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let base = base.trim().to_owned();
+    let fast = ["--codec", "zstd", "--level", "3", "--json"];
+
+    // Act 1: customize over the serial console.
+    let (serial_out, serial_sh) = (h.p("serial.overlay"), h.p("serial.sh"));
+    let mut args = vec!["overlay", &base, "-o", &serial_out, "--run", &serial_sh];
+    args.extend_from_slice(&["--channel", "serial"]);
+    args.extend_from_slice(&fast);
+    let (code, out, err) = timed(&h, "cloudlet overlay --channel serial", &args);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["channel"], "serial", "{report}");
+    assert_eq!(report["commands_run"], 5, "{report}");
+    // The guest fetched its own page; the output streamed to cloudlet's stderr.
+    assert!(err.contains("serial-made-42\n"), "{err}");
+
+    // Act 2: customize the same base again, through the agent, with copied files.
+    let copy = |local: &str, guest_path: &str| format!("{}:{guest_path}", h.p(local));
+    let copies = [
+        copy("app.py", "/srv/app.py"),
+        copy("page.txt", "/srv/page.txt"),
+        copy(
+            "cloudlet-web.service",
+            "/etc/systemd/system/cloudlet-web.service",
+        ),
+    ];
+    let port = synth::vm::free_tcp_port().unwrap();
+    let fwd = format!("tcp:127.0.0.1:{port}-:8000");
+    let ready = format!("http://127.0.0.1:{port}/page");
+    let (agent_out, agent_sh) = (h.p("agent.overlay"), h.p("agent.sh"));
+    let mut args = vec!["overlay", &base, "-o", &agent_out, "--run", &agent_sh];
+    args.extend_from_slice(&[
+        "--channel",
+        "agent",
+        "--hostfwd",
+        &fwd,
+        "--ready-http",
+        &ready,
+    ]);
+    for c in &copies {
+        args.extend_from_slice(&["--copy", c]);
+    }
+    args.extend_from_slice(&fast);
+    let (code, out, err) = timed(&h, "cloudlet overlay --channel agent", &args);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["channel"], "agent", "{report}");
+    assert_eq!(report["files_copied"], 3, "{report}");
+    assert!(err.contains("active\n"), "{err}");
+
+    // Act 3: synthesize the agent's overlay with early start.
+    let port = synth::vm::free_tcp_port().unwrap();
+    let start = Instant::now();
+    let _syn = Synthesis(
+        Command::new(workspace_bin("cloudlet"))
+            .env("CLOUDLET_HOME", h.home())
+            .args(["synthesis", &base, &agent_out, "--early-start"])
+            .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8000")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let body = http_get(port, "/page", BOOT_TIMEOUT);
+    eprintln!(
+        "synthesis: first answer after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // Assert: the page the test chose, served by the service the customization installed.
+    assert_eq!(body, page);
+    assert!(try_http_get(port, "/nothing-here").is_err());
 }

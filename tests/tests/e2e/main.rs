@@ -9,6 +9,7 @@
 
 mod cli;
 mod confinement;
+mod customize;
 mod debian;
 mod discovery;
 mod format_errors;

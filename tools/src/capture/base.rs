@@ -1,15 +1,15 @@
 //! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
-//! guest is ready, save the device state and register disk + memory + device state + launch
-//! config as a base.
+//! guest is ready (a serial marker, the guest agent answering, an HTTP 200, or the user), save
+//! the device state and register disk + memory + device state + launch config as a base.
 
 use super::CaptureError;
-use crate::session::{wait_marker, RunDir, SessionError};
+use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError};
 use crate::Reporter;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use synth::base::{Device, LaunchConfig};
 use synth::registry::{AddBase, Base, Registry};
-use synth::vm::{Accel, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
 
 /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
 ///
@@ -40,10 +40,22 @@ pub struct BaseArgs {
     /// Kernel command line.
     #[arg(long, requires = "kernel")]
     pub append: Option<String>,
-    /// Capture once the guest prints this on its serial console (else: wait for Enter).
+    /// Capture once the guest prints this on its serial console (without any --ready*:
+    /// wait for Enter).
     #[arg(long, value_name = "MARKER")]
     pub ready: Option<String>,
-    /// How long to wait for --ready, in seconds.
+    /// Capture once the guest agent answers guest-ping (after --ready, if both are given).
+    #[arg(long, requires = "guest_agent")]
+    pub ready_agent: bool,
+    /// Capture once this URL answers HTTP 200 (a guest port reached through --hostfwd; after
+    /// --ready and --ready-agent).
+    #[arg(long, value_name = "http://HOST:PORT/PATH")]
+    pub ready_http: Option<String>,
+    /// Forward a host port to the guest while it boots (for --ready-http; not recorded in
+    /// the base): tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
+    #[arg(long)]
+    pub hostfwd: Vec<HostFwd>,
+    /// How long to wait for each --ready*, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Show the guest on a VNC display (e.g. 127.0.0.1:1) to prepare it by hand.
@@ -53,6 +65,11 @@ pub struct BaseArgs {
     /// image while the base boots).
     #[arg(long)]
     pub balloon: bool,
+    /// Give the guest the QEMU guest agent's virtio-serial channel (org.qemu.guest_agent.0),
+    /// recorded in the launch config: `cloudlet overlay` then runs commands and copies files
+    /// through the agent if the guest runs qemu-guest-agent.
+    #[arg(long)]
+    pub guest_agent: bool,
     /// Name of the base.
     #[arg(long)]
     pub name: Option<String>,
@@ -72,6 +89,11 @@ pub fn make_base(
     args: &BaseArgs,
     reporter: &dyn Reporter,
 ) -> Result<Base, CaptureError> {
+    if let Some(url) = &args.ready_http {
+        if !url.starts_with("http://") {
+            return Err(CaptureError::ReadyUrl(url.clone()));
+        }
+    }
     let stop = cloudletfs::cli::interrupt_flag().map_err(SessionError::Signals)?;
     let registry = Registry::open(home)?;
     let run = RunDir::new(home, "base")?;
@@ -88,6 +110,9 @@ pub fn make_base(
         devices.push(Device::VirtioBalloon {
             free_page_reporting: true,
         });
+    }
+    if args.guest_agent {
+        devices.push(Device::GuestAgent);
     }
     let config = LaunchConfig {
         machine: args.machine.clone(),
@@ -110,7 +135,7 @@ pub fn make_base(
     let options = LaunchOptions {
         memory: MemoryMode::Capture,
         incoming: false,
-        hostfwd: Vec::new(),
+        hostfwd: args.hostfwd.clone(),
         accel: Accel::detect()?,
         vnc: args.vnc.clone(),
     };
@@ -120,21 +145,34 @@ pub fn make_base(
         "booting (serial console log: {})",
         qemu.serial_log().display()
     ));
-    match &args.ready {
-        Some(marker) => {
-            let t = wait_marker(&mut vm, marker, Duration::from_secs(args.timeout), &stop)?;
-            reporter.note(&format!("guest ready after {:.1}s", t.as_secs_f64()));
-        }
-        None => {
-            let how = match &args.vnc {
-                Some(addr) => format!("on VNC display {addr}"),
-                None => format!("(serial console log: {})", qemu.serial_log().display()),
-            };
-            reporter.wait_for_user(
-                &format!("Prepare the guest {how}, then press Enter to capture it."),
-                &stop,
-            )?;
-        }
+    let timeout = Duration::from_secs(args.timeout);
+    if let Some(marker) = &args.ready {
+        let t = wait_marker(&mut vm, marker, timeout, &stop)?;
+        reporter.note(&format!(
+            "guest printed {marker:?} after {:.1}s",
+            t.as_secs_f64()
+        ));
+    }
+    if args.ready_agent {
+        let t = wait_agent(&mut vm, timeout, &stop)?;
+        reporter.note(&format!(
+            "guest agent answered after {:.1}s",
+            t.as_secs_f64()
+        ));
+    }
+    if let Some(url) = &args.ready_http {
+        wait_http_ok(url, timeout, &stop)?;
+        reporter.note(&format!("{url} answered 200"));
+    }
+    if args.ready.is_none() && !args.ready_agent && args.ready_http.is_none() {
+        let how = match &args.vnc {
+            Some(addr) => format!("on VNC display {addr}"),
+            None => format!("(serial console log: {})", qemu.serial_log().display()),
+        };
+        reporter.wait_for_user(
+            &format!("Prepare the guest {how}, then press Enter to capture it."),
+            &stop,
+        )?;
     }
     let ds = run.join("device-state");
     let t = vm.save_device_state(&ds)?;

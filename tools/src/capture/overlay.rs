@@ -3,17 +3,21 @@
 
 use super::{profile, CaptureError};
 use crate::session::resume::{base_paths, mount_vm};
-use crate::session::{wait_marker, RunDir, SessionError, WaitError};
+use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError, WaitError};
 use crate::Reporter;
 use cloudletfs::{OverlaySource, Trace};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use synth::base::Device;
 use synth::codec::Codec;
 use synth::create::{CreateOptions, CustomImages};
 use synth::registry::Registry;
-use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm};
+use synth::vm::{
+    Accel, AgentError, CommandChannel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, ShellError,
+    Vm, VmError,
+};
 use synth::ImageKind;
 
 /// Chunks of the working set recorded for segment ordering, at most.
@@ -22,9 +26,10 @@ pub(crate) const MAX_ORDER: usize = 1 << 20;
 /// Customize a base VM and capture the changes as an overlay.
 ///
 /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
-/// traced); after the customization (a script typed on the serial console, or by hand
-/// until Enter) the device state is saved and the overlay built from the traces: disk
-/// chunks written or discarded, memory chunks written back, stored in first-touch order.
+/// traced); after the customization (files copied and a script run over the serial console
+/// or the guest agent, or by hand until Enter) the device state is saved and the overlay
+/// built from the traces: disk chunks written or discarded, memory chunks written back,
+/// stored in first-touch order.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OverlayArgs {
     /// Base id (or unique prefix, or name).
@@ -32,14 +37,38 @@ pub struct OverlayArgs {
     /// Overlay file to write.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Commands to run on the guest's serial console, one per line (needs the guest's
-    /// command loop, as in tools/guest); without it, customize by hand and press Enter.
+    /// Commands to run in the guest, one per line (empty lines and `#` comments skipped),
+    /// each in its own `sh` (a `cd` or `export` does not carry over); without it, --copy
+    /// or a --ready*, customize by hand and press Enter.
     #[arg(long, value_name = "SCRIPT")]
     pub run: Option<PathBuf>,
-    /// Capture once the guest prints this on its serial console.
+    /// How --run reaches the guest: the shell on its serial console (any POSIX shell,
+    /// logged in), the QEMU guest agent (the base needs `cloudlet base --guest-agent`), or
+    /// auto: the agent if the base has its channel, else the serial console.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub channel: Channel,
+    /// Seconds each --run command and each --copy may take; a command still running then
+    /// is interrupted and the run stops.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub cmd_timeout: u64,
+    /// Go on after a --run command exits with a non-zero status (the failures are listed
+    /// at the end); by default the first failure stops the run.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Copy a local file into the guest before --run, through the guest agent (permissions
+    /// kept): LOCAL:GUESTPATH with GUESTPATH absolute. Repeatable.
+    #[arg(long, value_name = "LOCAL:GUESTPATH")]
+    pub copy: Vec<CopySpec>,
+    /// Capture once the guest prints this on its serial console (after --run).
     #[arg(long, value_name = "MARKER")]
     pub ready: Option<String>,
-    /// Seconds allowed for each command and for --ready.
+    /// Capture once the guest agent answers guest-ping (after --run).
+    #[arg(long)]
+    pub ready_agent: bool,
+    /// Capture once this URL (reached through --hostfwd) answers HTTP 200 (after --run).
+    #[arg(long, value_name = "http://HOST:PORT/PATH")]
+    pub ready_http: Option<String>,
+    /// Seconds allowed for each --ready* wait.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Forward a host port to the guest: tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
@@ -71,6 +100,52 @@ pub struct OverlayArgs {
     pub json: bool,
 }
 
+/// How `cloudlet overlay --run` reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Channel {
+    /// The guest agent if the base's launch config has its channel, else the serial console.
+    Auto,
+    /// The shell on the serial console.
+    Serial,
+    /// The QEMU guest agent (`guest-exec`).
+    Agent,
+}
+
+/// A `--copy LOCAL:GUESTPATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySpec {
+    /// The local file.
+    pub local: PathBuf,
+    /// Where it goes in the guest (absolute).
+    pub guest: String,
+}
+
+impl std::str::FromStr for CopySpec {
+    type Err = String;
+
+    /// Splits at the first `:/` (the guest path is absolute; the local one may hold `:`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.find(":/") {
+            Some(i) if i > 0 => Ok(CopySpec {
+                local: PathBuf::from(&s[..i]),
+                guest: s[i + 1..].to_owned(),
+            }),
+            _ => Err(format!(
+                "expected LOCAL:GUESTPATH with an absolute GUESTPATH, got {s:?}"
+            )),
+        }
+    }
+}
+
+/// A `--run` command that exited with a non-zero status (with `--keep-going`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedCommand {
+    /// The command.
+    pub line: String,
+    /// Its exit status.
+    pub rc: i32,
+}
+
 /// What `cloudlet overlay` did.
 #[derive(Debug, Serialize)]
 pub struct OverlayReport {
@@ -84,6 +159,15 @@ pub struct OverlayReport {
     pub disk_discarded: u64,
     /// Memory chunks examined.
     pub memory_candidates: u64,
+    /// The channel `--run` used ("serial" or "agent"), if there was a script.
+    pub channel: Option<&'static str>,
+    /// `--run` commands run.
+    pub commands_run: u64,
+    /// Those that exited with a non-zero status (only with `--keep-going`; otherwise the
+    /// first one is an error).
+    pub commands_failed: Vec<FailedCommand>,
+    /// Files copied into the guest with `--copy`.
+    pub files_copied: u64,
     /// Chunks (disk and memory, base ones included) touched while customizing.
     pub customization_accessed_chunks: u64,
     /// Chunks stored first, in first-touch order, as the working set.
@@ -118,7 +202,9 @@ fn flush(path: &Path) -> Result<(), CaptureError> {
 }
 
 /// Resumes the base VM under cloudletfs (copy-on-write, traced), lets a script or the user
-/// customize it, captures the device state and builds the overlay from the traces.
+/// customize it (`--copy` files first, then `--run` commands one by one, each ended by its
+/// exit status or `--cmd-timeout`), captures the device state and builds the overlay from
+/// the traces.
 pub fn make_overlay(
     home: &Path,
     threads: usize,
@@ -130,10 +216,45 @@ pub fn make_overlay(
             return Err(CaptureError::ProfileUrl(url.clone()));
         }
     }
+    if let Some(url) = &args.ready_http {
+        if !url.starts_with("http://") {
+            return Err(CaptureError::ReadyUrl(url.clone()));
+        }
+    }
     let timeout = Duration::from_secs(args.timeout);
+    let cmd_timeout = Duration::from_secs(args.cmd_timeout);
     let stop = cloudletfs::cli::interrupt_flag().map_err(SessionError::Signals)?;
     let registry = Registry::open(home)?;
     let base = registry.get(&args.base)?;
+    // Everything that can be refused is refused before the VM starts.
+    let has_agent = base
+        .record
+        .config
+        .devices
+        .iter()
+        .any(|d| matches!(d, Device::GuestAgent));
+    let no_agent = |what| CaptureError::NoAgent {
+        what,
+        base: args.base.clone(),
+    };
+    if !has_agent {
+        if !args.copy.is_empty() {
+            return Err(no_agent("--copy"));
+        }
+        if args.ready_agent {
+            return Err(no_agent("--ready-agent"));
+        }
+        if args.run.is_some() && args.channel == Channel::Agent {
+            return Err(no_agent("--channel agent"));
+        }
+    }
+    let channel = args.run.as_ref().map(|_| match args.channel {
+        Channel::Serial => CommandChannel::Serial,
+        Channel::Agent => CommandChannel::Agent,
+        Channel::Auto if has_agent => CommandChannel::Agent,
+        Channel::Auto => CommandChannel::Serial,
+    });
+    let commands = args.run.as_deref().map(read_script).transpose()?;
     let run = RunDir::new(home, "overlay")?;
     let empty = run.join("base.overlay");
     synth::create::empty_overlay(&base, &empty)?;
@@ -160,42 +281,49 @@ pub fn make_overlay(
         "base VM resumed in {resume_seconds:.2}s (serial log: {})",
         qemu.serial_log().display()
     ));
-    if let Some(script) = &args.run {
-        let text = std::fs::read_to_string(script).map_err(|source| CaptureError::Io {
-            what: "Reading",
-            path: script.clone(),
-            source,
-        })?;
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            if stop.load(Ordering::Relaxed) {
-                return Err(WaitError::Interrupted.into());
-            }
-            reporter.note(&format!("guest$ {line}"));
-            let out = vm.run_serial_command(line, timeout)?;
-            if out.rc != 0 {
-                return Err(CaptureError::CommandFailed {
-                    line: line.to_owned(),
-                    rc: out.rc,
-                    output: out.output.trim().to_owned(),
-                });
-            }
+    let mut customized = Customized::default();
+    for c in &args.copy {
+        if stop.load(Ordering::Relaxed) {
+            return Err(WaitError::Interrupted.into());
         }
+        let bytes = copy_file(&mut vm, c, cmd_timeout)?;
+        reporter.note(&format!(
+            "copied {} to {} in the guest ({bytes} bytes)",
+            c.local.display(),
+            c.guest
+        ));
+        customized.files_copied += 1;
     }
-    match &args.ready {
-        Some(marker) => {
-            wait_marker(&mut vm, marker, timeout, &stop)?;
-        }
-        None if args.run.is_none() => {
-            reporter.wait_for_user(
-                "Customize the VM, then press Enter to capture the overlay.",
-                &stop,
-            )?;
-        }
-        None => {}
+    if let (Some(commands), Some(channel)) = (&commands, channel) {
+        run_commands(
+            &mut vm,
+            commands,
+            channel,
+            args,
+            &stop,
+            reporter,
+            &mut customized,
+        )?;
+    }
+    if let Some(marker) = &args.ready {
+        wait_marker(&mut vm, marker, timeout, &stop)?;
+    }
+    if args.ready_agent {
+        wait_agent(&mut vm, timeout, &stop)?;
+    }
+    if let Some(url) = &args.ready_http {
+        wait_http_ok(url, timeout, &stop)?;
+    }
+    let by_hand = args.run.is_none()
+        && args.copy.is_empty()
+        && args.ready.is_none()
+        && !args.ready_agent
+        && args.ready_http.is_none();
+    if by_hand {
+        reporter.wait_for_user(
+            "Customize the VM, then press Enter to capture the overlay.",
+            &stop,
+        )?;
     }
     let capture_start = Instant::now();
     let ds = run.join("device-state");
@@ -297,6 +425,10 @@ pub fn make_overlay(
     Ok(OverlayReport {
         overlay: args.output.clone(),
         overlay_bytes: stats.overlay_bytes,
+        channel: channel.map(channel_name),
+        commands_run: customized.commands_run,
+        commands_failed: customized.failed,
+        files_copied: customized.files_copied,
         disk_candidates: disk_chunks.len() as u64,
         disk_discarded: disk_discarded.len() as u64,
         memory_candidates: memory_chunks.map_or(base.record.memory_size / 4096, |m| m.len() as u64),
@@ -315,6 +447,138 @@ pub fn make_overlay(
     })
 }
 
+/// What the scripted customization did, for the report.
+#[derive(Debug, Default)]
+struct Customized {
+    commands_run: u64,
+    failed: Vec<FailedCommand>,
+    files_copied: u64,
+}
+
+/// The commands of a `--run` script: its lines, trimmed, without empty lines and comments.
+fn read_script(script: &Path) -> Result<Vec<String>, CaptureError> {
+    let text = std::fs::read_to_string(script).map_err(|source| CaptureError::Io {
+        what: "Reading",
+        path: script.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// How a channel is named in notes, errors and the report.
+fn channel_name(channel: CommandChannel) -> &'static str {
+    match channel {
+        CommandChannel::Serial => "serial",
+        CommandChannel::Agent => "agent",
+    }
+}
+
+/// Copies one `--copy` file into the guest through the agent, keeping its permission bits.
+fn copy_file(vm: &mut Vm, c: &CopySpec, timeout: Duration) -> Result<u64, CaptureError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&c.local)
+        .map_err(|source| CaptureError::Io {
+            what: "Reading",
+            path: c.local.clone(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o7777;
+    vm.copy_to_guest(&c.local, &c.guest, mode, timeout)
+        .map_err(|source| CaptureError::Copy {
+            local: c.local.clone(),
+            guest: c.guest.clone(),
+            source: Box::new(source),
+        })
+}
+
+/// Runs the `--run` commands one by one over `channel`, streaming their output to the
+/// reporter; the first non-zero exit stops the run unless `--keep-going`, a timeout always.
+fn run_commands(
+    vm: &mut Vm,
+    commands: &[String],
+    channel: CommandChannel,
+    args: &OverlayArgs,
+    stop: &AtomicBool,
+    reporter: &dyn Reporter,
+    done: &mut Customized,
+) -> Result<(), CaptureError> {
+    let timeout = Duration::from_secs(args.cmd_timeout);
+    let name = channel_name(channel);
+    reporter.note(&format!(
+        "running {} commands over the {name} channel",
+        commands.len()
+    ));
+    for line in commands {
+        if stop.load(Ordering::Relaxed) {
+            return Err(WaitError::Interrupted.into());
+        }
+        reporter.note(&format!("guest$ {line}"));
+        let out = vm
+            .run_command(channel, line, timeout, &mut |bytes| {
+                reporter.guest_output(bytes)
+            })
+            .map_err(|source| command_error(line, channel, timeout, source))?;
+        done.commands_run += 1;
+        if out.rc != 0 {
+            if !args.keep_going {
+                return Err(CaptureError::CommandFailed {
+                    line: line.clone(),
+                    rc: out.rc,
+                    output: out.output,
+                });
+            }
+            reporter.note(&format!(
+                "command {line:?} failed (exit status {}); going on (--keep-going)",
+                out.rc
+            ));
+            done.failed.push(FailedCommand {
+                line: line.clone(),
+                rc: out.rc,
+            });
+        }
+    }
+    if !done.failed.is_empty() {
+        reporter.note(&format!(
+            "{} of {} commands failed",
+            done.failed.len(),
+            commands.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A timeout of the command itself, or a failure of the channel.
+fn command_error(
+    line: &str,
+    channel: CommandChannel,
+    timeout: Duration,
+    source: VmError,
+) -> CaptureError {
+    match source {
+        VmError::Shell(ShellError::Timeout { .. })
+        | VmError::Agent(AgentError::ExecTimeout { .. }) => CaptureError::CommandTimedOut {
+            line: line.to_owned(),
+            timeout,
+            source: Box::new(source),
+        },
+        source => CaptureError::CommandChannel {
+            line: line.to_owned(),
+            channel: match channel {
+                CommandChannel::Serial => "serial console",
+                CommandChannel::Agent => "guest agent",
+            },
+            source: Box::new(source),
+        },
+    }
+}
+
 /// The overlay builder's options from the command line (the chunk lists come from traces).
 fn create_options(args: &OverlayArgs, threads: usize) -> CreateOptions {
     CreateOptions {
@@ -322,5 +586,44 @@ fn create_options(args: &OverlayArgs, threads: usize) -> CreateOptions {
         level: args.level.unwrap_or(args.codec.default_level()),
         threads,
         ..CreateOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_spec_splits_at_the_absolute_guest_path() {
+        let c: CopySpec = "dir/a:b.txt:/srv/x:y".parse().unwrap();
+        assert_eq!(c.local, PathBuf::from("dir/a:b.txt"));
+        assert_eq!(c.guest, "/srv/x:y");
+    }
+
+    #[test]
+    fn copy_spec_relative_guest_path_is_refused() {
+        assert!("a.txt:srv/x".parse::<CopySpec>().is_err());
+    }
+
+    #[test]
+    fn copy_spec_empty_local_path_is_refused() {
+        assert!(":/srv/x".parse::<CopySpec>().is_err());
+    }
+
+    #[test]
+    fn read_script_skips_empty_lines_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sh");
+        std::fs::write(&p, "# setup\n\n  echo a  \n#x\necho 'b # not a comment'\n").unwrap();
+        assert_eq!(
+            read_script(&p).unwrap(),
+            ["echo a", "echo 'b # not a comment'"]
+        );
+    }
+
+    #[test]
+    fn read_script_missing_file_names_it() {
+        let e = read_script(Path::new("/nonexistent/s.sh")).unwrap_err();
+        assert_eq!(e.to_string(), "Reading /nonexistent/s.sh failed");
     }
 }

@@ -52,6 +52,14 @@ impl cloudlet_tools::Reporter for Terminal {
         eprintln!("{text}");
     }
 
+    fn guest_output(&self, bytes: &[u8]) {
+        use std::io::Write;
+        // Best effort: a closed stderr must not stop the customization.
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(bytes);
+        let _ = err.flush();
+    }
+
     fn progress(&self, label: &str, total: u64) -> Box<dyn cloudlet_tools::Progress> {
         Box::new(progress::Bar::start(label, total))
     }

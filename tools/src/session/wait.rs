@@ -1,5 +1,5 @@
 //! Bounded waits that give up cleanly on SIGINT/SIGTERM: for a marker on a VM's serial
-//! console, and for an HTTP 200 from a guest's service.
+//! console, for the guest agent to answer, and for an HTTP 200 from a guest's service.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -7,6 +7,8 @@ use synth::vm::{Vm, VmError};
 
 /// How often a wait checks its stop flag.
 const TICK: Duration = Duration::from_millis(250);
+/// Bound on one attempt of [`wait_agent`] (connect, sync and ping).
+const AGENT_ATTEMPT: Duration = Duration::from_secs(2);
 /// Bound on one HTTP attempt of [`wait_http_ok`].
 const HTTP_ATTEMPT: Duration = Duration::from_secs(10);
 
@@ -25,6 +27,9 @@ pub enum WaitError {
         #[source]
         source: Box<VmError>,
     },
+    /// The guest agent did not answer (or the VM failed) in time.
+    #[error("Waiting for the guest agent to answer guest-ping failed")]
+    Agent(#[source] Box<VmError>),
     /// The URL did not answer 200 in time.
     #[error("{url}: no HTTP 200 within {timeout:?} (last: {last})")]
     NoHttpOk {
@@ -62,6 +67,34 @@ pub fn wait_marker(
                     marker: marker.to_owned(),
                     source: Box::new(source),
                 })
+            }
+        }
+    }
+}
+
+/// Waits until the guest agent answers `guest-ping`, up to `timeout`; returns the time since
+/// the VM started. Tries in short rounds, so that `stop` is heeded: an agent still starting
+/// in the guest answers a later round.
+pub fn wait_agent(
+    vm: &mut Vm,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<Duration, WaitError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let round = AGENT_ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
+        match vm.wait_agent(round) {
+            Ok(t) => return Ok(t),
+            // A missing channel or a dead QEMU does not get better with time.
+            Err(e @ (VmError::NoAgentChannel | VmError::Exited { .. })) => {
+                return Err(WaitError::Agent(Box::new(e)))
+            }
+            Err(e) if Instant::now() >= deadline => return Err(WaitError::Agent(Box::new(e))),
+            Err(e) => {
+                log::debug!("guest agent not answering yet: {e}");
+                if stop.load(Ordering::Relaxed) {
+                    return Err(WaitError::Interrupted);
+                }
             }
         }
     }
