@@ -20,9 +20,6 @@ use synth::vm::{
 };
 use synth::ImageKind;
 
-/// Chunks of the working set recorded for segment ordering, at most.
-pub(crate) const MAX_ORDER: usize = 1 << 20;
-
 /// Customize a base VM and capture the changes as an overlay.
 ///
 /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
@@ -362,7 +359,7 @@ pub fn make_overlay(
         m.extend(mounted.trace(ImageKind::Memory, Trace::Discarded));
         Some(m)
     };
-    let order = mounted.access_order(MAX_ORDER);
+    let order = mounted.access_order(profile::MAX_ORDER);
     let mut opts = create_options(args, threads);
     opts.disk_chunks = Some(disk_chunks.clone());
     opts.memory_chunks = memory_chunks.clone();

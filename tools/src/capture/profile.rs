@@ -2,7 +2,6 @@
 //! as a synthesis would, wait for the guest's service to answer, and record what the VM touched
 //! until then, in order.
 
-use super::overlay::MAX_ORDER;
 use super::CaptureError;
 use crate::session::{resume_vm, wait_http_ok, Backend, ResumeOptions};
 use cloudletfs::OverlaySource;
@@ -12,6 +11,9 @@ use std::time::{Duration, Instant};
 use synth::registry::Base;
 use synth::vm::HostFwd;
 use synth::ImageKind;
+
+/// Chunks of the working set recorded for segment ordering, at most.
+pub(crate) const MAX_ORDER: usize = 1 << 20;
 
 /// Resumes the VM from `overlay` as a synthesis does (early start), waits for the first HTTP
 /// 200 from `url`, and returns the chunks the VM read or wrote until then in the order it first

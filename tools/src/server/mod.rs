@@ -21,11 +21,13 @@
 
 pub mod admin;
 pub mod admission;
+mod conn;
 pub mod net_source;
 mod session;
 
 use admin::{AdminSocket, ErrorKind, SessionInfo};
-use session::{connection, Conn};
+use conn::Conn;
+use session::connection;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

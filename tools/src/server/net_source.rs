@@ -4,7 +4,7 @@
 //! arrives, the session ends, or the client stalls; a demand read asks the client for it once
 //! (`NeedSegment`), a background read only waits.
 
-use super::session::Conn;
+use super::conn::Conn;
 use super::{lock, TICK};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -231,7 +231,7 @@ impl ByteSource for NetSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::session::End;
+    use crate::server::conn::End;
     use crate::server::Server;
     use std::collections::{HashMap, HashSet};
     use std::net::{Ipv4Addr, TcpListener, TcpStream};

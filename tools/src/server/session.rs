@@ -13,23 +13,23 @@
 //!  end: Finish ─► Closed | failure ─► Refused (before Accepted) / Error (after) | gone
 //! ```
 
-use super::admin::{SessionInfo, SessionState};
+use super::admin::SessionState;
+use super::conn::{Conn, End};
 use super::net_source::NetSource;
-use super::{lock, ConnGuard, Server, TICK};
+use super::{lock, ConnGuard, TICK};
 use crate::session::{resume_vm_with, Backend, ResumeOptions, RunDir, RunningVm};
 use cloudletfs::error::chain;
 use cloudletfs::{HttpOptions, HttpSource, OverlaySource, RedirectPolicy};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use synth::chunk::hex;
 use synth::format::Overlay;
 use synth::protocol::server::{self, check_ports, reason_for, HeadAssembler, SegmentAssembler};
 use synth::protocol::{
     clip_text, read_msg_before, ClientMsg, FillInfo, PortMapping, ProtoError, RefuseReason,
-    ResumeInfo, ServerMsg, SessionStats, Timings, TlsConn, FRAME_MAX, HANDSHAKE_TIMEOUT,
-    KEEPALIVE_INTERVAL,
+    ResumeInfo, ServerMsg, SessionStats, TlsConn, FRAME_MAX, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
 };
 use synth::registry::{Registry, RegistryError};
 use synth::source::{ByteSource, SourceError};
@@ -40,33 +40,6 @@ const MAX_HEAD_LEN: u64 = 64 + (256 << 20);
 /// Bound on every write to a client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How a session ended.
-#[derive(Debug, Clone)]
-pub(crate) enum End {
-    /// The client sent `Finish`: answer `Closed`.
-    Finish,
-    /// The client is gone (or cannot be written to): nothing to send.
-    Gone(String),
-    /// The session failed: send `Refused` (before `Accepted`) or `Error` (after).
-    Fail(RefuseReason),
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Finish => f.write_str("finished by the client"),
-            End::Gone(why) => write!(f, "client gone: {why}"),
-            End::Fail(reason) => write!(f, "failed: {reason}"),
-        }
-    }
-}
-
-impl From<RefuseReason> for End {
-    fn from(r: RefuseReason) -> Self {
-        End::Fail(r)
-    }
-}
-
 /// A read or decode failure of a client frame, as an end.
 fn end_for(e: &ProtoError) -> End {
     match e {
@@ -75,137 +48,6 @@ fn end_for(e: &ProtoError) -> End {
             Some(r) => End::Fail(r),
             None => End::Gone(format!("{e}")),
         },
-    }
-}
-
-/// One authenticated connection: the write half, the end reason, counters.
-pub(crate) struct Conn {
-    pub(crate) id: u64,
-    pub(crate) srv: Arc<Server>,
-    /// The client's TLS stream, shared with the reader thread.
-    tls: Arc<TlsConn>,
-    last_sent: Mutex<Instant>,
-    /// Set once the session is ending; everything waiting gives up.
-    stop: AtomicBool,
-    end: Mutex<Option<End>>,
-    pub(crate) accepted: AtomicBool,
-    t0: Instant,
-    timings: Mutex<Timings>,
-    pub(crate) bytes_received: AtomicU64,
-    pub(crate) demand_requests: AtomicU64,
-    peer: SocketAddr,
-    started: SystemTime,
-    /// What the admin socket reports beyond the counters.
-    view: Mutex<View>,
-}
-
-/// A session's state, base and VM, as `list-session` shows them.
-struct View {
-    state: SessionState,
-    base_id: Option<String>,
-    ports: Vec<PortMapping>,
-    qemu_pid: Option<u32>,
-    confinement: Option<String>,
-}
-
-impl Conn {
-    pub(crate) fn new(id: u64, srv: Arc<Server>, tls: Arc<TlsConn>, peer: SocketAddr) -> Conn {
-        Conn {
-            id,
-            srv,
-            tls,
-            last_sent: Mutex::new(Instant::now()),
-            stop: AtomicBool::new(false),
-            end: Mutex::new(None),
-            accepted: AtomicBool::new(false),
-            t0: Instant::now(),
-            timings: Mutex::new(Timings::default()),
-            bytes_received: AtomicU64::new(0),
-            demand_requests: AtomicU64::new(0),
-            peer,
-            started: SystemTime::now(),
-            view: Mutex::new(View {
-                state: SessionState::Authenticated,
-                base_id: None,
-                ports: Vec::new(),
-                qemu_pid: None,
-                confinement: None,
-            }),
-        }
-    }
-
-    fn set_state(&self, state: SessionState) {
-        lock(&self.view).state = state;
-    }
-
-    /// The session as the admin socket reports it.
-    pub(crate) fn info(&self) -> SessionInfo {
-        let v = lock(&self.view);
-        let started_unix = self
-            .started
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        SessionInfo {
-            id: self.id,
-            peer: self.peer.to_string(),
-            state: if self.stopped() {
-                SessionState::Ending
-            } else {
-                v.state
-            },
-            base_id: v.base_id.clone(),
-            started_unix,
-            age_s: self.t0.elapsed().as_secs(),
-            bytes_received: self.bytes_received.load(Ordering::Relaxed),
-            demand_requests: self.demand_requests.load(Ordering::Relaxed),
-            ports: v.ports.clone(),
-            qemu_pid: v.qemu_pid,
-            confinement: v.confinement.clone(),
-        }
-    }
-
-    /// Ends the session on the operator's word: recorded as the end, and the client's socket
-    /// is shut for reading so that a read waiting for its next frame returns at once.
-    pub(crate) fn close_by_operator(&self) {
-        self.finish(End::Fail(RefuseReason::Closed(
-            "cloudlet close-session".into(),
-        )));
-        let _ = self.tls.shutdown(Shutdown::Read);
-    }
-
-    /// Sends one message; a failed write ends the session (the client is gone).
-    pub(crate) fn send(&self, msg: &ServerMsg) -> bool {
-        let r = server::send(&mut &*self.tls, msg);
-        *lock(&self.last_sent) = Instant::now();
-        match r {
-            Ok(()) => true,
-            Err(e) => {
-                self.finish(End::Gone(format!("writing {} failed: {e}", msg.name())));
-                false
-            }
-        }
-    }
-
-    /// Records why the session ends (the first reason wins) and stops everything.
-    pub(crate) fn finish(&self, end: End) {
-        let mut e = lock(&self.end);
-        if e.is_none() {
-            log::debug!("session {}: ending: {end:?}", self.id);
-            *e = Some(end);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    fn ms(&self) -> Option<u64> {
-        Some(u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX))
-    }
-
-    fn timings(&self) -> Timings {
-        *lock(&self.timings)
     }
 }
 
