@@ -52,7 +52,7 @@ pub use launch::{
 pub use qga::{Agent, AgentError, ExecOutput, AGENT_CHANNEL};
 pub use qmp::{Qmp, QmpError};
 pub use serial::{SerialPort, READY_MARKER};
-pub use shell::{CommandOutput, Received, Shell, ShellError, ShellOptions, Transport};
+pub use shell::{output_tail, CommandOutput, Received, Shell, ShellError, ShellOptions, Transport};
 
 use log::{debug, info, warn};
 use serde_json::{json, Value};

@@ -183,18 +183,23 @@ pub enum ShellError {
     },
 }
 
-/// The last lines of `s`, for error messages.
-fn tail(s: &str) -> String {
-    const MAX: usize = 2000;
+/// The last `max` bytes of `s` (at a character boundary, trailing whitespace dropped), marked
+/// `[…]` where cut: a command's output in an error message.
+pub fn output_tail(s: &str, max: usize) -> String {
     let s = s.trim_end();
-    if s.len() <= MAX {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut start = s.len() - MAX;
+    let mut start = s.len() - max;
     while !s.is_char_boundary(start) {
         start += 1;
     }
     format!("[…]{}", &s[start..])
+}
+
+/// The last lines of `s`, for this module's error messages.
+fn tail(s: &str) -> String {
+    output_tail(s, 2000)
 }
 
 /// How a framed line ended, short of a result.

@@ -114,18 +114,9 @@ pub enum CaptureError {
     ProfileUrl(String),
 }
 
-/// The last lines of a command's output, for error messages.
+/// The end of a command's output, for error messages.
 fn tail(s: &str) -> String {
-    const MAX: usize = 4000;
-    let s = s.trim_end();
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut start = s.len() - MAX;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[…]{}", &s[start..])
+    synth::vm::output_tail(s, 4000)
 }
 
 impl From<synth::vm::VmError> for CaptureError {
