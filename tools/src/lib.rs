@@ -124,6 +124,15 @@ pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     if chain.any(|c| {
         matches!(
             c.downcast_ref::<capture::CaptureError>(),
+            Some(capture::CaptureError::DiskImage { .. })
+        )
+    }) {
+        return EXIT_INVALID;
+    }
+    let mut chain = std::iter::successors(Some(e), |&c| c.source());
+    if chain.any(|c| {
+        matches!(
+            c.downcast_ref::<capture::CaptureError>(),
             Some(
                 capture::CaptureError::CommandFailed { .. }
                     | capture::CaptureError::CommandTimedOut { .. }

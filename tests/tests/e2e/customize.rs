@@ -5,13 +5,11 @@
 //! files arrive and `--keep-going` lists the failures in the report. `cloudlet base
 //! --ready-http` captures once the guest's service answers through `--hostfwd`, and fails
 //! when it never does.
-//! One QEMU at a time: every test here holds `VM_LOCK`.
+//! `cloudlet base` takes a qcow2 image (converted to raw) and refuses one with a backing file.
+//! One QEMU at a time: every test here holds `cloudlet_e2e::vm_lock`.
 
-use cloudlet_e2e::{cloudlet, guest, require_fuse, require_qemu, Scratch};
-use std::sync::Mutex;
+use cloudlet_e2e::{cloudlet, guest, require_fuse, require_qemu, vm_lock, Scratch};
 use std::time::Instant;
-
-static VM_LOCK: Mutex<()> = Mutex::new(());
 
 /// `cloudlet_tools::EXIT_GUEST_COMMAND`.
 const EXIT_GUEST_COMMAND: i32 = 5;
@@ -28,7 +26,7 @@ fn overlay_failing_command_stops_run_with_command_status_and_output() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     let s = script(
@@ -69,7 +67,7 @@ fn overlay_hung_command_ends_at_cmd_timeout_with_error() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     let s = script(&h, "hang.sh", "echo before\nsleep 1000\necho after\n");
@@ -110,7 +108,7 @@ fn overlay_copy_without_agent_channel_is_refused_before_the_vm_starts() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let base = h.guest_base(256);
     let file = script(&h, "f.txt", "x\n");
@@ -138,7 +136,7 @@ fn overlay_agent_channel_copies_files_runs_script_and_keeps_going() {
     if !require_qemu() || !require_fuse() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let (code, base, err) = guest_base_with(
         &h,
@@ -217,7 +215,7 @@ fn base_ready_http_captures_once_the_guest_service_answers() {
     if !require_qemu() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let port = synth::vm::free_tcp_port().unwrap();
     let fwd = format!("tcp:127.0.0.1:{port}-:8080");
@@ -237,7 +235,7 @@ fn base_ready_http_without_answer_times_out_with_last_error() {
     if !require_qemu() {
         return;
     }
-    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = vm_lock();
     let h = Scratch::new();
     let port = synth::vm::free_tcp_port().unwrap();
     // Guest port 8081: nothing listens there.
@@ -255,4 +253,80 @@ fn base_ready_http_without_answer_times_out_with_last_error() {
         "{err}"
     );
     assert_eq!(h.ok(&["list-base", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn base_from_qcow2_image_is_converted_and_one_with_a_backing_file_refused() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = vm_lock();
+    let h = Scratch::new();
+    let g = guest(256);
+    let raw = g.dir.join("disk.img");
+    let q = h.p("guest.qcow2");
+    let layered = h.p("layered.qcow2");
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        &q,
+    ]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &q, "-F", "qcow2", &layered,
+    ]);
+    let d = |f: &str| g.dir.join(f).display().to_string();
+    let base_args = |image: &str| {
+        vec![
+            "base".to_owned(),
+            image.to_owned(),
+            "--memory-mb".into(),
+            "256".into(),
+            "--kernel".into(),
+            d("vmlinuz"),
+            "--initrd".into(),
+            d("initrd.img"),
+            "--append".into(),
+            g.cmdline.clone(),
+            "--ready".into(),
+            "CLOUDLET-GUEST-READY".into(),
+            "--json".into(),
+        ]
+    };
+    let run = |image: &str| {
+        let args = base_args(image);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cloudlet(&h.home(), &args)
+    };
+
+    let (refused, _, refused_err) = run(&layered);
+    let (code, out, err) = run(&q);
+
+    assert_eq!(refused, 3, "{refused_err}");
+    assert!(refused_err.contains("backing file"), "{refused_err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("converted the qcow2 image to raw"), "{err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        record["disk_size"].as_u64(),
+        Some(std::fs::metadata(&raw).unwrap().len()),
+        "{record}"
+    );
+    let list = h.ok(&["list-base", "--json"]);
+    let bases: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(bases.as_array().map(Vec::len), Some(1), "{list}");
 }

@@ -17,7 +17,8 @@ use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths
 /// state (saved with x-ignore-shared). The disk is copied first; DISK is not modified.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BaseArgs {
-    /// Raw disk image to boot.
+    /// Disk image to boot: raw, or qcow2 (converted to raw; one with a backing file is
+    /// refused). DISK itself is not modified.
     pub disk: PathBuf,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
@@ -98,12 +99,11 @@ pub fn make_base(
     let registry = Registry::open(home)?;
     let run = RunDir::new(home, "base")?;
     let disk = run.join("disk.img");
-    reporter.note(&format!("copying {} …", args.disk.display()));
-    std::fs::copy(&args.disk, &disk).map_err(|source| CaptureError::Io {
-        what: "Copying",
-        path: args.disk.clone(),
-        source,
-    })?;
+    reporter.note(&format!("importing {} …", args.disk.display()));
+    let format = super::image::import_disk(&args.disk, &disk)?;
+    if format == super::image::DiskFormat::Qcow2 {
+        reporter.note("converted the qcow2 image to raw");
+    }
     let memory = run.join("memory.img");
     let mut devices = vec![Device::VirtioBlk { discard: true }, Device::VirtioNet];
     if args.balloon {

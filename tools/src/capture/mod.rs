@@ -1,7 +1,7 @@
 //! Capture: turning running VMs into the registry's bases and into overlays.
 //!
 //! ```text
-//!  base:     disk ─► copy into a run folder ─► QEMU (guest RAM in a shared file) ─► ready
+//!  base:     disk ─► copy (raw) or convert (qcow2) into a run folder ─► QEMU (guest RAM in a shared file) ─► ready
 //!            (serial marker and/or the guest agent answering, or the user) ─► device state saved ─► Registry::add
 //!  overlay:  base ─► empty overlay ─► cloudletfs mount (copy-on-write, traced) ─► QEMU resumed
 //!            with shared RAM ─► customization (--copy files through the guest agent, then
@@ -14,6 +14,7 @@
 //! ```
 
 pub mod base;
+pub mod image;
 pub mod overlay;
 pub mod profile;
 
@@ -39,6 +40,24 @@ pub enum CaptureError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// The disk image given to `cloudlet base` cannot be made a base's disk.
+    #[error("{path} cannot be a base's disk: {why}")]
+    DiskImage {
+        /// The image.
+        path: PathBuf,
+        /// Why, and what to do.
+        why: String,
+    },
+    /// `qemu-img` failed on an image.
+    #[error("{what} {path} with qemu-img failed: {detail}")]
+    QemuImg {
+        /// What was being done.
+        what: &'static str,
+        /// The image.
+        path: PathBuf,
+        /// What qemu-img said.
+        detail: String,
     },
     /// A customization command exited with a non-zero status in the guest.
     #[error(
