@@ -184,7 +184,7 @@ mod tests {
     fn raw_image(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
         let mut bytes = vec![0u8; 4 << 20];
         for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
-            *b = (i % 251) as u8;
+            *b = u8::try_from(i % 251).unwrap();
         }
         let n = bytes.len();
         bytes[n - 4096..].fill(0x5a);
