@@ -105,22 +105,32 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<usize, SourceErro
     }
 }
 
+/// Reads exactly `len` bytes at `offset` of `file`, whose readable size is `size` (checked
+/// first, see [`check_range`]).
+pub fn read_file_range(
+    file: &File,
+    offset: u64,
+    len: u64,
+    size: u64,
+) -> Result<Vec<u8>, SourceError> {
+    let n = check_range(offset, len, size)?;
+    let mut buf = vec![0u8; n];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| SourceError::Io {
+            offset,
+            len,
+            source,
+        })?;
+    Ok(buf)
+}
+
 impl ByteSource for FileSource {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
-        let n = check_range(offset, len, self.size)?;
-        let mut buf = vec![0u8; n];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|source| SourceError::Io {
-                offset,
-                len,
-                source,
-            })?;
-        Ok(buf)
+        read_file_range(&self.file, offset, len, self.size)
     }
 }
 

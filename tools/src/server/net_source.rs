@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use synth::format::Overlay;
 use synth::protocol::{ServerMsg, SessionStats};
-use synth::source::{check_range, ByteSource, Priority, SourceError};
+use synth::source::{check_range, read_file_range, ByteSource, Priority, SourceError};
 
 /// Longest a cloudletfs read waits for a segment, whatever the progress.
 const MAX_SEGMENT_WAIT: Duration = Duration::from_secs(600);
@@ -204,7 +204,7 @@ impl ByteSource for NetSource {
         len: u64,
         priority: Priority,
     ) -> Result<Vec<u8>, SourceError> {
-        let n = check_range(offset, len, self.file_len)?;
+        check_range(offset, len, self.file_len)?;
         let end = offset + len;
         if end > self.head_len {
             let first = self.segments.partition_point(|s| s.0 + s.1 <= offset);
@@ -216,15 +216,7 @@ impl ByteSource for NetSource {
                 .collect();
             self.wait_for(&needed, priority)?;
         }
-        let mut buf = vec![0u8; n];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|source| SourceError::Io {
-                offset,
-                len,
-                source,
-            })?;
-        Ok(buf)
+        read_file_range(&self.file, offset, len, self.file_len)
     }
 }
 
