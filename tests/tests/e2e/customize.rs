@@ -193,11 +193,18 @@ fn overlay_agent_channel_copies_files_runs_script_and_keeps_going() {
 /// `cloudlet base` of the busybox guest with `extra` arguments (and no `--ready` marker);
 /// (exit code, stdout, stderr).
 fn guest_base_with(h: &Scratch, extra: &[&str]) -> (i32, String, String) {
+    let disk = guest(256).dir.join("disk.img").display().to_string();
+    guest_image_base(h, &disk, extra)
+}
+
+/// `cloudlet base` of the busybox guest's kernel with `image` as its disk and `extra`
+/// arguments; (exit code, stdout, stderr).
+fn guest_image_base(h: &Scratch, image: &str, extra: &[&str]) -> (i32, String, String) {
     let g = guest(256);
     let d = |f: &str| g.dir.join(f).display().to_string();
     let mut args = vec![
         "base".to_owned(),
-        d("disk.img"),
+        image.to_owned(),
         "--kernel".to_owned(),
         d("vmlinuz"),
         "--initrd".to_owned(),
@@ -289,29 +296,8 @@ fn base_from_qcow2_image_is_converted_and_one_with_a_backing_file_refused() {
     qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", &q, "-F", "qcow2", &layered,
     ]);
-    let d = |f: &str| g.dir.join(f).display().to_string();
-    let base_args = |image: &str| {
-        vec![
-            "base".to_owned(),
-            image.to_owned(),
-            "--memory-mb".into(),
-            "256".into(),
-            "--kernel".into(),
-            d("vmlinuz"),
-            "--initrd".into(),
-            d("initrd.img"),
-            "--append".into(),
-            g.cmdline.clone(),
-            "--ready".into(),
-            "CLOUDLET-GUEST-READY".into(),
-            "--json".into(),
-        ]
-    };
-    let run = |image: &str| {
-        let args = base_args(image);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cloudlet(&h.home(), &args)
-    };
+    let run =
+        |image: &str| guest_image_base(&h, image, &["--ready", "CLOUDLET-GUEST-READY", "--json"]);
 
     let (refused, _, refused_err) = run(&layered);
     let (code, out, err) = run(&q);
