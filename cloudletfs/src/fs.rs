@@ -36,11 +36,18 @@ use synth::ImageKind;
 const TTL: Duration = Duration::from_secs(1);
 /// The mount's readahead window (one FUSE request still carries at most 1 MiB, so a window
 /// is up to four requests in flight). 4 MiB rather than 1 MiB keeps more `O_DIRECT` base
-/// reads in flight for a disk that needs them (`BENCHMARKS.md`, runs K and L); it does not
-/// widen what a resumed VM pulls from `memory/image`, because QEMU maps guest RAM with
-/// `MADV_HUGEPAGE`, and for such a mapping the kernel reads 2 to 4 MiB around each fault
-/// whatever the readahead is.
+/// reads in flight for a disk that needs them (`BENCHMARKS.md`, runs K and L). It is also
+/// what a page fault on a mapping of a file of this mount reads around the faulting page,
+/// which is why guest RAM is mapped from a second mount with [`MEMORY_READAHEAD`]
+/// ([`MountOptions::memory_mountpoint`](crate::MountOptions::memory_mountpoint)).
 pub const MAX_READAHEAD: u32 = 4 << 20;
+
+/// The readahead window of the memory mount: what a page fault of QEMU's guest RAM mapping
+/// reads around the faulting page (the kernel centres the window on it). A few pages: a
+/// guest's first touches are scattered, and every extra page is fetched, perhaps over a slow
+/// network, before the fault is answered. (The window only applies when QEMU does not ask for
+/// huge pages: see `synth::vm::launcher`.)
+pub const MEMORY_READAHEAD: u32 = 16 << 10;
 
 /// Readahead (background) requests the kernel may have in flight at once.
 pub const MAX_BACKGROUND: u16 = 256;
@@ -191,6 +198,8 @@ pub struct CloudletFs {
     uid: u32,
     gid: u32,
     started: SystemTime,
+    /// The readahead window asked for at `init`.
+    readahead: u32,
 }
 
 impl std::fmt::Debug for CloudletFs {
@@ -212,7 +221,14 @@ impl CloudletFs {
             uid,
             gid,
             started: SystemTime::now(),
+            readahead: MAX_READAHEAD,
         }
+    }
+
+    /// The same with a readahead window of `bytes` (default [`MAX_READAHEAD`]).
+    pub fn with_readahead(mut self, bytes: u32) -> Self {
+        self.readahead = bytes;
+        self
     }
 
     /// Runs `job` (which replies) here, or, when `len` bytes at `offset` of image `k` may
@@ -336,7 +352,7 @@ pub fn spawn_reaper(core: &Arc<Core>) -> Option<std::thread::JoinHandle<()>> {
 
 impl fuser::Filesystem for CloudletFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+        if let Err(max) = config.set_max_readahead(self.readahead) {
             let _ = config.set_max_readahead(max);
         }
         // Readahead requests waiting for the network must not hold back the others in the

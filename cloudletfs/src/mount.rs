@@ -120,6 +120,19 @@ pub struct MountOptions {
     /// Most bytes of modified chunks (disk and memory together) the mount keeps in its state
     /// files; the first write of a chunk past it fails with EIO. `None`: no limit.
     pub cow_quota: Option<u64>,
+    /// A second mount point serving the same files through a FUSE connection of its own,
+    /// whose readahead window is `memory_readahead`: a VM maps its RAM from `memory/image`
+    /// there ([`Mounted::image_path`]), so a page fault reads a few KiB around it, while the
+    /// disk keeps the first mount's sequential window ([`MAX_READAHEAD`]). The kernel sizes
+    /// the read-around of a fault by the file's connection, not by the file. `None`: one
+    /// mount.
+    ///
+    /// [`MAX_READAHEAD`]: crate::fs::MAX_READAHEAD
+    pub memory_mountpoint: Option<PathBuf>,
+    /// The memory mount's readahead window in bytes ([`MEMORY_READAHEAD`] by default).
+    ///
+    /// [`MEMORY_READAHEAD`]: crate::fs::MEMORY_READAHEAD
+    pub memory_readahead: u32,
 }
 
 impl MountOptions {
@@ -142,6 +155,8 @@ impl MountOptions {
             auto_unmount: true,
             max_disk_growth: None,
             cow_quota: None,
+            memory_mountpoint: None,
+            memory_readahead: crate::fs::MEMORY_READAHEAD,
         }
     }
 }
@@ -157,16 +172,23 @@ pub enum Trace {
     Discarded,
 }
 
-/// A mounted cloudletfs; unmounts on drop.
+/// A mounted cloudletfs (one or two FUSE connections over one serving core); unmounts on
+/// drop.
 pub struct Mounted {
-    session: Option<BackgroundSession>,
+    /// The main mount first, then the memory mount if there is one.
+    fuse: Vec<FuseMount>,
     core: Arc<Core>,
     workers: Vec<JoinHandle<()>>,
-    mountpoint: PathBuf,
-    /// Which mount at `mountpoint` is this one: see [`Mounted::still_mounted_here`].
-    identity: Option<MountIdentity>,
     /// This mount's share of the memory budget for caches, if its cache is in memory.
     _cache: Option<CacheReservation>,
+}
+
+/// One FUSE connection of a [`Mounted`] and where it is mounted.
+struct FuseMount {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    /// Which mount at `mountpoint` is this one: see [`FuseMount::still_mounted_here`].
+    identity: Option<MountIdentity>,
     /// See [`fuse_device_released_first`].
     _fuse_device: Option<OwnedFd>,
 }
@@ -270,8 +292,9 @@ fn fuse_device_released_first(session: &impl AsFd) -> Option<OwnedFd> {
 
 impl std::fmt::Debug for Mounted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let points: Vec<&Path> = self.fuse.iter().map(|m| m.mountpoint.as_path()).collect();
         f.debug_struct("Mounted")
-            .field("mountpoint", &self.mountpoint)
+            .field("mountpoints", &points)
             .finish_non_exhaustive()
     }
 }
@@ -352,62 +375,31 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
     if let Err(e) = synth::codec::warm_up(core.meta.codec) {
         log::debug!("warming up the decoder failed: {e}");
     }
-    let mut mount_options = vec![
-        MountOption::FSName("cloudletfs".into()),
-        MountOption::Subtype("cloudletfs".into()),
-        // The kernel checks the files' owner-only modes for every caller.
-        MountOption::DefaultPermissions,
-    ];
-    if opts.auto_unmount {
-        mount_options.push(MountOption::AutoUnmount);
-    }
-    let mut config = Config::default();
-    config.mount_options = mount_options;
-    config.acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
     let fuse_threads = opts.fuse_threads.max(4);
-    config.n_threads = Some(fuse_threads);
-    // One `/dev/fuse` file for all the FUSE threads, not one clone each: see
-    // `fuse_device_released_first`.
-    config.clone_fd = false;
-    // Resolved before mounting: afterwards the last component would be this mount's root.
-    let canonical = std::fs::canonicalize(&opts.mountpoint).ok();
     let mut workers = spawn_workers(&core, opts.fetch_threads, opts.background_fill);
     workers.extend(spawn_reaper(&core));
-    let fs = CloudletFs::new(Arc::clone(&core), fuse_threads);
-    let started = fuser::Session::new(fs, &opts.mountpoint, &config).and_then(|s| {
-        let device = fuse_device_released_first(&s);
-        Ok((s.spawn()?, device))
-    });
-    let (session, fuse_device) = match started {
-        Ok(s) => s,
-        Err(source) => {
-            core.shutdown();
-            for w in workers {
-                let _ = w.join();
-            }
-            return Err(match source.raw_os_error() {
-                Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    MountError::FuseUnavailable(source.to_string())
-                }
-                _ => MountError::Mount {
-                    path: opts.mountpoint.clone(),
-                    source,
-                },
-            });
-        }
-    };
-    let dev = mount_dev(&opts.mountpoint);
-    if let Some(dev) = dev {
-        raise_readahead(dev);
+    let mut points = vec![(opts.mountpoint.clone(), crate::fs::MAX_READAHEAD)];
+    if let Some(memory) = &opts.memory_mountpoint {
+        points.push((memory.clone(), opts.memory_readahead));
     }
-    let identity = canonical.zip(dev).map(|(path, dev)| MountIdentity {
-        path: path.into_os_string().into_encoded_bytes(),
-        dev,
-    });
+    let mut fuse = Vec::with_capacity(points.len());
+    for (point, readahead) in points {
+        match FuseMount::start(&core, &point, &opts, fuse_threads, readahead) {
+            Ok(m) => fuse.push(m),
+            Err(e) => {
+                for mut m in fuse {
+                    if let Err(e) = m.stop() {
+                        log::warn!("{}", crate::error::chain(&e));
+                    }
+                }
+                core.shutdown();
+                for w in workers {
+                    let _ = w.join();
+                }
+                return Err(e);
+            }
+        }
+    }
     info!(
         "mounted {} (disk {} B, memory {} B, {} segments) on {}",
         opts.base.record.id,
@@ -417,52 +409,80 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         opts.mountpoint.display()
     );
     Ok(Mounted {
-        session: Some(session),
-        _fuse_device: fuse_device,
+        fuse,
         core,
         workers,
-        mountpoint: opts.mountpoint,
-        identity,
         _cache: reservation,
     })
 }
 
-impl Mounted {
-    /// The mount point.
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    /// Every chunk of `image` in the trace `trace`, ascending.
-    pub fn trace(&self, image: ImageKind, trace: Trace) -> Vec<u64> {
-        let img = self.core.image(image);
-        match trace {
-            Trace::Accessed => img.accessed.members(),
-            Trace::Modified => img.modified.members(),
-            Trace::Discarded => img.discarded.members(),
+impl FuseMount {
+    /// Starts a FUSE session serving `core` at `mountpoint` with a readahead window of
+    /// `readahead` bytes.
+    fn start(
+        core: &Arc<Core>,
+        mountpoint: &Path,
+        opts: &MountOptions,
+        fuse_threads: usize,
+        readahead: u32,
+    ) -> Result<FuseMount, MountError> {
+        if mounted_at(mountpoint).is_some() {
+            return Err(MountError::AlreadyMounted(mountpoint.to_path_buf()));
         }
-    }
-
-    /// Chunks of both images in the order they were first read or written, at most `limit`.
-    pub fn access_order(&self, limit: usize) -> Vec<(ImageKind, u64)> {
-        let mut v = self.core.first_touch_order();
-        v.truncate(limit);
-        v
-    }
-
-    /// A snapshot of all counters.
-    pub fn stats(&self) -> Stats {
-        self.core.stats()
-    }
-
-    /// Waits until the background filler has finished (`None`: no limit); returns whether
-    /// every overlay chunk is now rebuilt (or failed verification).
-    pub fn wait_filled(&self, timeout: Option<Duration>) -> bool {
-        self.core.fetcher.queue.wait_filled(timeout) && self.core.pending() == 0
+        let mut mount_options = vec![
+            MountOption::FSName("cloudletfs".into()),
+            MountOption::Subtype("cloudletfs".into()),
+            // The kernel checks the files' owner-only modes for every caller.
+            MountOption::DefaultPermissions,
+        ];
+        if opts.auto_unmount {
+            mount_options.push(MountOption::AutoUnmount);
+        }
+        let mut config = Config::default();
+        config.mount_options = mount_options;
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(fuse_threads);
+        // One `/dev/fuse` file for all the FUSE threads, not one clone each: see
+        // `fuse_device_released_first`.
+        config.clone_fd = false;
+        // Resolved before mounting: afterwards the last component would be this mount's root.
+        let canonical = std::fs::canonicalize(mountpoint).ok();
+        let fs = CloudletFs::new(Arc::clone(core), fuse_threads).with_readahead(readahead);
+        let started = fuser::Session::new(fs, mountpoint, &config).and_then(|s| {
+            let device = fuse_device_released_first(&s);
+            Ok((s.spawn()?, device))
+        });
+        let (session, fuse_device) = started.map_err(|source| match source.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                MountError::FuseUnavailable(source.to_string())
+            }
+            _ => MountError::Mount {
+                path: mountpoint.to_path_buf(),
+                source,
+            },
+        })?;
+        let dev = mount_dev(mountpoint);
+        if let Some(dev) = dev {
+            set_readahead(dev, readahead);
+        }
+        let identity = canonical.zip(dev).map(|(path, dev)| MountIdentity {
+            path: path.into_os_string().into_encoded_bytes(),
+            dev,
+        });
+        Ok(FuseMount {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+            identity,
+            _fuse_device: fuse_device,
+        })
     }
 
     /// Whether the FUSE session is still running (false after an external `umount`).
-    pub fn is_alive(&self) -> bool {
+    fn is_alive(&self) -> bool {
         self.session
             .as_ref()
             .is_some_and(|s| !s.guard.is_finished())
@@ -505,20 +525,9 @@ impl Mounted {
         here == Some(id.dev)
     }
 
-    /// Makes the modified/discarded state of both images durable.
-    pub fn sync(&self) -> Result<(), crate::error::ServeError> {
-        self.core.sync(ImageKind::Disk)?;
-        self.core.sync(ImageKind::Memory)
-    }
-
-    /// Unmounts and stops every worker.
-    pub fn unmount(mut self) -> Result<(), MountError> {
-        self.stop()
-    }
-
+    /// Detaches the mount (if it is still this one) and joins its session if it ends
+    /// promptly.
     fn stop(&mut self) -> Result<(), MountError> {
-        // Parked stream reads would keep the session busy: end them first.
-        self.core.close_streams();
         // fuser's own unmount relies on fusermount3's auto-unmount helper, which was seen to
         // exit without unmounting; detach the mount ourselves. Files still open keep working
         // until closed (lazy unmount), so the session is joined only if it ends promptly.
@@ -549,15 +558,100 @@ impl Mounted {
                 );
             }
         }
+        if r.is_ok() {
+            info!("unmounted {}", self.mountpoint.display());
+        }
+        r
+    }
+}
+
+impl Mounted {
+    /// The (main) mount point.
+    pub fn mountpoint(&self) -> &Path {
+        self.fuse
+            .first()
+            .map_or(Path::new(""), |m| m.mountpoint.as_path())
+    }
+
+    /// Where a VM opens `image`: `memory/image` on the memory mount when there is one
+    /// ([`MountOptions::memory_mountpoint`]), else on the main mount.
+    pub fn image_path(&self, image: ImageKind) -> PathBuf {
+        let (point, dir) = match image {
+            ImageKind::Disk => (self.mountpoint(), "disk"),
+            ImageKind::Memory => (
+                self.fuse
+                    .get(1)
+                    .map_or(self.mountpoint(), |m| m.mountpoint.as_path()),
+                "memory",
+            ),
+        };
+        point.join(dir).join("image")
+    }
+
+    /// Every chunk of `image` in the trace `trace`, ascending.
+    pub fn trace(&self, image: ImageKind, trace: Trace) -> Vec<u64> {
+        let img = self.core.image(image);
+        match trace {
+            Trace::Accessed => img.accessed.members(),
+            Trace::Modified => img.modified.members(),
+            Trace::Discarded => img.discarded.members(),
+        }
+    }
+
+    /// Chunks of both images in the order they were first read or written, at most `limit`.
+    pub fn access_order(&self, limit: usize) -> Vec<(ImageKind, u64)> {
+        let mut v = self.core.first_touch_order();
+        v.truncate(limit);
+        v
+    }
+
+    /// A snapshot of all counters.
+    pub fn stats(&self) -> Stats {
+        self.core.stats()
+    }
+
+    /// Waits until the background filler has finished (`None`: no limit); returns whether
+    /// every overlay chunk is now rebuilt (or failed verification).
+    pub fn wait_filled(&self, timeout: Option<Duration>) -> bool {
+        self.core.fetcher.queue.wait_filled(timeout) && self.core.pending() == 0
+    }
+
+    /// Whether every FUSE session is still running (false after an external `umount` of
+    /// either mount).
+    pub fn is_alive(&self) -> bool {
+        !self.fuse.is_empty() && self.fuse.iter().all(FuseMount::is_alive)
+    }
+
+    /// Makes the modified/discarded state of both images durable.
+    pub fn sync(&self) -> Result<(), crate::error::ServeError> {
+        self.core.sync(ImageKind::Disk)?;
+        self.core.sync(ImageKind::Memory)
+    }
+
+    /// Unmounts and stops every worker.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), MountError> {
+        // Parked stream reads would keep the session busy: end them first.
+        self.core.close_streams();
+        let mut r = Ok(());
+        // The memory mount first, the main one last.
+        for mut m in self.fuse.drain(..).rev() {
+            let stopped = m.stop();
+            if r.is_ok() {
+                r = stopped;
+            } else if let Err(e) = stopped {
+                log::warn!("{}", crate::error::chain(&e));
+            }
+        }
         self.core.shutdown();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
         let _ = self.core.sync(ImageKind::Disk);
         let _ = self.core.sync(ImageKind::Memory);
-        if r.is_ok() {
-            info!("unmounted {}", self.mountpoint.display());
-        }
         r
     }
 }
@@ -569,14 +663,14 @@ fn mount_dev(mountpoint: &Path) -> Option<(u32, u32)> {
     Some((libc::major(dev), libc::minor(dev)))
 }
 
-/// Raises the bdi readahead of the mount with device `(major, minor)` to
-/// [`MAX_READAHEAD`](crate::fs::MAX_READAHEAD): the kernel caps the `init` value at the bdi
-/// default (128 KiB). Needs root; failure only costs speed.
-fn raise_readahead((major, minor): (u32, u32)) {
+/// Sets the bdi readahead of the mount with device `(major, minor)` to `bytes`: the kernel
+/// caps the `init` value at the bdi default (128 KiB), so a larger window needs this. Needs
+/// root; failure only costs speed (a smaller window is in force from `init` anyway).
+fn set_readahead((major, minor): (u32, u32), bytes: u32) {
     let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    match std::fs::write(&p, (crate::fs::MAX_READAHEAD / 1024).to_string()) {
-        Ok(()) => log::debug!("{p} set to {} KiB", crate::fs::MAX_READAHEAD / 1024),
-        Err(e) => log::debug!("raising readahead via {p} failed: {e}"),
+    match std::fs::write(&p, (bytes / 1024).to_string()) {
+        Ok(()) => log::debug!("{p} set to {} KiB", bytes / 1024),
+        Err(e) => log::debug!("setting the readahead via {p} failed: {e}"),
     }
 }
 
@@ -613,7 +707,7 @@ fn lazy_unmount(path: &Path) -> std::io::Result<()> {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if self.session.is_some() {
+        if !self.fuse.is_empty() {
             if let Err(e) = self.stop() {
                 log::warn!("{}", crate::error::chain(&e));
             }

@@ -7,6 +7,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -83,11 +84,26 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `cloudlet qemu-launch …` is this binary run again by the library as QEMU's launcher
+    // (`synth::vm::launcher`): not a user command, no logging set up, no clap (QEMU's own
+    // arguments follow `--`). It becomes QEMU or fails with exit code 1.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(OsStr::new(cloudlet_tools::session::launch::LAUNCH_COMMAND)) {
+        let err = match synth::vm::launcher::LaunchPlan::parse(argv) {
+            Ok(plan) => plan.exec(),
+            Err(e) => e,
+        };
+        eprintln!("cloudlet qemu-launch: {}", cloudletfs::error::chain(&err));
+        return ExitCode::FAILURE;
+    }
     // fuser logs every request it does not implement (poll, getxattr) and replies to requests
     // the kernel already dropped; none of that is the user's business unless RUST_LOG asks.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,fuser=off"))
         .init();
     let args = Cli::parse();
+    if let Some(launcher) = cloudlet_tools::session::launch::cli_launcher() {
+        cloudlet_tools::session::launch::use_launcher(launcher);
+    }
     let ctx = cli::Context {
         home: args
             .home

@@ -38,6 +38,7 @@
 
 pub mod domain;
 pub mod launch;
+pub mod launcher;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod qga;
@@ -282,6 +283,25 @@ impl Vm {
 
     /// Like [`Vm::spawn`] with an explicit QEMU binary.
     pub fn spawn_with(binary: &Path, args: &QemuArgs) -> Result<Vm, VmError> {
+        Vm::spawn_command(Command::new(binary), binary, args)
+    }
+
+    /// Like [`Vm::spawn`], through cloudlet's QEMU `launcher`, which first joins the cgroups
+    /// whose `cgroup.procs` files are `cgroups` (so QEMU is confined from its first
+    /// instruction) and installs the launcher's seccomp filter, then becomes QEMU (same pid).
+    pub fn spawn_via(
+        launcher: &launcher::Launcher,
+        args: &QemuArgs,
+        cgroups: &[PathBuf],
+    ) -> Result<Vm, VmError> {
+        let binary = qemu_binary()?;
+        let cmd = launcher.command(&binary, args.args(), cgroups);
+        Vm::spawn_command(cmd, &launcher.program, args)
+    }
+
+    /// Starts `cmd` (QEMU with `args`, or a launcher that becomes it), `binary` naming it in
+    /// errors.
+    fn spawn_command(mut cmd: Command, binary: &Path, args: &QemuArgs) -> Result<Vm, VmError> {
         let run_dir = args.run_dir();
         std::fs::create_dir_all(run_dir).map_err(|source| VmError::RunDir {
             path: run_dir.to_owned(),
@@ -309,8 +329,7 @@ impl Vm {
         let stderr = stdout.try_clone().map_err(log_err)?;
 
         let started = Instant::now();
-        let child = Command::new(binary)
-            .args(args.args())
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

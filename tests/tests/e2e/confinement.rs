@@ -1,7 +1,9 @@
 //! Every VM the tools start is confined: a real `cloudlet synthesis` of the test guest (TCG)
 //! runs its QEMU under the seccomp filter (`Seccomp: 2` in `/proc/PID/status`) and in a
 //! cgroup of its own with the memory and task limits asked for, the customized service still
-//! answers, and the cgroup is gone once the synthesis ends.
+//! answers, and the cgroup is gone once the synthesis ends. QEMU started through cloudlet's
+//! launcher: its guest RAM mapping of `memory/image` comes from the memory mount (readahead
+//! sized for page faults) and has no huge-page advice, so faults read a few KiB around.
 
 use cloudlet_e2e::{http_get, require_fuse, require_qemu, workspace_bin, Scratch};
 use std::path::{Path, PathBuf};
@@ -39,6 +41,36 @@ fn cgroup_dirs(pid: u32) -> Vec<(String, PathBuf)> {
             ("pids.max".into(), root.join("pids").join(path_of("pids"))),
         ]
     }
+}
+
+/// The guest RAM mapping of `pid` (the one of a `memory/image`): its path and its `VmFlags`.
+fn ram_mapping(pid: u32) -> (PathBuf, Vec<String>) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut current: Option<PathBuf> = None;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(path) = current.take() {
+                return (path, flags.split_whitespace().map(String::from).collect());
+            }
+        } else if fields.len() >= 6 && fields[0].contains('-') {
+            current =
+                Some(PathBuf::from(fields[5..].join(" "))).filter(|p| p.ends_with("memory/image"));
+        }
+    }
+    panic!("no memory/image mapping in /proc/{pid}/smaps");
+}
+
+/// The readahead (KiB) of the file system that holds `path`.
+fn readahead_kib(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).unwrap().dev();
+    let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
+    std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -79,6 +111,10 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
     let body = http_get(port, "/custom.txt", Duration::from_secs(180));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let dirs = cgroup_dirs(pid);
+    let (ram_path, ram_flags) = ram_mapping(pid);
+    let memory_mount = ram_path.parent().unwrap().parent().unwrap().to_path_buf();
+    let disk_mount = memory_mount.with_file_name("mnt");
+    let (memory_ra, disk_ra) = (readahead_kib(&ram_path), readahead_kib(&disk_mount));
     let limits: Vec<String> = dirs
         .iter()
         .map(|(file, d)| std::fs::read_to_string(d.join(file)).unwrap())
@@ -99,6 +135,15 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         let name = d.file_name().unwrap().to_string_lossy();
         assert!(name.starts_with("cloudlet-synthesis-"), "{}", d.display());
     }
+    // The launcher's filter turned QEMU's MADV_HUGEPAGE into a no-op: no `hg` flag.
+    assert!(!ram_flags.iter().any(|f| f == "hg"), "{ram_flags:?}");
+    assert!(
+        ram_path.starts_with(&memory_mount),
+        "{}",
+        ram_path.display()
+    );
+    assert_eq!(memory_mount.file_name().unwrap(), "mnt-memory");
+    assert_eq!((memory_ra, disk_ra), (16, 4096));
     assert_eq!(limits[0].trim(), (700u64 << 20).to_string());
     assert_eq!(limits[1].trim(), "300");
     let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();

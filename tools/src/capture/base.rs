@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use synth::base::{Device, LaunchConfig};
 use synth::registry::{AddBase, Base, Registry};
-use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, VmPaths};
 
 /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
 ///
@@ -140,7 +140,7 @@ pub fn make_base(
         vnc: args.vnc.clone(),
     };
     let qemu = QemuArgs::new(&config, &paths, &options)?;
-    let mut vm = Vm::spawn(&qemu)?;
+    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None)?;
     reporter.note(&format!(
         "booting (serial console log: {})",
         qemu.serial_log().display()

@@ -257,7 +257,10 @@ pub fn make_overlay(
     synth::create::empty_overlay(&base, &empty)?;
     let mounted = mount_vm(&base, OverlaySource::Path(empty), &run, false)?;
     let mnt = mounted.mountpoint().to_path_buf();
-    let (disk, memory) = (mnt.join("disk/image"), mnt.join("memory/image"));
+    let (disk, memory) = (
+        mounted.image_path(ImageKind::Disk),
+        mounted.image_path(ImageKind::Memory),
+    );
     let qemu = QemuArgs::new(
         &base.record.config,
         &base_paths(&base, disk.clone(), memory.clone(), run.join("run")),
@@ -271,7 +274,7 @@ pub fn make_overlay(
         },
     )?;
     let start = Instant::now();
-    let mut vm = Vm::spawn(&qemu)?;
+    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None)?;
     vm.resume_from(&mnt.join("device-state"))?;
     let resume_seconds = start.elapsed().as_secs_f64();
     reporter.note(&format!(

@@ -11,13 +11,17 @@
 //! ```
 //!
 //! QEMU runs under a seccomp filter (`-sandbox`, [`synth::vm::QemuArgs`]) and, where the host
-//! has cgroups, in a cgroup of its own bounding its memory and tasks ([`cgroup`]).
+//! has cgroups, in a cgroup of its own bounding its memory and tasks ([`cgroup`]); it is
+//! started through cloudlet's launcher ([`launch`]), which joins that cgroup before QEMU runs
+//! and keeps QEMU from asking for huge pages on guest RAM (so a page fault on `memory/image`
+//! reads a few KiB, not 2 MiB).
 //!
 //! [`resume`] is that sequence ([`resume_vm`]); [`synthesis`] runs one session until a signal
 //! and reports its timeline (`cloudlet synthesis`); [`wait`] holds the bounded, interruptible
 //! waits every flow uses (a serial marker, the user, an HTTP 200).
 
 pub mod cgroup;
+pub mod launch;
 pub mod resume;
 pub mod run_dir;
 pub mod synthesis;

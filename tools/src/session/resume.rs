@@ -2,6 +2,7 @@
 //! the backends (QEMU directly, or a libvirt domain), and its orderly end.
 
 use super::cgroup::{CgroupLimits, SessionCgroup};
+use super::launch::spawn_qemu;
 use super::{RunDir, SessionError, WaitError};
 use cloudletfs::{mount, MountOptions, Mounted, OverlaySource};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use synth::registry::Base;
 use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Timings, Vm, VmPaths};
+use synth::ImageKind;
 
 /// Which VM manager runs a synthesized VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +254,9 @@ pub(crate) fn mount_vm(
     mount_vm_with(base, overlay, run, fill, &LimitArgs::default())
 }
 
-/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`. The mount
+/// Mounts `overlay` over `base` at `run/mnt` (and again at `run/mnt-memory`, where guest RAM
+/// is mapped from: see [`MountOptions::memory_mountpoint`]), with its state and cache in
+/// `run`. The mount
 /// checks the overlay against the base before serving anything
 /// ([`synth::format::Overlay::check_base`]: memory the base's size, disk within `limits`'
 /// growth) and bounds its copy-on-write data by `limits`' quota.
@@ -263,12 +267,16 @@ pub(crate) fn mount_vm_with(
     fill: bool,
     limits: &LimitArgs,
 ) -> Result<Mounted, SessionError> {
-    let mnt = run.join("mnt");
-    std::fs::create_dir_all(&mnt).map_err(|source| SessionError::RunDir {
-        path: mnt.clone(),
-        source,
-    })?;
+    let (mnt, memory_mnt) = (run.join("mnt"), run.join("mnt-memory"));
+    for dir in [&mnt, &memory_mnt] {
+        std::fs::create_dir_all(dir).map_err(|source| SessionError::RunDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let mut opts = MountOptions::new(base.clone(), overlay, &mnt);
+    // Guest RAM is mapped from a second mount with a readahead sized for page faults.
+    opts.memory_mountpoint = Some(memory_mnt);
     opts.state_dir = Some(run.join("state"));
     opts.cache_dir = Some(run.path().to_path_buf());
     opts.background_fill = fill;
@@ -329,8 +337,8 @@ pub fn resume_vm_with(
     let mnt = mounted.mountpoint().to_path_buf();
     let paths = base_paths(
         base,
-        mnt.join("disk/image"),
-        mnt.join("memory/image"),
+        mounted.image_path(ImageKind::Disk),
+        mounted.image_path(ImageKind::Memory),
         run.join("run"),
     );
     let options = LaunchOptions {
@@ -346,16 +354,10 @@ pub fn resume_vm_with(
         Backend::Qemu => {
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
             let cg = confine(&run, limits.cgroup(base.record.config.memory_mb));
-            let mut vm = Vm::spawn(&args)?;
-            if let Some(cg) = cg {
-                // Before the guest runs and touches its RAM.
-                match cg.add(vm.pid()) {
-                    Ok(()) => {
-                        log::info!("QEMU pid {} confined: {}", vm.pid(), cg.describe());
-                        cgroup = Some(cg);
-                    }
-                    Err(e) => log::warn!("QEMU pid {} runs without a cgroup: {e}", vm.pid()),
-                }
+            let (mut vm, joined) = spawn_qemu(&args, cg.as_ref())?;
+            if let Some(cg) = cg.filter(|_| joined) {
+                log::info!("QEMU pid {} confined: {}", vm.pid(), cg.describe());
+                cgroup = Some(cg);
             }
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
