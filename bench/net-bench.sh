@@ -34,9 +34,12 @@ REPO=$(cd "$HERE/.." && pwd)
 
 usage() {
   cat <<EOF
-usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS] [-w WORKDIR] [-k]
+usage: net-bench.sh [-g GUEST] [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS] [-w WORKDIR] [-k]
+  -g GUEST    busybox (default: cloudlet's small test guest, 256 MiB) or debian (the stock
+              Debian bookworm guest of tools/guest/build-debian.sh, 1 GiB, systemd; customized
+              through the guest agent with a Flask + numpy service)
   -n REPS     repetitions per rate and mode (default 3; median reported)
-  -m MEM_MB   guest RAM in MiB (default 256)
+  -m MEM_MB   guest RAM in MiB (default 256, 1024 with -g debian)
   -p          profile the working set (`cloudlet overlay --profile-url`): the overlay stores
               first what a resumed VM touches until its first answer, not what the
               customization touched
@@ -46,16 +49,20 @@ usage: net-bench.sh [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS] [-w WORKDI
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
               base and overlay are reused when the same WORKDIR is given again
   -k          keep WORKDIR afterwards (default: removed)
-env: CLOUDLET_BIN (default target/release/cloudlet), GUEST_DIR (256 MiB-disk test guest,
-     default ~/.cache/cloudlet-guest, built by tools/guest/build-guest.sh if missing),
-     HTTP_TIMEOUT (s per run, default 300).
+env: CLOUDLET_BIN (default target/release/cloudlet), GUEST_DIR (busybox: 256 MiB-disk test
+     guest, default ~/.cache/cloudlet-guest, built by tools/guest/build-guest.sh if missing;
+     debian: default target/guest-cache/debian-bookworm, built by build-debian.sh if missing),
+     HTTP_TIMEOUT (s per run, default 300), OVERLAY_ARGS (more `cloudlet overlay` options for
+     the Debian customization, e.g. "--segment-kib 1024"; give a new -w WORKDIR or remove its
+     overlay when they change).
 Build first: cargo build --release --workspace
 EOF
 }
 
-REPS=3 RATES="10 38 100" MEM_MB=256 PROFILE=0 WORK='' KEEP=0 COUNTS=''
-while getopts "n:r:m:pS:w:kh" opt; do
+REPS=3 RATES="10 38 100" MEM_MB='' PROFILE=0 WORK='' KEEP=0 COUNTS='' GUEST=busybox
+while getopts "g:n:r:m:pS:w:kh" opt; do
   case $opt in
+    g) GUEST=$OPTARG ;;
     n) REPS=$OPTARG ;;
     m) MEM_MB=$OPTARG ;;
     p) PROFILE=1 ;;
@@ -67,13 +74,20 @@ while getopts "n:r:m:pS:w:kh" opt; do
     *) usage >&2; exit 2 ;;
   esac
 done
+[[ $GUEST == busybox || $GUEST == debian ]] || { echo "net-bench: -g is busybox or debian" >&2; exit 2; }
+[[ -n $MEM_MB ]] || { MEM_MB=256; [[ $GUEST == debian ]] && MEM_MB=1024; }
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -n needs a positive integer" >&2; exit 2; }
 [[ $MEM_MB =~ ^[1-9][0-9]*$ ]] || { echo "net-bench: -m needs a positive integer" >&2; exit 2; }
 [[ -z $COUNTS || $COUNTS =~ ^[1-9][0-9]*( [1-9][0-9]*)*$ ]] || { echo "net-bench: -S needs positive integers" >&2; exit 2; }
 
 CLOUDLET=${CLOUDLET_BIN:-$REPO/target/release/cloudlet}
-GUEST_DIR=${GUEST_DIR:-$HOME/.cache/cloudlet-guest}
+if [[ $GUEST == debian ]]; then
+  GUEST_DIR=${GUEST_DIR:-$REPO/target/guest-cache/debian-bookworm}
+else
+  GUEST_DIR=${GUEST_DIR:-$HOME/.cache/cloudlet-guest}
+fi
 HTTP_TIMEOUT=${HTTP_TIMEOUT:-300}
+OVERLAY_ARGS=${OVERLAY_ARGS:-}
 [[ -x $CLOUDLET ]] || { echo "net-bench: $CLOUDLET missing; cargo build --release --workspace" >&2; exit 1; }
 for t in jq curl python3 fusermount3; do
   command -v $t >/dev/null || { echo "net-bench: missing tool: $t" >&2; exit 1; }
@@ -124,18 +138,83 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------------ base + overlay
-[[ -s $GUEST_DIR/disk.img ]] || bash "$REPO/tools/guest/build-guest.sh" "$GUEST_DIR" >&2
+if [[ $GUEST == debian ]]; then
+  [[ -s $GUEST_DIR/guest.json ]] || bash "$REPO/tools/guest/build-debian.sh" "$GUEST_DIR" >&2
+else
+  [[ -s $GUEST_DIR/disk.img ]] || bash "$REPO/tools/guest/build-guest.sh" "$GUEST_DIR" >&2
+fi
 if [[ ! -s $WORK/base.id || ! -d $CLOUDLET_HOME/bases/$(cat "$WORK/base.id") ]]; then
-  log "base: $MEM_MB MiB RAM, 256 MiB disk"
+  log "base: $GUEST guest, $MEM_MB MiB RAM"
   t=$(now)
-  "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb "$MEM_MB" --kernel "$GUEST_DIR/vmlinuz" \
-    --initrd "$GUEST_DIR/initrd.img" --append "$(jq -r .cmdline "$GUEST_DIR/guest.json")" \
-    --ready CLOUDLET-GUEST-READY | tail -n1 >"$WORK/base.id"
+  if [[ $GUEST == debian ]]; then
+    # The image's own bootloader; captured at root's prompt once the guest agent answers.
+    "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb "$MEM_MB" --guest-agent \
+      --ready "$(jq -r .ready_prompt "$GUEST_DIR/guest.json")" --ready-agent \
+      | tail -n1 >"$WORK/base.id"
+  else
+    "$CLOUDLET" base "$GUEST_DIR/disk.img" --memory-mb "$MEM_MB" --kernel "$GUEST_DIR/vmlinuz" \
+      --initrd "$GUEST_DIR/initrd.img" --append "$(jq -r .cmdline "$GUEST_DIR/guest.json")" \
+      --ready CLOUDLET-GUEST-READY | tail -n1 >"$WORK/base.id"
+  fi
   log "base took $(elapsed "$t") s"
 fi
 BASE=$(cat "$WORK/base.id")
 APP=app; (( PROFILE )) && APP=app-profiled
 OV=$WORK/$APP.overlay
+if [[ $GUEST == debian && ( ! -s $WORK/$APP.report.json || ! -s $OV ) ]]; then
+  # A Python web service as a user would install it: Flask + numpy, a systemd unit, 4 MiB of
+  # assets on disk, a 32 MiB numpy "model" made at start (incompressible, stays resident).
+  cat >"$WORK/app.py" <<'EOF'
+import os
+import numpy as np
+from flask import Flask
+
+app = Flask(__name__)
+model = np.frombuffer(os.urandom(32 << 20), dtype=np.uint8)
+assets = "/srv/assets.bin"
+
+
+@app.get("/app/index.html")
+def index():
+    with open(assets, "rb") as f:
+        head = f.read(4096)
+    score = int(model[: 1 << 20].sum() % 1000) + len(head)
+    return f"<html><body>app-ready-{6 * 7} {score}</body></html>"
+
+
+app.run(host="0.0.0.0", port=8080)
+EOF
+  cat >"$WORK/cloudlet-app.service" <<'EOF'
+[Unit]
+Description=cloudlet bench app
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/python3 /srv/cloudlet-app.py
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  cat >"$WORK/custom.sh" <<'EOF'
+dd if=/dev/urandom of=/srv/assets.bin bs=1M count=4
+systemctl daemon-reload
+systemctl enable --now cloudlet-app.service
+sync
+fstrim /
+EOF
+  fwd=$(free_port)
+  prof=()
+  (( PROFILE )) && prof=(--profile-url "http://127.0.0.1:$fwd/app/index.html")
+  log "overlay: customizing the Debian guest through the agent"
+  t=$(now)
+  "$CLOUDLET" overlay "$BASE" -o "$OV" --channel agent --run "$WORK/custom.sh" \
+    --copy "$WORK/app.py:/srv/cloudlet-app.py" \
+    --copy "$WORK/cloudlet-app.service:/etc/systemd/system/cloudlet-app.service" \
+    --hostfwd "tcp:127.0.0.1:$fwd-:8080" --ready-http "http://127.0.0.1:$fwd/app/index.html" \
+    "${prof[@]}" $OVERLAY_ARGS --json >"$WORK/$APP.report.json"
+  log "overlay: working set $(jq .working_set_chunks "$WORK/$APP.report.json") chunks from the $(jq -r .working_set_from "$WORK/$APP.report.json")"
+  log "overlay: $(mib "$(stat -c %s "$OV")") MiB, $(elapsed "$t") s"
+fi
 if [[ ! -s $WORK/$APP.report.json || ! -s $OV ]]; then
   # Each line runs on the guest's serial console.  fstrim + the deleted scratch mirror
   # vm-bench's TRIM variant; the sleep lets the writes settle before the capture.
@@ -164,6 +243,7 @@ EOF
   log "overlay: $(mib "$(stat -c %s "$OV")") MiB, $(elapsed "$t") s"
 fi
 OV_MIB=$(mib "$(stat -c %s "$OV")")
+"$CLOUDLET" info-overlay "$OV" --json >"$WORK/$APP.info.json"
 
 # ------------------------------------------------------------------ server
 TOKEN=$WORK/token
@@ -180,7 +260,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-# run_once MBIT MODE(early|full) PREFIX: writes "seconds demand_requests rss_delta_MiB" to
+# run_once MBIT MODE(early|full) PREFIX: writes "seconds demand_requests rss_delta_MiB
+# bytes_sent segments_sent" to
 # PREFIX.res (not stdout: called in the main shell so the trap knows the client's pid).
 run_once() {
   local mbit=$1 mode=$2 pre=$3
@@ -217,11 +298,14 @@ run_once() {
   # demand up to that moment (early start); full-first asks for none by construction.
   stop_pid "$pid" INT
   if (( ! ok )) || ! grep -q 'app-ready-42' "$pre.body"; then
-    log "no HTTP 200 ($mbit Mbit/s, $mode), see $pre.err"; echo "nan nan nan" >"$pre.res"; return
+    log "no HTTP 200 ($mbit Mbit/s, $mode), see $pre.err"; echo "nan nan nan nan nan" >"$pre.res"; return
   fi
+  # What the client had sent when the session ended at the first 200 (head included).
   local dem=$(jq -r 'select(.event=="closed") | .demand_requests' "$pre.out" 2>/dev/null | tail -n1)
-  awk -v a="$t0" -v b="$t1" -v d="${dem:-nan}" -v p="$peak" -v i="$idle" \
-    'BEGIN {printf "%.2f %s %.1f\n", b-a, d, (p-i)/1024}' >"$pre.res"
+  local sent=$(jq -r 'select(.event=="closed") | .bytes_sent' "$pre.out" 2>/dev/null | tail -n1)
+  local segs=$(jq -r 'select(.event=="closed") | .segments_sent' "$pre.out" 2>/dev/null | tail -n1)
+  awk -v a="$t0" -v b="$t1" -v d="${dem:-nan}" -v p="$peak" -v i="$idle" -v s="${sent:-nan}" -v g="${segs:-nan}" \
+    'BEGIN {printf "%.2f %s %.1f %s %s\n", b-a, d, (p-i)/1024, s, g}' >"$pre.res"
 }
 
 echo "# cloudlet net bench ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(qemu-system-x86_64 --version 2>/dev/null | head -n1), reps=$REPS)"
@@ -309,7 +393,7 @@ for mbit in $RATES; do
     for mode in $modes; do
       run_once "$mbit" "$mode" "$WORK/run-$mbit-$mode-$r"
       res=$(cat "$WORK/run-$mbit-$mode-$r.res")
-      log "$mbit Mbit/s $mode rep $r: $res (s, demand requests, server RSS delta MiB)"
+      log "$mbit Mbit/s $mode rep $r: $res (s, demand requests, server RSS delta MiB, bytes sent, segments sent)"
       echo "$mbit $mode $r $res" >>"$WORK/net.tsv"
     done
   done
@@ -322,13 +406,17 @@ echo
 echo "Clock starts at the launch of \`cloudlet client\`; server on loopback, upload throttled by --rate-limit."
 echo "Demand = segments the server asked for on demand before the first 200 (early start; median)."
 echo "Server RSS = peak VmRSS of \`cloudlet server\` during the session minus idle before it (median, MiB)."
+echo "Sent = bytes the client had sent (head + segments) when the session ended at the first 200,"
+echo "as a share of the overlay file; segs = segments sent completely by then (of $(jq .segments "$WORK/$APP.info.json") in all)."
+echo "Head = the overlay's header + metadata, sent before anything else: $(mib "$(jq '.file_size - .segment_bytes' "$WORK/$APP.info.json")") MiB."
 echo
-echo "| rate Mbit/s | overlay MiB | early s | full-first s | full / early | demand segs | server RSS MiB early | server RSS MiB full | runs early | runs full |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| rate Mbit/s | overlay MiB | early s | full-first s | full / early | sent early | segs early | demand segs | server RSS MiB early | server RSS MiB full | runs early | runs full |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for mbit in $RATES; do
   e=$(col "$mbit" early 4) f=$(col "$mbit" full 4)
   echo "| $mbit | $OV_MIB | $e | $f | $(awk -v e="$e" -v f="$f" 'BEGIN{ if (e>0) printf "%.2f", f/e; else print "nan"}')" \
-    "| $(col "$mbit" early 5) | $(col "$mbit" early 6) | $(col "$mbit" full 6) | $(runs "$mbit" early) | $(runs "$mbit" full) |"
+    "| $(awk -v b="$(col "$mbit" early 7)" -v t="$(stat -c %s "$OV")" 'BEGIN{printf "%.1f%%", 100*b/t}')" \
+    "| $(col "$mbit" early 8) | $(col "$mbit" early 5) | $(col "$mbit" early 6) | $(col "$mbit" full 6) | $(runs "$mbit" early) | $(runs "$mbit" full) |"
 done
 echo
 echo "_script wall time: $(( $(date +%s) - T0 )) s_"

@@ -225,6 +225,16 @@ impl CloudletFs {
         }
     }
 
+    /// The same with every file and folder shown as owned by `uid`:`gid` (default: the
+    /// mounting process's), e.g. the unprivileged user a VM's QEMU runs as; with
+    /// `default_permissions` and the owner-only modes, only that user (and root) may open
+    /// them.
+    pub fn with_owner(mut self, uid: u32, gid: u32) -> Self {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+
     /// The same with a readahead window of `bytes` (default [`MAX_READAHEAD`]).
     pub fn with_readahead(mut self, bytes: u32) -> Self {
         self.readahead = bytes;

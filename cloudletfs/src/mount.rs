@@ -133,6 +133,9 @@ pub struct MountOptions {
     ///
     /// [`MEMORY_READAHEAD`]: crate::fs::MEMORY_READAHEAD
     pub memory_readahead: u32,
+    /// The uid and gid the files are owned by (the user a VM's QEMU runs as); `None`: the
+    /// mounting process's. The modes stay owner-only.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl MountOptions {
@@ -157,6 +160,7 @@ impl MountOptions {
             cow_quota: None,
             memory_mountpoint: None,
             memory_readahead: crate::fs::MEMORY_READAHEAD,
+            owner: None,
         }
     }
 }
@@ -451,7 +455,10 @@ impl FuseMount {
         config.clone_fd = false;
         // Resolved before mounting: afterwards the last component would be this mount's root.
         let canonical = std::fs::canonicalize(mountpoint).ok();
-        let fs = CloudletFs::new(Arc::clone(core), fuse_threads).with_readahead(readahead);
+        let mut fs = CloudletFs::new(Arc::clone(core), fuse_threads).with_readahead(readahead);
+        if let Some((uid, gid)) = opts.owner {
+            fs = fs.with_owner(uid, gid);
+        }
         let started = fuser::Session::new(fs, mountpoint, &config).and_then(|s| {
             let device = fuse_device_released_first(&s);
             Ok((s.spawn()?, device))
@@ -608,6 +615,13 @@ impl Mounted {
     /// A snapshot of all counters.
     pub fn stats(&self) -> Stats {
         self.core.stats()
+    }
+
+    /// A function taking [`Mounted::stats`] snapshots from another thread, e.g. at the moment
+    /// a guest's service first answers.
+    pub fn stats_reader(&self) -> impl Fn() -> Stats + Send + 'static {
+        let core = Arc::clone(&self.core);
+        move || core.stats()
     }
 
     /// Waits until the background filler has finished (`None`: no limit); returns whether

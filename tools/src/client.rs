@@ -5,16 +5,23 @@
 //! ```text
 //!  connect (token) ─► send_overlay_file | send_url ─► events: Accepted, Progress, Demand,
 //!  Resumed (ports), FillDone ─► finish | hold until the stop flag ─► Outcome
+//!                                  └─► (--ready-http-path) probe thread: GET the first
+//!                                      forwarded port until 200 ─► FirstAnswer
 //! ```
+//!
+//! The probe reports what the client had sent when the guest's service first answered: with
+//! early start, the head and the segments the VM needed (plus what the stream sent meanwhile).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 use synth::protocol::known_servers::KNOWN_SERVERS_FILE;
 use synth::protocol::{
-    Client, ClientEvent, ClientOptions, Fingerprint, Outcome, ProtoError, ServerTrust,
-    SessionRequest, Token, TrustOutcome, DEFAULT_PORT,
+    Client, ClientEvent, ClientOptions, Fingerprint, Outcome, PortMapping, ProtoError, ServerTrust,
+    SessionRequest, Token, TransferStats, TrustOutcome, DEFAULT_PORT,
 };
 
 /// Synthesize a VM on a `cloudlet server`: send an overlay (or a URL for the server to
@@ -71,6 +78,22 @@ pub struct ClientArgs {
     /// Print events as JSON lines (--discover: the list as a JSON array).
     #[arg(long)]
     pub json: bool,
+    /// Once the VM resumed, poll http://SERVER:PORT/PATH (PORT: where the first --port is
+    /// forwarded) and report at its first HTTP 200 how long it took and what had been sent by
+    /// then ("first_answer": bytes, segments, on-demand requests).
+    #[arg(long, value_name = "/PATH", requires = "ports")]
+    pub ready_http_path: Option<String>,
+}
+
+/// What had happened when the guest's service first answered (`--ready-http-path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstAnswer {
+    /// The URL that answered.
+    pub url: String,
+    /// Since [`run`] began.
+    pub elapsed: Duration,
+    /// The client's counters at that moment (as of the last part sent).
+    pub transfer: TransferStats,
 }
 
 /// Errors of a client session.
@@ -210,15 +233,84 @@ pub fn connect(
     Ok(Connected { client, addr })
 }
 
+/// The host a forwarded port is reached at: the mapping's address, or the server's host when
+/// the server listens on every address.
+pub fn reach_host(server_addr: &str, mapping: &PortMapping) -> String {
+    if mapping.host_addr == "0.0.0.0" || mapping.host_addr.is_empty() {
+        server_addr
+            .rsplit_once(':')
+            .map_or(server_addr, |(h, _)| h)
+            .to_string()
+    } else {
+        mapping.host_addr.clone()
+    }
+}
+
+/// How long `--ready-http-path` polls for the first answer.
+const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
+
 /// Runs the session: sends what `args` names, then finishes (`--finish`) or holds the session
-/// until `stop` is set; `on_event` hears every event, `on_holding` once the session is held.
+/// until `stop` is set; `on_event` hears every event, `on_holding` once the session is held,
+/// `on_first_answer` (from the probe's thread) the first HTTP 200 of `--ready-http-path`.
 pub fn run(
     conn: &mut Connected,
     args: &ClientArgs,
     stop: &Arc<AtomicBool>,
     on_event: &mut dyn FnMut(&ClientEvent),
     on_holding: &mut dyn FnMut(),
+    on_first_answer: Box<dyn FnOnce(FirstAnswer) + Send>,
 ) -> Result<Outcome, ClientError> {
+    let started = Instant::now();
+    let latest = Arc::new(Mutex::new(TransferStats::default()));
+    let probe_stop = Arc::new(AtomicBool::new(false));
+    let mut probe: Option<std::thread::JoinHandle<()>> = None;
+    let mut report = Some(on_first_answer);
+    let server = conn.addr.clone();
+    let mut on_event = |e: &ClientEvent| {
+        match e {
+            ClientEvent::Progress(t) => {
+                if let Ok(mut l) = latest.lock() {
+                    *l = *t;
+                }
+            }
+            ClientEvent::Resumed(info) => {
+                let target = args.ready_http_path.as_ref().zip(info.ports.first());
+                if let (Some((path, mapping)), None) = (target, &probe) {
+                    let url = format!(
+                        "http://{}:{}/{}",
+                        reach_host(&server, mapping),
+                        mapping.host_port,
+                        path.trim_start_matches('/')
+                    );
+                    let (latest, stop) = (Arc::clone(&latest), Arc::clone(&probe_stop));
+                    let report = report.take();
+                    probe = Some(std::thread::spawn(
+                        move || match crate::session::wait_http_ok(
+                            &url,
+                            FIRST_ANSWER_TIMEOUT,
+                            &stop,
+                        ) {
+                            Ok(()) => {
+                                let elapsed = started.elapsed();
+                                let transfer = latest.lock().map(|l| *l).unwrap_or_default();
+                                if let Some(report) = report {
+                                    report(FirstAnswer {
+                                        url,
+                                        elapsed,
+                                        transfer,
+                                    });
+                                }
+                            }
+                            Err(e) => log::warn!("no first answer: {e}"),
+                        },
+                    ));
+                }
+            }
+            _ => {}
+        }
+        on_event(e);
+    };
+    let on_event = &mut on_event;
     let client = &mut conn.client;
     // A stop (Ctrl-C, SIGTERM): the running call sends Finish and returns.
     let done = Arc::new(AtomicBool::new(false));
@@ -259,6 +351,10 @@ pub fn run(
     })();
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    probe_stop.store(true, Ordering::Relaxed);
+    if let Some(p) = probe {
+        let _ = p.join();
+    }
     result
 }
 

@@ -53,7 +53,7 @@ pub mod url;
 
 pub use client::{
     Client, ClientEvent, ClientOptions, Outcome, ServerTrust, SessionRequest, StopHandle,
-    TrustOutcome,
+    TransferStats, TrustOutcome,
 };
 pub use fingerprint::{format_sha256, parse_sha256, Fingerprint};
 pub use frame::{

@@ -6,7 +6,8 @@
 //!            (the `cloudlet` binary's hidden `qemu-launch` command, parsed into a LaunchPlan)
 //!            1. joins the session's cgroups (writes its own pid to each cgroup.procs)
 //!            2. installs a seccomp filter: madvise(…, MADV_HUGEPAGE) returns 0 and does nothing
-//!            3. exec QEMU (same pid), which later installs its own `-sandbox` filter on top
+//!            3. [--user UID:GID] drops every privilege: no supplementary groups, gid, uid
+//!            4. exec QEMU (same pid), which later installs its own `-sandbox` filter on top
 //! ```
 //!
 //! Why the hugepage filter: QEMU advises guest RAM `MADV_HUGEPAGE`. For a RAM mapping of a
@@ -20,7 +21,10 @@
 //! calls it denies.
 //!
 //! Joining the cgroup before `exec` puts everything QEMU allocates, from its first
-//! instruction, under the session's limits.
+//! instruction, under the session's limits. Dropping to the session's own uid and gid here,
+//! before `exec`, is what QEMU's own `-run-with user=` cannot do under `-sandbox
+//! elevateprivileges=deny`: QEMU drops them after installing its filter, which then kills it
+//! for calling `setuid`.
 //!
 //! The launcher is cloudlet's own binary run again (`std::env::current_exe`), so it needs no
 //! separate install step; a library user without it can still spawn QEMU directly
@@ -40,7 +44,8 @@ use std::process::Command;
 /// Errors of the launcher before it becomes QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    /// The arguments were not `[--no-hugepage] [--cgroup-procs FILE]… -- QEMU ARGS…`.
+    /// The arguments were not `[--no-hugepage] [--cgroup-procs FILE]… [--user UID:GID] --
+    /// QEMU ARGS…`.
     #[error("Bad launcher arguments: {0}")]
     Usage(String),
     /// This machine's architecture has no seccomp filter support in seccompiler.
@@ -83,8 +88,15 @@ pub struct Launcher {
 
 impl Launcher {
     /// The command that runs `qemu` with `args` through this launcher, joining the cgroups
-    /// whose `cgroup.procs` files are `cgroups` first.
-    pub fn command(&self, qemu: &Path, args: &[OsString], cgroups: &[PathBuf]) -> Command {
+    /// whose `cgroup.procs` files are `cgroups` first and running as `user` (uid, gid) when
+    /// given.
+    pub fn command(
+        &self,
+        qemu: &Path,
+        args: &[OsString],
+        cgroups: &[PathBuf],
+        user: Option<(u32, u32)>,
+    ) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.prefix);
         if self.no_hugepage {
@@ -92,6 +104,9 @@ impl Launcher {
         }
         for procs in cgroups {
             cmd.arg("--cgroup-procs").arg(procs);
+        }
+        if let Some((uid, gid)) = user {
+            cmd.arg("--user").arg(format!("{uid}:{gid}"));
         }
         cmd.arg("--").arg(qemu).args(args);
         cmd
@@ -105,6 +120,8 @@ pub struct LaunchPlan {
     pub no_hugepage: bool,
     /// `cgroup.procs` files to write this process's pid to.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The uid and gid QEMU runs as (supplementary groups dropped); `None`: unchanged.
+    pub user: Option<(u32, u32)>,
     /// The QEMU binary.
     pub qemu: PathBuf,
     /// QEMU's arguments.
@@ -112,13 +129,14 @@ pub struct LaunchPlan {
 }
 
 impl LaunchPlan {
-    /// Parses `[--no-hugepage] [--cgroup-procs FILE]… -- QEMU [ARGS…]` (what
+    /// Parses `[--no-hugepage] [--cgroup-procs FILE]… [--user UID:GID] -- QEMU [ARGS…]` (what
     /// [`Launcher::command`] writes after its prefix).
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<LaunchPlan, LauncherError> {
         let mut it = args.into_iter();
         let mut plan = LaunchPlan {
             no_hugepage: false,
             cgroup_procs: Vec::new(),
+            user: None,
             qemu: PathBuf::new(),
             args: Vec::new(),
         };
@@ -133,6 +151,12 @@ impl LaunchPlan {
                         LauncherError::Usage("--cgroup-procs needs a file".into())
                     })?;
                     plan.cgroup_procs.push(PathBuf::from(file));
+                }
+                Some("--user") => {
+                    let spec = it
+                        .next()
+                        .ok_or_else(|| LauncherError::Usage("--user needs UID:GID".into()))?;
+                    plan.user = Some(parse_user(&spec.to_string_lossy())?);
                 }
                 Some("--") => break,
                 _ => {
@@ -170,12 +194,33 @@ impl LaunchPlan {
                 return LauncherError::Seccomp(e.to_string());
             }
         }
-        let source = Command::new(&self.qemu).args(&self.args).exec();
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&self.args);
+        if let Some((uid, gid)) = self.user {
+            // std drops the supplementary groups (setgroups) when root, then setgid, setuid,
+            // right before execve.
+            cmd.uid(uid).gid(gid);
+        }
+        let source = cmd.exec();
         LauncherError::Exec {
             binary: self.qemu.clone(),
             source,
         }
     }
+}
+
+/// `UID:GID`, both numbers; root (0) is refused: dropping to it is no drop.
+fn parse_user(spec: &str) -> Result<(u32, u32), LauncherError> {
+    let bad = || LauncherError::Usage(format!("--user {spec:?}: expected UID:GID, not 0"));
+    let (u, g) = spec.split_once(':').ok_or_else(bad)?;
+    let (uid, gid) = (
+        u.parse::<u32>().map_err(|_| bad())?,
+        g.parse::<u32>().map_err(|_| bad())?,
+    );
+    if uid == 0 || gid == 0 {
+        return Err(bad());
+    }
+    Ok((uid, gid))
 }
 
 /// The filter: `madvise` with advice `MADV_HUGEPAGE` returns 0 without doing anything; every
@@ -215,6 +260,7 @@ mod tests {
             Path::new("/usr/bin/qemu-system-x86_64"),
             &os(&["-m", "256M", "--no-hugepage"]),
             &[PathBuf::from("/sys/fs/cgroup/pids/x/cgroup.procs")],
+            Some((400_001, 400_002)),
         );
         let args: Vec<OsString> = cmd.get_args().skip(1).map(OsString::from).collect();
         let plan = LaunchPlan::parse(args).unwrap();
@@ -223,6 +269,7 @@ mod tests {
             LaunchPlan {
                 no_hugepage: true,
                 cgroup_procs: vec!["/sys/fs/cgroup/pids/x/cgroup.procs".into()],
+                user: Some((400_001, 400_002)),
                 qemu: "/usr/bin/qemu-system-x86_64".into(),
                 args: os(&["-m", "256M", "--no-hugepage"]),
             }
@@ -235,6 +282,12 @@ mod tests {
         assert!(LaunchPlan::parse(os(&["--"])).is_err());
         assert!(LaunchPlan::parse(os(&["--cgroup-procs"])).is_err());
         assert!(LaunchPlan::parse(os(&["--chroot", "/", "--", "qemu"])).is_err());
+        for user in ["0:5", "5:0", "5", "a:b", "-1:5", ""] {
+            assert!(
+                LaunchPlan::parse(os(&["--user", user, "--", "qemu"])).is_err(),
+                "{user}"
+            );
+        }
     }
 
     #[test]

@@ -288,14 +288,16 @@ impl Vm {
 
     /// Like [`Vm::spawn`], through cloudlet's QEMU `launcher`, which first joins the cgroups
     /// whose `cgroup.procs` files are `cgroups` (so QEMU is confined from its first
-    /// instruction) and installs the launcher's seccomp filter, then becomes QEMU (same pid).
+    /// instruction), installs the launcher's seccomp filter and drops to `user` (uid, gid)
+    /// when given, then becomes QEMU (same pid).
     pub fn spawn_via(
         launcher: &launcher::Launcher,
         args: &QemuArgs,
         cgroups: &[PathBuf],
+        user: Option<(u32, u32)>,
     ) -> Result<Vm, VmError> {
         let binary = qemu_binary()?;
-        let cmd = launcher.command(&binary, args.args(), cgroups);
+        let cmd = launcher.command(&binary, args.args(), cgroups, user);
         Vm::spawn_command(cmd, &launcher.program, args)
     }
 

@@ -1,7 +1,9 @@
 //! Every VM the tools start is confined: a real `cloudlet synthesis` of the test guest (TCG)
 //! runs its QEMU under the seccomp filter (`Seccomp: 2` in `/proc/PID/status`) and in a
 //! cgroup of its own with the memory and task limits asked for, the customized service still
-//! answers, and the cgroup is gone once the synthesis ends. QEMU started through cloudlet's
+//! answers, and the cgroup is gone once the synthesis ends. Run as root (as CI does), QEMU runs
+//! as a uid and gid of its own with no supplementary groups, and the session's files are that
+//! uid's alone. QEMU started through cloudlet's
 //! launcher: its guest RAM mapping of `memory/image` comes from the memory mount (readahead
 //! sized for page faults) and has no huge-page advice, so faults read a few KiB around.
 
@@ -110,6 +112,12 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         .unwrap_or_else(|| panic!("{resumed}"));
     let body = http_get(port, "/custom.txt", Duration::from_secs(180));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let memory_image_owner = {
+        use std::os::unix::fs::MetadataExt;
+        let (path, _) = ram_mapping(pid);
+        let m = std::fs::metadata(&path).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
     let dirs = cgroup_dirs(pid);
     let (ram_path, ram_flags) = ram_mapping(pid);
     let memory_mount = ram_path.parent().unwrap().parent().unwrap().to_path_buf();
@@ -145,6 +153,30 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
     assert_eq!(memory_mount.file_name().unwrap(), "mnt-memory");
     assert_eq!((memory_ra, disk_ra), (16, 4096));
     assert_eq!(limits[0].trim(), (700u64 << 20).to_string());
+    let ids = |field: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    let root = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").unwrap().uid() == 0
+    };
+    if root {
+        // Real, effective, saved and file-system ids: all the session's own, none root.
+        let uid = ids("Uid:");
+        assert_eq!(uid.len(), 4, "{status}");
+        assert!(uid.iter().all(|&u| u == uid[0] && u >= 400_000), "{status}");
+        assert_eq!(ids("Gid:"), uid, "{status}");
+        assert!(ids("Groups:").is_empty(), "{status}");
+        assert_eq!(memory_image_owner, (uid[0], uid[0], 0o600));
+        let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
+        assert!(log.contains(&format!("uid {}", uid[0])), "{log}");
+    }
     assert_eq!(limits[1].trim(), "300");
     let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
     assert!(ended.success(), "{ended}: {log}");

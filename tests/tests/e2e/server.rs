@@ -401,15 +401,18 @@ fn server_sessions_resume_refuse_and_clean_up() {
     assert!(mounts.is_empty(), "mounts left: {mounts}");
 
     // (b) A throttled upload (about 30 s): the VM answers before the fill ends, and the
-    // server asks for segments on demand.
+    // server asks for segments on demand. The client's own probe reports that answer with
+    // what it had sent by then.
     let started = Instant::now();
-    let mut c = throttled_early_client(&h, &server, &token, &overlay, &["--finish"]);
+    let extra = ["--finish", "--ready-http-path", "/custom.txt"];
+    let mut c = throttled_early_client(&h, &server, &token, &overlay, &extra);
     let rx = lines(c.child());
     let resumed = wait_event(&rx, "resumed", Duration::from_secs(180));
     let port = mapped_port(&resumed);
     let body = http_get(port, "/custom.txt", Duration::from_secs(180));
     let answered = started.elapsed();
     assert_eq!(body.trim(), "overlay-made-42");
+    let first = wait_event(&rx, "first_answer", Duration::from_secs(180));
     let fill = wait_event(&rx, "fill_done", Duration::from_secs(300));
     let filled = started.elapsed();
     eprintln!("throttled: answered after {answered:?}, fill done after {filled:?}: {fill}");
@@ -423,6 +426,21 @@ fn server_sessions_resume_refuse_and_clean_up() {
     );
     let closed = wait_event(&rx, "closed", Duration::from_secs(60));
     assert!(closed["demand_requests"].as_u64().unwrap() > 0, "{closed}");
+    assert_eq!(
+        first["url"],
+        format!("http://127.0.0.1:{port}/custom.txt"),
+        "{first}"
+    );
+    let sent_then = first["bytes_sent"].as_u64().unwrap();
+    assert!(sent_then > 0, "{first}");
+    assert!(
+        sent_then < closed["bytes_sent"].as_u64().unwrap(),
+        "{first} {closed}"
+    );
+    assert!(
+        first["segments_sent"].as_u64() < first["segments_total"].as_u64(),
+        "{first}"
+    );
     let status = c.child().wait().unwrap();
     assert!(status.success(), "throttled client failed: {status}");
     let (procs, mounts) = leftovers(&tmp(&h));

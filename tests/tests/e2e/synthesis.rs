@@ -117,7 +117,9 @@ fn free_port() -> u16 {
 
 /// `cloudlet synthesis --early-start EXTRA` of `vm.overlay`: the customized page answers
 /// within `first_timeout`, the guest's counter continues from the customization (two requests
-/// made there), and after SIGTERM the port is closed. Returns what synthesis printed.
+/// made there), synthesis's own `--ready-http` probe reports the first answer after the
+/// resume with what was fetched by then, and after SIGTERM the port is closed. Returns what
+/// synthesis printed.
 fn synthesize_customized(
     h: &Scratch,
     base: &str,
@@ -126,14 +128,42 @@ fn synthesize_customized(
 ) -> String {
     let port = free_port();
     let start = Instant::now();
-    let syn = Synthesis::start(h, base, "vm.overlay", port, true, extra);
+    let url = format!("http://127.0.0.1:{port}/custom.txt");
+    let mut args = vec!["--ready-http", &url];
+    args.extend_from_slice(extra);
+    let syn = Synthesis::start(h, base, "vm.overlay", port, true, &args);
     let body = http_get(port, "/custom.txt", first_timeout);
     eprintln!("first response after {:?}", start.elapsed());
     assert_eq!(body.trim(), "overlay-made-42");
     let (count, _) = parse_counter(&http_get(port, "/cgi-bin/counter", Duration::from_secs(20)));
     assert!(count >= 3, "counter restarted: {count}");
     let out = syn.stop();
-    assert!(out.contains("\"VM resumed\""), "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = |name: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == name)
+            .unwrap_or_else(|| panic!("no {name:?} in {out}"))
+    };
+    let (resumed, first) = (at("VM resumed"), at("first answer"));
+    assert!(
+        first["seconds"].as_f64() >= resumed["seconds"].as_f64(),
+        "{out}"
+    );
+    let d = &first["detail"];
+    assert_eq!(d["url"], url.as_str(), "{out}");
+    assert!(
+        d["segments_fetched"].as_u64() <= d["segments_total"].as_u64(),
+        "{out}"
+    );
+    assert!(d["segments_total"].as_u64() > Some(0), "{out}");
+    assert!(
+        d["chunks_on_demand"].is_u64() && d["chunks_pending"].is_u64(),
+        "{out}"
+    );
     assert!(
         try_http_get(port, "/custom.txt").is_err(),
         "VM still running after SIGTERM"

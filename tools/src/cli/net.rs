@@ -199,10 +199,6 @@ pub fn client(ctx: &Context, a: &ClientArgs) -> Result<()> {
     }
     eprintln!("connected to {addr} ({fingerprint}), session {session}");
     let json = a.json;
-    let host = addr
-        .rsplit_once(':')
-        .map_or(addr.as_str(), |(h, _)| h)
-        .to_string();
     let mut last_progress = Instant::now();
     let mut on_event = |e: &ClientEvent| match e {
         ClientEvent::Accepted { base_id, segments } => {
@@ -229,11 +225,7 @@ pub fn client(ctx: &Context, a: &ClientArgs) -> Result<()> {
                 .iter()
                 .map(|p| {
                     // An unspecified public address means "the address you reached me at".
-                    let h = if p.host_addr == "0.0.0.0" || p.host_addr.is_empty() {
-                        host.clone()
-                    } else {
-                        p.host_addr.clone()
-                    };
+                    let h = client::reach_host(&addr, p);
                     json!({
                         "guest": p.guest,
                         "host": h,
@@ -273,9 +265,37 @@ pub fn client(ctx: &Context, a: &ClientArgs) -> Result<()> {
             );
         }
     };
-    let outcome = client::run(&mut conn, a, &stop, &mut on_event, &mut || {
-        eprintln!("session {session} running; Ctrl-C ends it");
-    })?;
+    let on_first_answer = Box::new(move |f: client::FirstAnswer| {
+        let t = f.transfer;
+        let secs = f.elapsed.as_secs_f64();
+        emit(
+            json,
+            json!({ "event": "first_answer", "session": session, "url": f.url,
+                    "seconds": secs, "bytes_sent": t.bytes_sent, "bytes_total": t.bytes_total,
+                    "segments_sent": t.segments_sent, "segments_total": t.segments_total,
+                    "demand_requests": t.demand_requests }),
+            &format!(
+                "first answer from {} after {secs:.2}s: {} of {} bytes sent, {} of {} \
+                 segments, {} asked on demand",
+                f.url,
+                t.bytes_sent,
+                t.bytes_total,
+                t.segments_sent,
+                t.segments_total,
+                t.demand_requests
+            ),
+        );
+    });
+    let outcome = client::run(
+        &mut conn,
+        a,
+        &stop,
+        &mut on_event,
+        &mut || {
+            eprintln!("session {session} running; Ctrl-C ends it");
+        },
+        on_first_answer,
+    )?;
     let t = outcome.transfer;
     emit(
         json,

@@ -43,22 +43,29 @@ pub fn cli_launcher() -> Option<Launcher> {
     })
 }
 
-/// Starts QEMU with `args`, in `cgroup` when given: through the launcher if one is set (it
-/// joins the cgroup before it becomes QEMU), else directly and moved in right after start
-/// (where that fails, QEMU runs unconfined and the returned flag is false).
+/// Starts QEMU with `args`, in `cgroup` when given, as `user` (uid, gid) when given: through
+/// the launcher if one is set (it joins the cgroup and drops to the user before it becomes
+/// QEMU), else directly and moved into the cgroup right after start (where that fails, QEMU
+/// runs unconfined and the returned flag is false). A `user` needs the launcher.
 pub(crate) fn spawn_qemu(
     args: &QemuArgs,
     cgroup: Option<&SessionCgroup>,
+    user: Option<(u32, u32)>,
 ) -> Result<(Vm, bool), VmError> {
     match LAUNCHER.get() {
         Some(launcher) => {
             let procs: Vec<PathBuf> = cgroup
                 .map(|cg| cg.dirs().iter().map(|d| d.join("cgroup.procs")).collect())
                 .unwrap_or_default();
-            let vm = Vm::spawn_via(launcher, args, &procs)?;
+            let vm = Vm::spawn_via(launcher, args, &procs, user)?;
             Ok((vm, cgroup.is_some()))
         }
         None => {
+            if let Some((uid, _)) = user {
+                log::warn!(
+                    "no QEMU launcher in this program: QEMU runs as cloudlet's uid, not {uid}"
+                );
+            }
             let vm = Vm::spawn(args)?;
             let joined = match cgroup {
                 Some(cg) => match cg.add(vm.pid()) {

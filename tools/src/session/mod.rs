@@ -25,6 +25,7 @@ pub mod launch;
 pub mod resume;
 pub mod run_dir;
 pub mod synthesis;
+pub mod user;
 pub mod wait;
 
 pub use resume::{
@@ -77,6 +78,18 @@ pub enum SessionError {
     /// A wait ended without what it waited for (signal, timeout, QEMU gone).
     #[error(transparent)]
     Wait(#[from] WaitError),
+    /// No uid was free for the session's QEMU.
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    /// Preparing the run folder for the session's uid failed.
+    #[error("Giving {path} to the session's uid failed")]
+    Chown {
+        /// The folder.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Installing the SIGINT/SIGTERM handlers failed.
     #[error("Installing the signal handlers failed")]
     Signals(#[source] std::io::Error),

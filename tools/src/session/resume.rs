@@ -3,6 +3,7 @@
 
 use super::cgroup::{CgroupLimits, SessionCgroup};
 use super::launch::spawn_qemu;
+use super::user::{SessionUser, UidRange};
 use super::{RunDir, SessionError, WaitError};
 use cloudletfs::{mount, MountOptions, Mounted, OverlaySource};
 use std::path::{Path, PathBuf};
@@ -116,6 +117,8 @@ pub struct RunningVm {
     pub vm: ResumedVm,
     /// The QEMU's cgroup (removed once QEMU is gone), when it has one.
     pub cgroup: Option<SessionCgroup>,
+    /// The uid QEMU runs as (free again once QEMU is gone), when it has one of its own.
+    pub user: Option<SessionUser>,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -128,9 +131,13 @@ impl RunningVm {
     /// How the VM's QEMU is confined, for logs and `list-session`: "seccomp, cgroup v1:
     /// memory 1024 MiB, 512 tasks", or "seccomp, no cgroup"; libvirt's own for its domains.
     pub fn confinement(&self) -> String {
+        let who = match &self.user {
+            Some(u) => format!("uid {}", u.ids().0),
+            None => "cloudlet's uid".into(),
+        };
         match (&self.vm, &self.cgroup) {
-            (ResumedVm::Qemu(_), Some(cg)) => format!("seccomp, {}", cg.describe()),
-            (ResumedVm::Qemu(_), None) => "seccomp, no cgroup".into(),
+            (ResumedVm::Qemu(_), Some(cg)) => format!("{who}, seccomp, {}", cg.describe()),
+            (ResumedVm::Qemu(_), None) => format!("{who}, seccomp, no cgroup"),
             #[cfg(feature = "libvirt")]
             (ResumedVm::Libvirt(_), _) => "libvirt's".into(),
         }
@@ -141,12 +148,14 @@ impl RunningVm {
         let RunningVm {
             vm,
             cgroup,
+            user,
             mounted,
             run,
             ..
         } = self;
         drop(vm);
         drop(cgroup);
+        drop(user);
         let stats = mounted.stats();
         mounted.unmount().map_err(SessionError::Unmount)?;
         drop(run);
@@ -178,6 +187,15 @@ pub struct LimitArgs {
     /// Run QEMU without a cgroup of its own (no memory or task limit).
     #[arg(long)]
     pub no_cgroup: bool,
+    /// The uids (each also the gid) a session's QEMU runs as, one per live session, when
+    /// cloudlet runs as root: no accounts needed, just numbers no one else uses.
+    #[arg(long, value_name = "START-END", default_value = super::user::DEFAULT_UIDS,
+          value_parser = super::user::parse_uid_range)]
+    pub qemu_uids: UidRange,
+    /// INSECURE: run QEMU as root (cloudlet's own user) rather than as a uid of its own; a
+    /// guest that takes QEMU over then holds root's file access.
+    #[arg(long)]
+    pub qemu_as_root: bool,
 }
 
 /// Default of `--qemu-pids-limit`: QEMU under TCG runs a thread per vCPU, a main loop, RCU and
@@ -192,6 +210,8 @@ impl Default for LimitArgs {
             qemu_memory_limit_mib: None,
             qemu_pids_limit: DEFAULT_QEMU_PIDS,
             no_cgroup: false,
+            qemu_uids: UidRange::default(),
+            qemu_as_root: false,
         }
     }
 }
@@ -209,6 +229,22 @@ impl LimitArgs {
             memory_bytes: mib.saturating_mul(1 << 20),
             pids: self.qemu_pids_limit,
         })
+    }
+
+    /// The session's own uid for QEMU: allocated when this process is root and
+    /// `--qemu-as-root` was not given (which is warned about); `None` otherwise.
+    pub fn qemu_user(&self) -> Result<Option<SessionUser>, SessionError> {
+        if !super::user::is_root() {
+            return Ok(None);
+        }
+        if self.qemu_as_root {
+            log::warn!(
+                "INSECURE: QEMU runs as root (--qemu-as-root): a guest that takes QEMU over \
+                 can read and write every file root can"
+            );
+            return Ok(None);
+        }
+        Ok(Some(SessionUser::allocate(&self.qemu_uids)?))
     }
 
     /// `--max-disk-growth-mib` in bytes.
@@ -251,7 +287,7 @@ pub(crate) fn mount_vm(
     run: &RunDir,
     fill: bool,
 ) -> Result<Mounted, SessionError> {
-    mount_vm_with(base, overlay, run, fill, &LimitArgs::default())
+    mount_vm_with(base, overlay, run, fill, &LimitArgs::default(), None)
 }
 
 /// Mounts `overlay` over `base` at `run/mnt` (and again at `run/mnt-memory`, where guest RAM
@@ -266,6 +302,7 @@ pub(crate) fn mount_vm_with(
     run: &RunDir,
     fill: bool,
     limits: &LimitArgs,
+    owner: Option<(u32, u32)>,
 ) -> Result<Mounted, SessionError> {
     let (mnt, memory_mnt) = (run.join("mnt"), run.join("mnt-memory"));
     for dir in [&mnt, &memory_mnt] {
@@ -277,6 +314,7 @@ pub(crate) fn mount_vm_with(
     let mut opts = MountOptions::new(base.clone(), overlay, &mnt);
     // Guest RAM is mapped from a second mount with a readahead sized for page faults.
     opts.memory_mountpoint = Some(memory_mnt);
+    opts.owner = owner;
     opts.state_dir = Some(run.join("state"));
     opts.cache_dir = Some(run.path().to_path_buf());
     opts.background_fill = fill;
@@ -324,7 +362,13 @@ pub fn resume_vm_with(
     } = *how;
     backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
-    let mounted = mount_vm_with(base, overlay, &run, true, limits)?;
+    // Only QEMU run directly gets a uid of its own; libvirt runs its domains as its own user.
+    let user = match backend {
+        Backend::Qemu => limits.qemu_user()?,
+        _ => None,
+    };
+    let owner = user.as_ref().map(SessionUser::ids);
+    let mounted = mount_vm_with(base, overlay, &run, true, limits, owner)?;
     on_event("overlay opened");
     if !early_start {
         while !mounted.wait_filled(Some(Duration::from_millis(250))) {
@@ -352,12 +396,20 @@ pub fn resume_vm_with(
     let mut cgroup = None;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
+            if let Some(ids) = owner {
+                give_run_dir(&run, ids)?;
+            }
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
             let cg = confine(&run, limits.cgroup(base.record.config.memory_mb));
-            let (mut vm, joined) = spawn_qemu(&args, cg.as_ref())?;
+            let (mut vm, joined) = spawn_qemu(&args, cg.as_ref(), owner)?;
+            let who = owner.map_or("cloudlet's uid".to_string(), |(uid, _)| {
+                format!("uid {uid}")
+            });
             if let Some(cg) = cg.filter(|_| joined) {
-                log::info!("QEMU pid {} confined: {}", vm.pid(), cg.describe());
+                log::info!("QEMU pid {} confined: {who}, {}", vm.pid(), cg.describe());
                 cgroup = Some(cg);
+            } else {
+                log::info!("QEMU pid {} confined: {who}, no cgroup", vm.pid());
             }
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
@@ -371,10 +423,30 @@ pub fn resume_vm_with(
     Ok(RunningVm {
         vm,
         cgroup,
+        user,
         mounted,
         serial_log,
         run,
     })
+}
+
+/// Lets the session's uid reach what its QEMU opens by path in the run folder: the folder
+/// itself becomes traversable but not listable (0711: the mount points, whose roots the
+/// session's uid owns), and `run/` (QMP, serial and agent sockets, the serial log) is its own
+/// (0700).
+fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
+    use std::os::unix::fs::PermissionsExt;
+    let sockets = run.join("run");
+    let chown_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SessionError::Chown { path, source }
+    };
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711))
+        .map_err(chown_err(run.path()))?;
+    std::fs::create_dir_all(&sockets).map_err(chown_err(&sockets))?;
+    std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(chown_err(&sockets))?;
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700))
+        .map_err(chown_err(&sockets))
 }
 
 /// The session's cgroup with `limits`, or `None` (with a warning) where the host has none or

@@ -1,11 +1,19 @@
 //! `cloudlet synthesis`: one session run until a signal, with its timeline:
-//! "overlay opened" → ["overlay fetched (eager)"] → "VM resumed" → "background fill done" →
-//! "VM stopped".
+//! "overlay opened" → ["overlay fetched (eager)"] → "VM resumed" → ["first answer"] →
+//! "background fill done" → "VM stopped" ("first answer" and "background fill done" in
+//! whichever order they happen).
+//!
+//! With `--ready-http URL`, a probe thread polls the guest's service from "VM resumed" on;
+//! at its first HTTP 200 it snapshots the mount's counters, so "first answer" says what early
+//! start had fetched by then (segments, bytes, chunks on demand and in background).
 
-use super::{resume_vm_with, Backend, BackendKind, LimitArgs, ResumeOptions, SessionError};
+use super::{
+    resume_vm_with, wait_http_ok, Backend, BackendKind, LimitArgs, ResumeOptions, SessionError,
+};
 use cloudletfs::OverlaySource;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use synth::registry::Registry;
 use synth::vm::HostFwd;
@@ -28,6 +36,11 @@ pub struct SynthesisArgs {
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub exit_after: Option<u64>,
+    /// Poll this URL (reached through --hostfwd) from the resume on, and report at its first
+    /// HTTP 200 what had been fetched by then ("first answer": segments, bytes, chunks on
+    /// demand and in background).
+    #[arg(long, value_name = "http://HOST:PORT/PATH")]
+    pub ready_http: Option<String>,
     /// Print the timeline as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -66,10 +79,11 @@ pub fn synthesis(
     let backend = Backend::new(args.backend, &args.libvirt_uri);
     backend.check()?;
     let t0 = Instant::now();
-    let mut emit = |event: &'static str, detail: Option<serde_json::Value>| {
+    // `at`: when it happened, if not now (seconds since the start).
+    let mut emit_at = |event: &'static str, at: Option<f64>, detail: Option<serde_json::Value>| {
         on_event(TimelineEvent {
             event,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: at.unwrap_or_else(|| t0.elapsed().as_secs_f64()),
             detail,
         });
     };
@@ -93,15 +107,16 @@ pub fn synthesis(
         &args.limits,
         stop,
         &mut |e: &str| match e {
-            "overlay opened" => emit("overlay opened", None),
-            "overlay fetched (eager)" => emit("overlay fetched (eager)", None),
+            "overlay opened" => emit_at("overlay opened", None, None),
+            "overlay fetched (eager)" => emit_at("overlay fetched (eager)", None, None),
             _ => {}
         },
     )?;
     let timings = running.vm.timings();
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-    emit(
+    emit_at(
         "VM resumed",
+        None,
         Some(serde_json::json!({
             "ports": ports,
             "backend": backend.name(),
@@ -113,6 +128,26 @@ pub fn synthesis(
         })),
     );
     log::info!("serial console log: {}", running.serial_log.display());
+    let probe_stop = Arc::new(AtomicBool::new(false));
+    let first_answer = args.ready_http.as_ref().map(|url| {
+        let (tx, rx) = mpsc::channel();
+        let (url, stats, stop) = (
+            url.clone(),
+            running.mounted.stats_reader(),
+            Arc::clone(&probe_stop),
+        );
+        let probe =
+            std::thread::spawn(
+                move || match wait_http_ok(&url, FIRST_ANSWER_TIMEOUT, &stop) {
+                    Ok(()) => {
+                        let at = t0.elapsed().as_secs_f64();
+                        let _ = tx.send((at, first_answer_detail(&url, &stats())));
+                    }
+                    Err(e) => log::warn!("no first answer: {e}"),
+                },
+            );
+        (probe, rx)
+    });
     let mut filled = !args.early_start;
     let deadline = args
         .exit_after
@@ -127,18 +162,45 @@ pub fn synthesis(
                 .wait_filled(Some(Duration::from_millis(200)))
         {
             filled = true;
-            emit("background fill done", None);
+            emit_at("background fill done", None, None);
         } else if filled {
             std::thread::sleep(Duration::from_millis(200));
         }
+        if let Some((at, detail)) = first_answer.as_ref().and_then(|(_, rx)| rx.try_recv().ok()) {
+            emit_at("first answer", Some(at), Some(detail));
+        }
         if !running.mounted.is_alive() {
+            probe_stop.store(true, Ordering::Relaxed);
             return Err(SessionError::MountGone);
         }
     }
+    probe_stop.store(true, Ordering::Relaxed);
+    if let Some((probe, _)) = first_answer {
+        let _ = probe.join();
+    }
     let stats = running.stop()?;
-    emit(
+    emit_at(
         "VM stopped",
+        None,
         Some(serde_json::to_value(&stats).unwrap_or_default()),
     );
     Ok(())
+}
+
+/// How long `--ready-http` polls for the first answer.
+const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// The "first answer" event's details: what the mount had fetched when `url` first answered.
+fn first_answer_detail(url: &str, stats: &cloudletfs::Stats) -> serde_json::Value {
+    let f = &stats.fetch;
+    let (d, m) = (&stats.disk.chunks, &stats.memory.chunks);
+    serde_json::json!({
+        "url": url,
+        "segments_fetched": f.segments_done,
+        "segments_total": f.segments,
+        "bytes_fetched": f.bytes_fetched,
+        "chunks_on_demand": d.fetched_on_demand + m.fetched_on_demand,
+        "chunks_in_background": d.filled_in_background + m.filled_in_background,
+        "chunks_pending": d.pending + m.pending,
+    })
 }
