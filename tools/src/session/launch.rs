@@ -32,14 +32,23 @@ pub fn use_launcher(launcher: Launcher) {
     }
 }
 
+/// Set to `keep` to let QEMU advise huge pages on guest RAM as it does by itself: for
+/// measuring what the filter costs or saves (`bench/net-bench.sh -G`), not for use.
+pub const HUGEPAGE_ENV: &str = "CLOUDLET_QEMU_HUGEPAGE";
+
 /// The launcher that is the running `cloudlet` binary itself (`LAUNCH_COMMAND`), with the
-/// hugepage filter on; `None` if this process cannot name its own binary.
+/// hugepage filter on (unless [`HUGEPAGE_ENV`] is `keep`); `None` if this process cannot
+/// name its own binary.
 pub fn cli_launcher() -> Option<Launcher> {
     let program = std::env::current_exe().ok()?;
+    let keep = std::env::var(HUGEPAGE_ENV).is_ok_and(|v| v == "keep");
+    if keep {
+        log::warn!("{HUGEPAGE_ENV}=keep: QEMU advises huge pages on guest RAM (faults read 2 MiB)");
+    }
     Some(Launcher {
         program,
         prefix: vec![OsString::from(LAUNCH_COMMAND)],
-        no_hugepage: true,
+        no_hugepage: !keep,
     })
 }
 

@@ -128,8 +128,9 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// How the VM's QEMU is confined, for logs and `list-session`: "seccomp, cgroup v1:
-    /// memory 1024 MiB, 512 tasks", or "seccomp, no cgroup"; libvirt's own for its domains.
+    /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, seccomp,
+    /// cgroup v1: memory 1024 MiB, 512 tasks", or "cloudlet's uid, seccomp, no cgroup";
+    /// libvirt's own for its domains.
     pub fn confinement(&self) -> String {
         let who = match &self.user {
             Some(u) => format!("uid {}", u.ids().0),
