@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The cgroup folders `pid` is in for memory and pids: one folder for cgroup v2, the memory
-/// and pids hierarchies' folders for v1.
+/// The cgroup folders `pid` is in for memory, pids and cpu, with the file holding each limit:
+/// one folder for cgroup v2, the three hierarchies' folders for v1.
 fn cgroup_dirs(pid: u32) -> Vec<(String, PathBuf)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let root = Path::new("/sys/fs/cgroup");
@@ -33,7 +33,11 @@ fn cgroup_dirs(pid: u32) -> Vec<(String, PathBuf)> {
     };
     if root.join("cgroup.controllers").exists() {
         let d = root.join(path_of(""));
-        vec![("memory.max".into(), d.clone()), ("pids.max".into(), d)]
+        vec![
+            ("memory.max".into(), d.clone()),
+            ("pids.max".into(), d.clone()),
+            ("cpu.max".into(), d),
+        ]
     } else {
         vec![
             (
@@ -41,6 +45,10 @@ fn cgroup_dirs(pid: u32) -> Vec<(String, PathBuf)> {
                 root.join("memory").join(path_of("memory")),
             ),
             ("pids.max".into(), root.join("pids").join(path_of("pids"))),
+            (
+                "cpu.cfs_quota_us".into(),
+                root.join("cpu").join(path_of("cpu")),
+            ),
         ]
     }
 }
@@ -98,6 +106,7 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         .args(["synthesis", &base, &overlay, "--early-start", "--json"])
         .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8080")])
         .args(["--qemu-memory-limit-mib", "700", "--qemu-pids-limit", "300"])
+        .args(["--qemu-cpu-percent", "150"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(h.p("synthesis.log")).unwrap())
         .spawn()
@@ -178,10 +187,16 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         assert!(log.contains(&format!("uid {}", uid[0])), "{log}");
     }
     assert_eq!(limits[1].trim(), "300");
+    // 150% of one CPU: 150 ms per 100 ms period (v2 writes "QUOTA PERIOD").
+    assert_eq!(
+        limits[2].split_whitespace().next(),
+        Some("150000"),
+        "{limits:?}"
+    );
     let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
     assert!(ended.success(), "{ended}: {log}");
     for (_, d) in &dirs {
         assert!(!d.exists(), "cgroup left behind: {}", d.display());
     }
-    assert!(log.contains("memory 700 MiB, 300 tasks"), "{log}");
+    assert!(log.contains("memory 700 MiB, 300 tasks, CPU 150%"), "{log}");
 }

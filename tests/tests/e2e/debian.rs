@@ -321,6 +321,8 @@ fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
     let ready = format!("http://127.0.0.1:{port}/page");
     let (agent_out, agent_sh) = (h.p("agent.overlay"), h.p("agent.sh"));
     let mut args = vec!["overlay", &base, "-o", &agent_out, "--run", &agent_sh];
+    // The working set is profiled (what a resumed VM touches until the page answers, and 2 s
+    // on), as an operator would for early start.
     args.extend_from_slice(&[
         "--channel",
         "agent",
@@ -328,6 +330,10 @@ fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
         &fwd,
         "--ready-http",
         &ready,
+        "--profile-url",
+        &ready,
+        "--profile-settle",
+        "2",
     ]);
     for c in &copies {
         args.extend_from_slice(&["--copy", c]);
@@ -338,28 +344,52 @@ fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["channel"], "agent", "{report}");
     assert_eq!(report["files_copied"], 3, "{report}");
+    assert_eq!(report["working_set_from"], "profile", "{report}");
     assert!(err.contains("active\n"), "{err}");
 
     // Act 3: synthesize the agent's overlay with early start.
     let port = synth::vm::free_tcp_port().unwrap();
+    let url = format!("http://127.0.0.1:{port}/page");
     let start = Instant::now();
-    let _syn = Synthesis(
+    let mut syn = Synthesis(
         Command::new(workspace_bin("cloudlet"))
             .env("CLOUDLET_HOME", h.home())
-            .args(["synthesis", &base, &agent_out, "--early-start"])
+            .args(["synthesis", &base, &agent_out, "--early-start", "--json"])
             .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8000")])
-            .stdout(Stdio::null())
+            .args(["--ready-http", &url])
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     );
+    let rx = crate::server::lines(&mut syn.0);
     let body = http_get(port, "/page", BOOT_TIMEOUT);
     eprintln!(
         "synthesis: first answer after {:.1}s",
         start.elapsed().as_secs_f64()
     );
+    let missing = try_http_get(port, "/nothing-here");
+    let first = crate::server::wait_event(&rx, "first answer", BOOT_TIMEOUT);
+    // Every chunk rebuilt (and checked) before the VM is stopped.
+    crate::server::wait_event(&rx, "background fill done", BOOT_TIMEOUT);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(syn.0.id().to_string())
+        .status();
+    let stopped = crate::server::wait_event(&rx, "VM stopped", BOOT_TIMEOUT)["detail"].clone();
+    let status = syn.0.wait().unwrap();
 
-    // Assert: the page the test chose, served by the service the customization installed.
+    // Assert: the page the test chose, served by the service the customization installed,
+    // and every chunk verified: none failed, none left pending, no corrupt segment.
     assert_eq!(body, page);
-    assert!(try_http_get(port, "/nothing-here").is_err());
+    assert!(missing.is_err());
+    assert!(status.success(), "{status}");
+    assert_eq!(first["detail"]["url"], url.as_str(), "{first}");
+    for image in ["disk", "memory"] {
+        let s = &stopped[image];
+        assert_eq!(s["verification_failures"], 0, "{image}: {s}");
+        assert_eq!(s["fetch_errors"], 0, "{image}: {s}");
+        assert_eq!(s["chunks"]["pending"], 0, "{image}: {s}");
+    }
+    assert_eq!(stopped["fetch"]["segments_corrupt"], 0, "{stopped}");
 }

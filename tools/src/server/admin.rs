@@ -145,7 +145,7 @@ pub struct SessionInfo {
     pub ports: Vec<PortMapping>,
     /// Pid of the session's QEMU, once it runs.
     pub qemu_pid: Option<u32>,
-    /// How its QEMU is confined ("uid 400000, seccomp, cgroup v1: memory 1024 MiB, 512 tasks"), once it
+    /// How its QEMU is confined ("uid 400000, seccomp, cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%"), once it
     /// runs.
     #[serde(default)]
     pub confinement: Option<String>,

@@ -1,15 +1,21 @@
-//! One cgroup per session's QEMU, bounding its memory and its number of tasks, removed when the
-//! session ends.
+//! One cgroup per session's QEMU, bounding its memory, its number of tasks and its CPU time,
+//! removed when the session ends.
 //!
 //! ```text
 //!  SessionCgroup::create(name, limits)
-//!     v2 (/sys/fs/cgroup/cgroup.controllers): <own cgroup>/cloudlet-NAME, memory.max, pids.max
-//!        (memory and pids enabled in the parent's cgroup.subtree_control first)
+//!     v2 (/sys/fs/cgroup/cgroup.controllers): <own cgroup>/cloudlet-NAME, memory.max, pids.max,
+//!        cpu.max (memory, pids and, where the host has it, cpu enabled in the parent's
+//!        cgroup.subtree_control first)
 //!     v1: memory/<own cgroup>/cloudlet-NAME (memory.limit_in_bytes)
 //!         pids/<own cgroup>/cloudlet-NAME (pids.max)
-//!  SessionCgroup::add(QEMU pid)  ─► cgroup.procs of each
+//!         cpu/<own cgroup>/cloudlet-NAME (cpu.cfs_quota_us over cpu.cfs_period_us), if mounted
+//!  the launcher writes QEMU's pid to cgroup.procs of each before exec (or SessionCgroup::add)
 //!  drop (after QEMU was reaped) ─► rmdir of each
 //! ```
+//!
+//! The CPU bound is a quota (CFS bandwidth), not a weight: a session gets at most its share
+//! even on an idle host, so one guest spinning cannot take the cores the others need. Where the
+//! host has no cpu controller the session runs without it, and `describe` says so.
 //!
 //! The session's cgroups are children of the cgroup this process is in, so they stay inside
 //! whatever limits the operator put on the server itself. QEMU is moved in right after it
@@ -30,7 +36,12 @@ pub struct CgroupLimits {
     pub memory_bytes: u64,
     /// Most tasks (processes and threads).
     pub pids: u64,
+    /// Most CPU time, in percent of one CPU (200: two CPUs' worth).
+    pub cpu_percent: u64,
 }
+
+/// The CFS period both versions use: 100 ms.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// Errors of setting up a session's cgroup.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +78,8 @@ pub struct SessionCgroup {
     dirs: Vec<PathBuf>,
     limits: CgroupLimits,
     version: u8,
+    /// Whether the CPU quota applies (the host has the cpu controller).
+    cpu: bool,
 }
 
 /// The path of this process's cgroup in the hierarchy whose `/proc/self/cgroup` line ends in
@@ -107,12 +120,19 @@ impl SessionCgroup {
             // Controllers must be enabled for the children; a cgroup with processes of its own
             // (other than the root) cannot do that, and the error says so.
             write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
+            let cpu_available = std::fs::read_to_string(parent.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+            let cpu = cpu_available
+                && write(&parent.join("cgroup.subtree_control"), "+cpu")
+                    .map_err(|e| log::warn!("no CPU quota for sessions: {e}"))
+                    .is_ok();
             let dir = parent.join(&leaf);
             make_dir(&dir)?;
             let cg = SessionCgroup {
                 dirs: vec![dir.clone()],
                 limits,
                 version: 2,
+                cpu,
             };
             write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
             write(&dir.join("memory.swap.max"), "0").or_else(|e| {
@@ -121,6 +141,13 @@ impl SessionCgroup {
                 Ok::<(), CgroupError>(())
             })?;
             write(&dir.join("pids.max"), &limits.pids.to_string())?;
+            if cpu {
+                // "QUOTA PERIOD"
+                write(
+                    &dir.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", cpu_quota(limits)),
+                )?;
+            }
             return Ok(cg);
         }
         let (mem_root, pids_root) = (root.join("memory"), root.join("pids"));
@@ -133,10 +160,12 @@ impl SessionCgroup {
         let pids = pids_root
             .join(own_path("pids").unwrap_or_default())
             .join(&leaf);
+        let cpu_root = root.join("cpu");
         let mut cg = SessionCgroup {
             dirs: Vec::new(),
             limits,
             version: 1,
+            cpu: cpu_root.join("cpu.cfs_quota_us").exists(),
         };
         make_dir(&mem)?;
         cg.dirs.push(mem.clone());
@@ -147,6 +176,18 @@ impl SessionCgroup {
             &limits.memory_bytes.to_string(),
         )?;
         write(&pids.join("pids.max"), &limits.pids.to_string())?;
+        if cg.cpu {
+            let cpu = cpu_root
+                .join(own_path("cpu").unwrap_or_default())
+                .join(&leaf);
+            make_dir(&cpu)?;
+            cg.dirs.push(cpu.clone());
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(
+                &cpu.join("cpu.cfs_quota_us"),
+                &cpu_quota(limits).to_string(),
+            )?;
+        }
         Ok(cg)
     }
 
@@ -158,20 +199,34 @@ impl SessionCgroup {
         Ok(())
     }
 
-    /// The cgroup folders (one for v2, memory and pids for v1).
+    /// The cgroup folders (one for v2; memory, pids and cpu for v1).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
 
-    /// What applies, for logs and `list-session`: "cgroup v1: memory 768 MiB, 512 tasks".
+    /// What applies, for logs and `list-session`: "cgroup v1: memory 768 MiB, 512 tasks, CPU
+    /// 200%" ("no CPU quota" where the host has no cpu controller).
     pub fn describe(&self) -> String {
+        let cpu = if self.cpu {
+            format!("CPU {}%", self.limits.cpu_percent)
+        } else {
+            "no CPU quota".to_string()
+        };
         format!(
-            "cgroup v{}: memory {} MiB, {} tasks",
+            "cgroup v{}: memory {} MiB, {} tasks, {cpu}",
             self.version,
             self.limits.memory_bytes >> 20,
             self.limits.pids
         )
     }
+}
+
+/// The CFS quota in microseconds per [`CPU_PERIOD_US`] for `limits` (at least 1 ms).
+fn cpu_quota(limits: CgroupLimits) -> u64 {
+    limits
+        .cpu_percent
+        .saturating_mul(CPU_PERIOD_US / 100)
+        .max(1_000)
 }
 
 impl Drop for SessionCgroup {

@@ -129,7 +129,7 @@ pub struct RunningVm {
 
 impl RunningVm {
     /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, seccomp,
-    /// cgroup v1: memory 1024 MiB, 512 tasks", or "cloudlet's uid, seccomp, no cgroup";
+    /// cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%", or "cloudlet's uid, seccomp, no cgroup";
     /// libvirt's own for its domains.
     pub fn confinement(&self) -> String {
         let who = match &self.user {
@@ -185,7 +185,11 @@ pub struct LimitArgs {
     /// Most tasks (threads) each VM's QEMU may have, through its cgroup.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_QEMU_PIDS)]
     pub qemu_pids_limit: u64,
-    /// Run QEMU without a cgroup of its own (no memory or task limit).
+    /// Most CPU time each VM's QEMU may use through its cgroup, in percent of one CPU
+    /// [default: 100 per vCPU plus 100 for QEMU's own threads].
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub qemu_cpu_percent: Option<u64>,
+    /// Run QEMU without a cgroup of its own (no memory, task or CPU limit).
     #[arg(long)]
     pub no_cgroup: bool,
     /// The uids (each also the gid) a session's QEMU runs as, one per live session, when
@@ -210,6 +214,7 @@ impl Default for LimitArgs {
             cow_quota_mib: None,
             qemu_memory_limit_mib: None,
             qemu_pids_limit: DEFAULT_QEMU_PIDS,
+            qemu_cpu_percent: None,
             no_cgroup: false,
             qemu_uids: UidRange::default(),
             qemu_as_root: false,
@@ -218,8 +223,9 @@ impl Default for LimitArgs {
 }
 
 impl LimitArgs {
-    /// The cgroup limits for a VM of `guest_mb` MiB of RAM; `None` with `--no-cgroup`.
-    pub fn cgroup(&self, guest_mb: u64) -> Option<CgroupLimits> {
+    /// The cgroup limits for a VM of `guest_mb` MiB of RAM and `vcpus` vCPUs; `None` with
+    /// `--no-cgroup`.
+    pub fn cgroup(&self, guest_mb: u64, vcpus: u32) -> Option<CgroupLimits> {
         if self.no_cgroup {
             return None;
         }
@@ -229,6 +235,9 @@ impl LimitArgs {
         Some(CgroupLimits {
             memory_bytes: mib.saturating_mul(1 << 20),
             pids: self.qemu_pids_limit,
+            cpu_percent: self
+                .qemu_cpu_percent
+                .unwrap_or_else(|| (u64::from(vcpus) + 1).saturating_mul(100)),
         })
     }
 
@@ -401,7 +410,8 @@ pub fn resume_vm_with(
                 give_run_dir(&run, ids)?;
             }
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
-            let cg = confine(&run, limits.cgroup(base.record.config.memory_mb));
+            let config = &base.record.config;
+            let cg = confine(&run, limits.cgroup(config.memory_mb, config.vcpus));
             let (mut vm, joined) = spawn_qemu(&args, cg.as_ref(), owner)?;
             let who = owner.map_or("cloudlet's uid".to_string(), |(uid, _)| {
                 format!("uid {uid}")
