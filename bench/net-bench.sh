@@ -40,10 +40,14 @@ usage: net-bench.sh [-g GUEST] [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS]
               through the guest agent with a Flask + numpy service)
   -n REPS     repetitions per rate and mode (default 3; median reported)
   -m MEM_MB   guest RAM in MiB (default 256, 1024 with -g debian)
-  -p          profile the working set (`cloudlet overlay --profile-url`): the overlay stores
+  -p          profile the working set (cloudlet overlay --profile-url): the overlay stores
               first what a resumed VM touches until its first answer, not what the
               customization touched
   -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
+  -G          (with -g debian) guest-side benchmark instead: after a full fill, the app's
+              /bench (numpy sums over its 32 MiB model, 64 MiB of fresh pages), in the guest,
+              with cloudlet's huge-page filter and without it (CLOUDLET_QEMU_HUGEPAGE=keep),
+              alternated, REPS runs each, via cloudlet synthesis
   -S COUNTS   measure server memory per session instead of time to first response, with
               these space-separated numbers of concurrent sessions (e.g. "1 4 16")
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
@@ -52,16 +56,17 @@ usage: net-bench.sh [-g GUEST] [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS]
 env: CLOUDLET_BIN (default target/release/cloudlet), GUEST_DIR (busybox: 256 MiB-disk test
      guest, default ~/.cache/cloudlet-guest, built by tools/guest/build-guest.sh if missing;
      debian: default target/guest-cache/debian-bookworm, built by build-debian.sh if missing),
-     HTTP_TIMEOUT (s per run, default 300), OVERLAY_ARGS (more `cloudlet overlay` options for
+     HTTP_TIMEOUT (s per run, default 300), OVERLAY_ARGS (more options of cloudlet overlay for
      the Debian customization, e.g. "--segment-kib 1024"; give a new -w WORKDIR or remove its
      overlay when they change).
 Build first: cargo build --release --workspace
 EOF
 }
 
-REPS=3 RATES="10 38 100" MEM_MB='' PROFILE=0 WORK='' KEEP=0 COUNTS='' GUEST=busybox
-while getopts "g:n:r:m:pS:w:kh" opt; do
+REPS=3 RATES="10 38 100" MEM_MB='' PROFILE=0 WORK='' KEEP=0 COUNTS='' GUEST=busybox GBENCH=0
+while getopts "g:n:r:m:pGS:w:kh" opt; do
   case $opt in
+    G) GBENCH=1 ;;
     g) GUEST=$OPTARG ;;
     n) REPS=$OPTARG ;;
     m) MEM_MB=$OPTARG ;;
@@ -166,6 +171,7 @@ if [[ $GUEST == debian && ( ! -s $WORK/$APP.report.json || ! -s $OV ) ]]; then
   # assets on disk, a 32 MiB numpy "model" made at start (incompressible, stays resident).
   cat >"$WORK/app.py" <<'EOF'
 import os
+import time
 import numpy as np
 from flask import Flask
 
@@ -180,6 +186,17 @@ def index():
         head = f.read(4096)
     score = int(model[: 1 << 20].sum() % 1000) + len(head)
     return f"<html><body>app-ready-{6 * 7} {score}</body></html>"
+
+
+@app.get("/bench")
+def bench():
+    t = time.perf_counter()
+    total = 0
+    for _ in range(5):
+        total += int(model.sum())
+    fresh = bytearray(64 << 20)
+    fresh[::4096] = b"\x01" * (len(fresh) // 4096)
+    return f"{time.perf_counter() - t:.4f} {total % 7}"
 
 
 app.run(host="0.0.0.0", port=8080)
@@ -384,6 +401,48 @@ mem_bench() {
   echo "_script wall time: $(( $(date +%s) - T0 )) s_"
 }
 if [[ -n $COUNTS ]]; then mem_bench; exit 0; fi
+
+# ------------------------------------------------------------------ -G: guest-side benchmark
+# guest_bench MODE(filter|keep) PREFIX: REPS lines of the app's /bench seconds (measured in the
+# guest), after `cloudlet synthesis` (eager: every chunk in first) answered its page.
+guest_bench() {
+  local mode=$1 pre=$2 port i env=()
+  port=$(free_port)
+  [[ $mode == keep ]] && env=(CLOUDLET_QEMU_HUGEPAGE=keep)
+  env "${env[@]}" "$CLOUDLET" synthesis "$BASE" "$OV" --hostfwd "tcp:127.0.0.1:$port-:8080" \
+    --ready-http "http://127.0.0.1:$port/app/index.html" --json >"$pre.out" 2>"$pre.err" &
+  local pid=$!
+  CLIENT_PIDS+=("$pid")
+  until grep -q '"first answer"' "$pre.out" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || { log "synthesis ($mode) died: $(tail -n2 "$pre.err")"; exit 1; }
+    sleep 0.2
+  done
+  for i in $(seq "$REPS"); do
+    curl -s -m 600 "http://127.0.0.1:$port/bench" | awk '{print $1}' >>"$pre.res"
+  done
+  stop_pid "$pid" TERM
+}
+if (( GBENCH )); then
+  [[ $GUEST == debian ]] || { log "-G needs -g debian"; exit 2; }
+  for r in 1 2; do
+    if (( r % 2 )); then modes="filter keep"; else modes="keep filter"; fi
+    for mode in $modes; do
+      guest_bench "$mode" "$WORK/gbench-$mode"
+      log "guest bench $mode round $r: $(tr '\n' ' ' <"$WORK/gbench-$mode.res")"
+    done
+  done
+  echo "## Guest-side benchmark after the fill (the app's /bench, seconds measured in the guest, median of $(( 2 * REPS )))"
+  echo
+  echo "| QEMU guest RAM | median s | runs |"
+  echo "|---|---|---|"
+  for mode in filter keep; do
+    label="MADV_HUGEPAGE filtered (default)"; [[ $mode == keep ]] && label="MADV_HUGEPAGE kept (CLOUDLET_QEMU_HUGEPAGE=keep)"
+    echo "| $label | $(median <"$WORK/gbench-$mode.res") | $(tr '\n' ' ' <"$WORK/gbench-$mode.res")|"
+  done
+  echo
+  echo "_script wall time: $(( $(date +%s) - T0 )) s_"
+  exit 0
+fi
 : >"$WORK/net.tsv"
 # One uncounted warm-up (cold QEMU binary / overlay pages made the first run slower in vm-bench).
 run_once 100 full "$WORK/warmup"
