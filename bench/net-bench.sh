@@ -409,16 +409,21 @@ guest_bench() {
   local mode=$1 pre=$2 port i env=()
   port=$(free_port)
   [[ $mode == keep ]] && env=(CLOUDLET_QEMU_HUGEPAGE=keep)
+  # The job's own redirection truncates the file only once it runs: the last round's
+  # "first answer" must not be seen first.
+  rm -f "$pre.out"
   env "${env[@]}" "$CLOUDLET" synthesis "$BASE" "$OV" --hostfwd "tcp:127.0.0.1:$port-:8080" \
     --ready-http "http://127.0.0.1:$port/app/index.html" --json >"$pre.out" 2>"$pre.err" &
   local pid=$!
   CLIENT_PIDS+=("$pid")
   until grep -q '"first answer"' "$pre.out" 2>/dev/null; do
+    (( $(date +%s) - T0 < 3600 )) || { log "synthesis ($mode): no first answer"; exit 1; }
     kill -0 "$pid" 2>/dev/null || { log "synthesis ($mode) died: $(tail -n2 "$pre.err")"; exit 1; }
     sleep 0.2
   done
   for i in $(seq "$REPS"); do
-    curl -s -m 600 "http://127.0.0.1:$port/bench" | awk '{print $1}' >>"$pre.res"
+    curl -sf -m 600 "http://127.0.0.1:$port/bench" | awk '{print $1}' >>"$pre.res" \
+      || log "guest bench $mode: /bench failed"
   done
   stop_pid "$pid" TERM
 }
