@@ -369,9 +369,23 @@ fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
         start.elapsed().as_secs_f64()
     );
     let missing = try_http_get(port, "/nothing-here");
-    let first = crate::server::wait_event(&rx, "first answer", BOOT_TIMEOUT);
-    // Every chunk rebuilt (and checked) before the VM is stopped.
-    crate::server::wait_event(&rx, "background fill done", BOOT_TIMEOUT);
+    // The first answer and the end of the fill (every chunk rebuilt and checked), in
+    // whichever order they come.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let has = |events: &[serde_json::Value], name: &str| events.iter().any(|e| e["event"] == name);
+    while !(has(&events, "first answer") && has(&events, "background fill done")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("first answer and fill done in time");
+        events.push(serde_json::from_str(&line).unwrap());
+    }
+    let first = events
+        .iter()
+        .find(|e| e["event"] == "first answer")
+        .cloned()
+        .unwrap();
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(syn.0.id().to_string())
