@@ -44,10 +44,13 @@ usage: net-bench.sh [-g GUEST] [-n REPS] [-r RATES] [-m MEM_MB] [-p] [-S COUNTS]
               first what a resumed VM touches until its first answer, not what the
               customization touched
   -r RATES    space-separated upload rates in Mbit/s (default "10 38 100"; 1 Mbit = 10^6 bit)
-  -G          (with -g debian) guest-side benchmark instead: after a full fill, the app's
-              /bench (numpy sums over its 32 MiB model, 64 MiB of fresh pages), in the guest,
-              with cloudlet's huge-page filter and without it (CLOUDLET_QEMU_HUGEPAGE=keep),
-              alternated, REPS runs each, via cloudlet synthesis
+  -G          (with -g debian) guest-side benchmark instead, via cloudlet synthesis (eager):
+              seconds from start to the first answer, then in the guest the app's /bench
+              (numpy sums over its 32 MiB model, 64 MiB of fresh pages) and /io (32 MiB
+              written + fsync, caches dropped, read back), REPS runs each, in three setups
+              alternated: as shipped; without the huge-page filter
+              (CLOUDLET_QEMU_HUGEPAGE=keep); unconfined (filter off, --qemu-as-root,
+              --no-cgroup; seccomp and restrict=on cannot be turned off)
   -S COUNTS   measure server memory per session instead of time to first response, with
               these space-separated numbers of concurrent sessions (e.g. "1 4 16")
   -w WORKDIR  scratch dir (default: fresh mktemp -d under /var/tmp); holds CLOUDLET_HOME,
@@ -186,6 +189,23 @@ def index():
         head = f.read(4096)
     score = int(model[: 1 << 20].sum() % 1000) + len(head)
     return f"<html><body>app-ready-{6 * 7} {score}</body></html>"
+
+
+@app.get("/io")
+def io():
+    t = time.perf_counter()
+    block = os.urandom(1 << 20)
+    with open("/var/tmp/io.bin", "wb") as f:
+        for _ in range(32):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+    with open("/var/tmp/io.bin", "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return f"{time.perf_counter() - t:.4f}"
 
 
 @app.get("/bench")
@@ -403,17 +423,20 @@ mem_bench() {
 if [[ -n $COUNTS ]]; then mem_bench; exit 0; fi
 
 # ------------------------------------------------------------------ -G: guest-side benchmark
-# guest_bench MODE(filter|keep) PREFIX: REPS lines of the app's /bench seconds (measured in the
-# guest), after `cloudlet synthesis` (eager: every chunk in first) answered its page.
+# guest_bench MODE(filter|keep|unconfined) PREFIX: appends to PREFIX.first the seconds from
+# the start of `cloudlet synthesis` (eager: every chunk in first) to its first answer, and REPS
+# lines each of the app's /bench and /io seconds (measured in the guest) to PREFIX.res and
+# PREFIX.io.
 guest_bench() {
-  local mode=$1 pre=$2 port i env=()
+  local mode=$1 pre=$2 port i env=() extra=()
   port=$(free_port)
-  [[ $mode == keep ]] && env=(CLOUDLET_QEMU_HUGEPAGE=keep)
+  [[ $mode != filter ]] && env=(CLOUDLET_QEMU_HUGEPAGE=keep)
+  [[ $mode == unconfined ]] && extra=(--qemu-as-root --no-cgroup)
   # The job's own redirection truncates the file only once it runs: the last round's
   # "first answer" must not be seen first.
   rm -f "$pre.out"
   env "${env[@]}" "$CLOUDLET" synthesis "$BASE" "$OV" --hostfwd "tcp:127.0.0.1:$port-:8080" \
-    --ready-http "http://127.0.0.1:$port/app/index.html" --json >"$pre.out" 2>"$pre.err" &
+    --ready-http "http://127.0.0.1:$port/app/index.html" "${extra[@]}" --json >"$pre.out" 2>"$pre.err" &
   local pid=$!
   CLIENT_PIDS+=("$pid")
   until grep -q '"first answer"' "$pre.out" 2>/dev/null; do
@@ -421,28 +444,36 @@ guest_bench() {
     kill -0 "$pid" 2>/dev/null || { log "synthesis ($mode) died: $(tail -n2 "$pre.err")"; exit 1; }
     sleep 0.2
   done
+  jq -r 'select(.event=="first answer") | .seconds' "$pre.out" >>"$pre.first"
   for i in $(seq "$REPS"); do
     curl -sf -m 600 "http://127.0.0.1:$port/bench" | awk '{print $1}' >>"$pre.res" \
       || log "guest bench $mode: /bench failed"
+    curl -sf -m 600 "http://127.0.0.1:$port/io" | awk '{print $1}' >>"$pre.io" \
+      || log "guest bench $mode: /io failed"
   done
   stop_pid "$pid" TERM
 }
 if (( GBENCH )); then
   [[ $GUEST == debian ]] || { log "-G needs -g debian"; exit 2; }
+  rm -f "$WORK"/gbench-*.res "$WORK"/gbench-*.io "$WORK"/gbench-*.first
   for r in 1 2; do
-    if (( r % 2 )); then modes="filter keep"; else modes="keep filter"; fi
+    if (( r % 2 )); then modes="filter keep unconfined"; else modes="unconfined keep filter"; fi
     for mode in $modes; do
       guest_bench "$mode" "$WORK/gbench-$mode"
-      log "guest bench $mode round $r: $(tr '\n' ' ' <"$WORK/gbench-$mode.res")"
+      log "guest bench $mode round $r: first $(tr '\n' ' ' <"$WORK/gbench-$mode.first")/ bench $(tr '\n' ' ' <"$WORK/gbench-$mode.res")/ io $(tr '\n' ' ' <"$WORK/gbench-$mode.io")"
     done
   done
-  echo "## Guest-side benchmark after the fill (the app's /bench, seconds measured in the guest, median of $(( 2 * REPS )))"
+  echo "## Guest-side benchmark after the fill (seconds; first answer: median of 2, /bench and /io measured in the guest: median of $(( 2 * REPS )))"
   echo
-  echo "| QEMU guest RAM | median s | runs |"
-  echo "|---|---|---|"
-  for mode in filter keep; do
-    label="MADV_HUGEPAGE filtered (default)"; [[ $mode == keep ]] && label="MADV_HUGEPAGE kept (CLOUDLET_QEMU_HUGEPAGE=keep)"
-    echo "| $label | $(median <"$WORK/gbench-$mode.res") | $(tr '\n' ' ' <"$WORK/gbench-$mode.res")|"
+  echo "| setup | first answer (eager) | /bench (CPU + memory) | /io (disk) | /bench runs | /io runs |"
+  echo "|---|---|---|---|---|---|"
+  for mode in filter keep unconfined; do
+    case $mode in
+      filter) label="as shipped: uid, cgroup, huge-page filter, seccomp" ;;
+      keep) label="huge-page advice kept (CLOUDLET_QEMU_HUGEPAGE=keep)" ;;
+      unconfined) label="unconfined: advice kept, --qemu-as-root, --no-cgroup" ;;
+    esac
+    echo "| $label | $(median <"$WORK/gbench-$mode.first") | $(median <"$WORK/gbench-$mode.res") | $(median <"$WORK/gbench-$mode.io") | $(tr '\n' ' ' <"$WORK/gbench-$mode.res")| $(tr '\n' ' ' <"$WORK/gbench-$mode.io")|"
   done
   echo
   echo "_script wall time: $(( $(date +%s) - T0 )) s_"
