@@ -238,6 +238,30 @@ fn synthesis_libvirt_early_start_serves_customized_guest() {
 }
 
 #[test]
+fn overlay_without_profile_orders_only_the_resume_within_its_share() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = vm_lock();
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    let report = overlay(&h, &base, CUSTOMIZE, "vm.overlay", &[]);
+    assert_eq!(report["working_set_from"], "resume", "{report}");
+    let n = |k: &str| report[k].as_u64().unwrap();
+    let examined = report["stats"]["examined_chunks"].as_u64().unwrap();
+    // The resume ends before the customization starts, so it touched fewer chunks; what is
+    // ordered is among them and within the 1/16 share of the overlay's chunks.
+    assert!(n("resume_accessed_chunks") > 0, "{report}");
+    assert!(
+        n("resume_accessed_chunks") < n("customization_accessed_chunks"),
+        "{report}"
+    );
+    assert!(n("working_set_chunks") > 0, "{report}");
+    assert!(n("working_set_chunks") <= examined / 16, "{report}");
+    synthesize_customized(&h, &base, &[], Duration::from_secs(60));
+}
+
+#[test]
 fn mount_after_fill_equals_reconstruct() {
     if !require_qemu() || !require_fuse() {
         return;

@@ -30,8 +30,11 @@ pub const OVERLAY_SEGMENT_KIB: u64 = 1024;
 /// The base VM resumes with its disk and memory served by cloudletfs (copy-on-write,
 /// traced); after the customization (files copied and a script run over the serial console
 /// or the guest agent, or by hand until Enter) the device state is saved and the overlay
-/// built from the traces: disk chunks written or discarded, memory chunks written back,
-/// stored in first-touch order.
+/// built from the traces: disk chunks written or discarded, memory chunks written back.
+/// The working set stored first, in small segments, is what the base VM touched from its
+/// resume until it was ready for the first customization command (at most 1/16 of the
+/// overlay's chunks), or with --profile-url what a resume of the new overlay touches until
+/// its service answers.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OverlayArgs {
     /// Base id (or unique prefix, or name).
@@ -93,8 +96,9 @@ pub struct OverlayArgs {
     pub keep_capture: Option<PathBuf>,
     /// Profile the working set: resume the new overlay as a synthesis would, wait for
     /// a 200 from this URL (reached through --hostfwd), and write the overlay again with
-    /// the chunks touched by then first. Without it, the working set is what the
-    /// customization touched.
+    /// the chunks touched by then first. Without it, the working set is what the base VM
+    /// touched from its resume until it was ready for the first customization command, cut
+    /// to 1/16 of the overlay's chunks.
     #[arg(long, value_name = "http://HOST:PORT/PATH")]
     pub profile_url: Option<String>,
     /// With --profile-url: go on recording for this many seconds after the first answer, so
@@ -185,9 +189,14 @@ pub struct OverlayReport {
     pub files_copied: u64,
     /// Chunks (disk and memory, base ones included) touched while customizing.
     pub customization_accessed_chunks: u64,
+    /// Chunks (disk and memory, base ones included) touched from the resume until the guest
+    /// was ready for the first customization command.
+    pub resume_accessed_chunks: u64,
     /// Chunks stored first, in first-touch order, as the working set.
     pub working_set_chunks: u64,
-    /// Where the working set comes from: "profile" (`--profile-url`) or "customization".
+    /// Where the working set comes from: "profile" (`--profile-url`: a resume of the new
+    /// overlay until its service answered) or "resume" (the base VM's resume until it was
+    /// ready for the first customization command, cut to 1/16 of the overlay's chunks).
     pub working_set_from: &'static str,
     /// With `--profile-url`: seconds from resuming the overlay to the first 200.
     pub profile_first_response_seconds: Option<f64>,
@@ -299,6 +308,13 @@ pub fn make_overlay(
         "base VM resumed in {resume_seconds:.2}s (serial log: {})",
         qemu.serial_log().display()
     ));
+    // What a resume needs: the chunks touched until the guest is ready for the first
+    // customization command (its agent answering, when the customization goes through it).
+    let uses_agent = !args.copy.is_empty() || channel == Some(CommandChannel::Agent);
+    if uses_agent {
+        wait_agent(&mut vm, timeout, &stop)?;
+    }
+    let resume_order = mounted.access_order(profile::MAX_ORDER);
     let mut customized = Customized::default();
     for c in &args.copy {
         if stop.load(Ordering::Relaxed) {
@@ -381,10 +397,22 @@ pub fn make_overlay(
         Some(m)
     };
     let order = mounted.access_order(profile::MAX_ORDER);
+    disk_chunks.sort_unstable();
+    disk_chunks.dedup();
+    let memory_chunks = memory_chunks.map(|mut m| {
+        m.sort_unstable();
+        m.dedup();
+        m
+    });
     let mut opts = create_options(args, threads);
+    opts.order = profile::resume_working_set(
+        &resume_order,
+        &disk_chunks,
+        memory_chunks.as_deref(),
+        synth::chunk::chunk_count(base.record.memory_size),
+    );
     opts.disk_chunks = Some(disk_chunks.clone());
     opts.memory_chunks = memory_chunks.clone();
-    opts.order = order.clone();
     let index = base.index()?;
     let custom = CustomImages {
         disk,
@@ -454,11 +482,12 @@ pub fn make_overlay(
         disk_discarded: disk_discarded.len() as u64,
         memory_candidates: memory_chunks.map_or(base.record.memory_size / 4096, |m| m.len() as u64),
         customization_accessed_chunks: order.len() as u64,
+        resume_accessed_chunks: resume_order.len() as u64,
         working_set_chunks: opts.order.len() as u64,
         working_set_from: if profiled.is_some() {
             "profile"
         } else {
-            "customization"
+            "resume"
         },
         profile_first_response_seconds: profiled,
         resume_seconds,
