@@ -75,6 +75,7 @@ fn boot(guest: &DebianGuest, how: Boot, agent: bool) -> Booted {
         memory: dir.path().join("memory.img"),
         kernel,
         initrd,
+        cloud_init: None,
         run_dir: dir.path().join("run"),
     };
     let options = LaunchOptions {
