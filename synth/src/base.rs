@@ -25,6 +25,10 @@ pub enum Device {
     /// The QEMU guest agent's channel: a virtio-serial port named `org.qemu.guest_agent.0`,
     /// reached from the host through `RUN/qga.sock` (see `vm::qga`).
     GuestAgent,
+    /// The NoCloud cloud-init seed (`LaunchConfig::cloud_init`), attached read-only on
+    /// virtio-blk: cloud-init in the guest finds it by its volume label `CIDATA`. Every VM
+    /// resumed from the base gets it too, since the device state needs the same devices.
+    CloudInitSeed,
 }
 
 /// How to launch a VM from this base.
@@ -47,6 +51,11 @@ pub struct LaunchConfig {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub append: Option<String>,
+    /// The NoCloud cloud-init seed image attached by [`Device::CloudInitSeed`], like `kernel`:
+    /// a path when given to `add-base`, the file name inside the base afterwards. Left out
+    /// of `base.json` when absent, so the ids of bases made before it existed do not change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<String>,
     /// Further QEMU arguments given by the operator when the base was made (`cloudlet base …
     /// -- ARGS`); appended after the devices.
     pub extra_args: Vec<String>,
@@ -63,6 +72,7 @@ impl Default for LaunchConfig {
             kernel: None,
             initrd: None,
             append: None,
+            cloud_init: None,
             extra_args: Vec::new(),
         }
     }
@@ -112,6 +122,9 @@ pub struct IdParts<'a> {
     pub kernel: Option<Digest>,
     /// SHA-256 of the initrd file, if any.
     pub initrd: Option<Digest>,
+    /// SHA-256 of the cloud-init seed image, if any (hashed only when present, so bases
+    /// without one keep the ids they had before seeds existed).
+    pub cloud_init: Option<Digest>,
     /// The normalised launch config.
     pub config: &'a LaunchConfig,
 }
@@ -132,6 +145,10 @@ impl IdParts<'_> {
                 }
                 None => h.update([0]),
             }
+        }
+        if let Some(d) = self.cloud_init {
+            h.update(b"cloud-init\0");
+            h.update(d);
         }
         // serde_json writes struct fields in declaration order: a stable encoding.
         h.update(serde_json::to_vec(self.config).unwrap_or_default());
@@ -157,6 +174,7 @@ mod tests {
             device_state: [2; 32],
             kernel: Some([3; 32]),
             initrd: None,
+            cloud_init: None,
             config,
         }
         .id())
@@ -167,6 +185,21 @@ mod tests {
     fn launch_config_from_before_the_agent_keeps_its_base_id() {
         let config: LaunchConfig = serde_json::from_str(OLD_CONFIG).unwrap();
         assert_eq!(
+            id_of(&config),
+            "766d0e91deab50f946e3edc2ebd3b3969aa6667457461867aa8970a2bb61e13e"
+        );
+    }
+
+    #[test]
+    fn cloud_init_seed_changes_the_base_id_and_is_kept_in_json() {
+        let mut config: LaunchConfig = serde_json::from_str(OLD_CONFIG).unwrap();
+        config.devices.push(Device::CloudInitSeed);
+        config.cloud_init = Some("cloud-init-seed.img".into());
+        let json = serde_json::to_string(&config).unwrap();
+        let back: LaunchConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        assert!(json.contains(r#""cloud-init-seed""#), "{json}");
+        assert_ne!(
             id_of(&config),
             "766d0e91deab50f946e3edc2ebd3b3969aa6667457461867aa8970a2bb61e13e"
         );

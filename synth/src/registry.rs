@@ -6,7 +6,7 @@
 //!                           disk.img      (absent when added with --link)
 //!                           memory.img    (absent when added with --link)
 //!                           device-state
-//!                           kernel, initrd (optional)
+//!                           kernel, initrd, cloud-init-seed.img (optional)
 //! ```
 //!
 //! A base is assembled in a hidden staging folder (`bases/.staging-PID-N`) and renamed into
@@ -37,6 +37,9 @@ use std::sync::atomic::AtomicU64;
 const PACKAGE_MAGIC: &[u8; 8] = b"CLDBASE1";
 const MAX_MANIFEST_LEN: u64 = 1 << 20;
 const MAX_ENTRY_SIZE: u64 = 16 << 40;
+/// The largest cloud-init seed image a package may carry: a seed holds a few small text
+/// files (`cloud-init-seed` in `cloudlet_tools` makes them far smaller).
+pub const MAX_CLOUD_INIT_SEED: u64 = 64 << 20;
 
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +162,15 @@ impl Base {
         self.record.config.initrd.as_ref().map(|k| self.dir.join(k))
     }
 
+    /// Path of the cloud-init seed image, if the base has one.
+    pub fn cloud_init_path(&self) -> Option<PathBuf> {
+        self.record
+            .config
+            .cloud_init
+            .as_ref()
+            .map(|k| self.dir.join(k))
+    }
+
     /// What an overlay on this base is checked against
     /// ([`Overlay::check_base`](crate::format::Overlay::check_base)), from the record's image
     /// sizes, with the operator's disk growth limit (`None`: the base's disk size).
@@ -215,6 +227,7 @@ enum EntryKind {
     DeviceState,
     Kernel,
     Initrd,
+    CloudInitSeed,
 }
 
 impl EntryKind {
@@ -226,6 +239,7 @@ impl EntryKind {
             EntryKind::DeviceState => "device-state",
             EntryKind::Kernel => "kernel",
             EntryKind::Initrd => "initrd",
+            EntryKind::CloudInitSeed => "cloud-init-seed.img",
         }
     }
 }
@@ -408,9 +422,15 @@ impl Registry {
         }
         let mut kernel = None;
         let mut initrd = None;
+        let mut cloud_init = None;
         for (slot, digest, kind) in [
             (&mut config.kernel, &mut kernel, EntryKind::Kernel),
             (&mut config.initrd, &mut initrd, EntryKind::Initrd),
+            (
+                &mut config.cloud_init,
+                &mut cloud_init,
+                EntryKind::CloudInitSeed,
+            ),
         ] {
             if let Some(src) = slot.take() {
                 let dst = staging.join(kind.file_name());
@@ -432,6 +452,7 @@ impl Registry {
             device_state: ds_digest,
             kernel,
             initrd,
+            cloud_init,
             config: &config,
         }
         .id();
@@ -556,6 +577,10 @@ impl Registry {
         ];
         files.extend(base.kernel_path().map(|p| (EntryKind::Kernel, p)));
         files.extend(base.initrd_path().map(|p| (EntryKind::Initrd, p)));
+        files.extend(
+            base.cloud_init_path()
+                .map(|p| (EntryKind::CloudInitSeed, p)),
+        );
         let mut entries = Vec::new();
         for (kind, p) in &files {
             let size = std::fs::metadata(p).map_err(io("Reading", p))?.len();
@@ -664,6 +689,13 @@ impl Registry {
             if e.size > MAX_ENTRY_SIZE {
                 return Err(bad(format!("entry {:?} is too large", e.kind)));
             }
+            if e.kind == EntryKind::CloudInitSeed && e.size > MAX_CLOUD_INIT_SEED {
+                return Err(bad(format!(
+                    "the cloud-init seed is {} bytes, more than the {MAX_CLOUD_INIT_SEED} \
+                     a seed may have",
+                    e.size
+                )));
+            }
             sum = sum
                 .checked_add(e.size)
                 .ok_or_else(|| bad("sizes overflow".into()))?;
@@ -682,6 +714,7 @@ impl Registry {
         for (slot, kind) in [
             (&mut config.kernel, EntryKind::Kernel),
             (&mut config.initrd, EntryKind::Initrd),
+            (&mut config.cloud_init, EntryKind::CloudInitSeed),
         ] {
             if slot.is_some() != seen.contains(&kind) {
                 return Err(bad(format!("config and entries disagree about {kind:?}")));
@@ -690,6 +723,15 @@ impl Registry {
             if slot.is_some() {
                 *slot = Some(kind.file_name().to_string());
             }
+        }
+        let seed_device = config
+            .devices
+            .iter()
+            .any(|d| matches!(d, crate::base::Device::CloudInitSeed));
+        if seed_device != config.cloud_init.is_some() {
+            return Err(bad(
+                "the config's cloud-init-seed device and its seed entry disagree".into(),
+            ));
         }
         let mut digests = std::collections::HashMap::new();
         for e in &manifest.entries {
@@ -729,6 +771,7 @@ impl Registry {
                 .unwrap_or_else(|| sha256(b"")),
             kernel: digests.get(&EntryKind::Kernel).copied(),
             initrd: digests.get(&EntryKind::Initrd).copied(),
+            cloud_init: digests.get(&EntryKind::CloudInitSeed).copied(),
             config: &config,
         }
         .id();
@@ -831,6 +874,113 @@ mod tests {
         let got = other.import(&pkg, &AtomicU64::new(0)).unwrap();
         assert_eq!(got.record.id, base.record.id);
         assert!(got.record.raw_qemu_args().is_empty());
+    }
+
+    /// A registry with one small base carrying a cloud-init seed, and its package.
+    fn exported_with_seed() -> (tempfile::TempDir, Base, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("home")).unwrap();
+        let (disk, memory, seed) = (
+            dir.path().join("d.img"),
+            dir.path().join("m.img"),
+            dir.path().join("my seed.img"),
+        );
+        std::fs::write(&disk, vec![7u8; 3 * 4096]).unwrap();
+        std::fs::write(&memory, vec![9u8; 2 * 4096]).unwrap();
+        std::fs::write(&seed, b"a seed image").unwrap();
+        let mut config = LaunchConfig::default();
+        config.devices.push(crate::base::Device::CloudInitSeed);
+        config.cloud_init = Some(seed.display().to_string());
+        let req = AddBase {
+            disk,
+            memory,
+            config: Some(config),
+            threads: 1,
+            ..Default::default()
+        };
+        let base = reg.add(&req, &AtomicU64::new(0)).unwrap();
+        let pkg = dir.path().join("base.pkg");
+        reg.export(&base.record.id, &pkg).unwrap();
+        (dir, base, pkg)
+    }
+
+    /// `pkg` with its manifest changed by `edit` (entries' bytes kept).
+    fn with_manifest(pkg: &Path, edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+        let bytes = std::fs::read(pkg).unwrap();
+        let mlen = usize::try_from(u64::from_le_bytes(bytes[8..16].try_into().unwrap())).unwrap();
+        let mut manifest: Manifest = serde_json::from_slice(&bytes[16..16 + mlen]).unwrap();
+        edit(&mut manifest);
+        let mjson = serde_json::to_vec(&manifest).unwrap();
+        let mut out = PACKAGE_MAGIC.to_vec();
+        out.extend_from_slice(&(mjson.len() as u64).to_le_bytes());
+        out.extend_from_slice(&mjson);
+        out.extend_from_slice(&bytes[16 + mlen..]);
+        out
+    }
+
+    #[test]
+    fn import_package_with_cloud_init_seed_keeps_it_under_its_fixed_name() {
+        let (dir, base, pkg) = exported_with_seed();
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+
+        let got = other.import(&pkg, &AtomicU64::new(0)).unwrap();
+
+        assert_eq!(got.record.id, base.record.id);
+        assert_eq!(
+            got.record.config.cloud_init.as_deref(),
+            Some("cloud-init-seed.img")
+        );
+        let seed = got.cloud_init_path().unwrap();
+        assert_eq!(seed, got.dir.join("cloud-init-seed.img"));
+        assert_eq!(std::fs::read(seed).unwrap(), b"a seed image");
+    }
+
+    #[test]
+    fn import_package_with_oversized_seed_is_refused() {
+        let (dir, _, pkg) = exported_with_seed();
+        let bad = dir.path().join("bad.pkg");
+        std::fs::write(
+            &bad,
+            with_manifest(&pkg, |m| {
+                for e in &mut m.entries {
+                    if e.kind == EntryKind::CloudInitSeed {
+                        e.size = MAX_CLOUD_INIT_SEED + 1;
+                    }
+                }
+            }),
+        )
+        .unwrap();
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+
+        let err = other.import(&bad, &AtomicU64::new(0)).unwrap_err();
+
+        assert!(err.to_string().contains("cloud-init seed"), "{err}");
+        assert!(hidden_entries(&other).is_empty(), "staging left behind");
+    }
+
+    #[test]
+    fn import_package_seed_device_without_seed_entry_is_refused() {
+        let (dir, _, pkg) = exported_with_seed();
+        let bad = dir.path().join("bad.pkg");
+        let mut seed_len = 0;
+        let mut bytes = with_manifest(&pkg, |m| {
+            m.config.cloud_init = None;
+            seed_len = m
+                .entries
+                .iter()
+                .find(|e| e.kind == EntryKind::CloudInitSeed)
+                .unwrap()
+                .size;
+            m.entries.retain(|e| e.kind != EntryKind::CloudInitSeed);
+        });
+        // The seed is the last entry: drop its bytes too, so the sizes add up.
+        bytes.truncate(bytes.len() - usize::try_from(seed_len).unwrap());
+        std::fs::write(&bad, bytes).unwrap();
+        let other = Registry::open(&dir.path().join("other")).unwrap();
+
+        let err = other.import(&bad, &AtomicU64::new(0)).unwrap_err();
+
+        assert!(err.to_string().contains("cloud-init-seed device"), "{err}");
     }
 
     #[test]

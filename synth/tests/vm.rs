@@ -56,6 +56,7 @@ fn guest_config(cmdline: &str) -> LaunchConfig {
         kernel: Some("vmlinuz".into()),
         initrd: Some("initrd.img".into()),
         append: Some(cmdline.into()),
+        cloud_init: None,
         extra_args: Vec::new(),
     }
 }
@@ -88,6 +89,7 @@ impl Fixture {
             memory: base.join("ram.bin"),
             kernel: Some(base.join("vmlinuz")),
             initrd: Some(base.join("initrd.img")),
+            cloud_init: None,
             run_dir: base.join("run"),
         };
         File::create(&paths.disk).unwrap().set_len(MIB).unwrap();

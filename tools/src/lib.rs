@@ -120,11 +120,25 @@ pub fn exit_code(e: &(dyn Error + 'static)) -> u8 {
     if chain.any(|c| matches!(as_proto(c), Some(ProtoError::Refused(r)) if refused_as_invalid(r))) {
         return EXIT_INVALID;
     }
+    // `CaptureError::CloudInit` is transparent, so it is matched itself as well as its inner
+    // error (reached directly when it is not wrapped).
     let mut chain = std::iter::successors(Some(e), |&c| c.source());
     if chain.any(|c| {
         matches!(
             c.downcast_ref::<capture::CaptureError>(),
-            Some(capture::CaptureError::DiskImage { .. })
+            Some(
+                capture::CaptureError::DiskImage { .. }
+                    | capture::CaptureError::CloudInit(
+                        capture::cloud_init::CloudInitError::Invalid { .. }
+                            | capture::cloud_init::CloudInitError::Read { .. }
+                    )
+            )
+        ) || matches!(
+            c.downcast_ref::<capture::cloud_init::CloudInitError>(),
+            Some(
+                capture::cloud_init::CloudInitError::Invalid { .. }
+                    | capture::cloud_init::CloudInitError::Read { .. }
+            )
         )
     }) {
         return EXIT_INVALID;

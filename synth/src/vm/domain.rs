@@ -211,6 +211,7 @@ mod tests {
             memory: dir.join("mem.img"),
             kernel: None,
             initrd: None,
+            cloud_init: None,
             run_dir: dir.join("run"),
         };
         let options = LaunchOptions {
@@ -318,6 +319,7 @@ mod tests {
             memory: dir.path().join("mem.img"),
             kernel: None,
             initrd: None,
+            cloud_init: None,
             run_dir: dir.path().join("run"),
         };
         let options = LaunchOptions {

@@ -9,7 +9,8 @@
 //!   -object memory-backend-file,id=mem,size=SIZE,mem-path=RAM,<mode options>
 //!   -nodefaults -no-user-config -display none -no-reboot [-kernel K] [-initrd I] [-append ..]
 //!   per device, in config order: -drive/-netdev + -device (guest-agent: -chardev socket
-//!     RUN/qga.sock + -device virtio-serial-pci + -device virtserialport)
+//!     RUN/qga.sock + -device virtio-serial-pci + -device virtserialport; cloud-init-seed:
+//!     -drive readonly=on + -device virtio-blk-pci)
 //!   -chardev socket (serial, logged to RUN/serial.log) -serial chardev:ser0
 //!   -chardev socket (QMP, RUN/qmp.sock) -mon chardev=qmp0,mode=control  [-incoming defer]
 //! ```
@@ -45,6 +46,8 @@ const AGENT_SERIAL_ID: &str = "vserial0";
 /// Port number of the guest agent on its controller (libvirt's `port='1'`: the first
 /// port that is not a console).
 const AGENT_PORT: u32 = 1;
+/// Drive id of the cloud-init seed.
+const SEED_DRIVE: &str = "seed0";
 /// Longest Unix socket path (`sizeof(sun_path) - 1` on Linux).
 const MAX_SOCKET_PATH: usize = 107;
 const MIB: u64 = 1 << 20;
@@ -142,6 +145,8 @@ pub struct VmPaths {
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk, if the config names one.
     pub initrd: Option<PathBuf>,
+    /// The cloud-init seed image, if the config names one (`cloud_init`).
+    pub cloud_init: Option<PathBuf>,
     /// Folder for the QMP and serial sockets, the serial log and QEMU's own output.
     pub run_dir: PathBuf,
 }
@@ -687,6 +692,16 @@ impl<'a> Checked<'a> {
         if config.vcpus == 0 {
             return Err(config_error("vcpus", "must be at least 1"));
         }
+        let seed_device = config
+            .devices
+            .iter()
+            .any(|d| matches!(d, Device::CloudInitSeed));
+        if config.cloud_init.is_some() != seed_device {
+            return Err(config_error(
+                "cloud_init",
+                "names a seed image exactly when the devices have cloud-init-seed",
+            ));
+        }
         let memory_bytes = config
             .memory_mb
             .checked_mul(MIB)
@@ -832,6 +847,7 @@ fn add_devices(
             return Err(LaunchError::HostFwd(*fwd, "ports must not be 0"));
         }
     }
+    let seed = cloud_init_seed(devices, paths)?;
     let (mut nets, mut balloons) = (0u32, 0u32);
     for (index, dev) in devices.iter().enumerate() {
         let at = slot_opts(placement, index)?;
@@ -872,6 +888,21 @@ fn add_devices(
                 ));
                 balloons += 1;
             }
+            Device::CloudInitSeed => {
+                // Checked by `cloud_init_seed`: there is exactly one, and its file exists.
+                let seed = seed
+                    .as_deref()
+                    .ok_or_else(|| mismatch("a cloud-init-seed device without its image"))?;
+                // The same arguments for libvirt (through qemu:commandline, at the slot a
+                // direct QEMU gives it): read-only, so nothing the guest does changes it.
+                a.push("-drive").push_opts(&[
+                    "file=".into(),
+                    escape_option_value(seed.as_os_str()),
+                    format!(",format=raw,if=none,id={SEED_DRIVE},readonly=on").into(),
+                ]);
+                a.push("-device")
+                    .push(format!("virtio-blk-pci,drive={SEED_DRIVE}{at}"));
+            }
             Device::GuestAgent if placement == Placement::Q35Slots => {}
             Device::GuestAgent => {
                 let socket = agent_socket
@@ -892,6 +923,29 @@ fn add_devices(
         }
     }
     Ok(())
+}
+
+/// The cloud-init seed image (absolute) when the config has the `cloud-init-seed` device:
+/// at most one, and only with its image given in `paths` (the config's `cloud_init`).
+fn cloud_init_seed(devices: &[Device], paths: &VmPaths) -> Result<Option<PathBuf>, LaunchError> {
+    let count = devices
+        .iter()
+        .filter(|d| matches!(d, Device::CloudInitSeed))
+        .count();
+    match (count, &paths.cloud_init) {
+        (0, None) => Ok(None),
+        (1, Some(p)) => existing_file("cloud-init seed", p).map(Some),
+        (0, Some(_)) => Err(mismatch(
+            "a cloud-init seed given, the config has no cloud-init-seed device",
+        )),
+        (1, None) => Err(mismatch(
+            "the config has a cloud-init-seed device, no seed image given",
+        )),
+        _ => Err(config_error(
+            "devices",
+            "more than one cloud-init-seed device, but a base has one seed",
+        )),
+    }
 }
 
 /// `RUN/qga.sock` when the config has the `guest-agent` device (at most one).
@@ -1028,6 +1082,7 @@ mod tests {
             memory,
             kernel: None,
             initrd: None,
+            cloud_init: None,
             run_dir: dir.path().join("run"),
         };
         for (memory, incoming) in [(MemoryMode::Capture, false), (MemoryMode::Resume, true)] {
@@ -1047,6 +1102,122 @@ mod tests {
             assert_eq!(a[at + 1], SANDBOX);
             assert_eq!(a.iter().filter(|x| **x == "-sandbox").count(), 1);
         }
+    }
+
+    /// A config with a seed and the runtime paths for it (files in `dir`).
+    fn seeded(dir: &Path) -> (LaunchConfig, VmPaths) {
+        let (disk, memory, seed) = (
+            dir.join("disk.img"),
+            dir.join("memory.img"),
+            dir.join("seed,1.img"),
+        );
+        std::fs::write(&disk, vec![0; 4096]).unwrap();
+        std::fs::write(&seed, vec![0; 4096]).unwrap();
+        std::fs::File::create(&memory)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let config = LaunchConfig {
+            memory_mb: 16,
+            devices: vec![
+                Device::VirtioBlk { discard: true },
+                Device::VirtioNet,
+                Device::CloudInitSeed,
+            ],
+            cloud_init: Some("cloud-init-seed.img".into()),
+            ..LaunchConfig::default()
+        };
+        let paths = VmPaths {
+            disk,
+            memory,
+            kernel: None,
+            initrd: None,
+            cloud_init: Some(seed),
+            run_dir: dir.join("run"),
+        };
+        (config, paths)
+    }
+
+    fn resume_options() -> LaunchOptions {
+        LaunchOptions {
+            memory: MemoryMode::Resume,
+            incoming: true,
+            hostfwd: Vec::new(),
+            accel: Accel::Tcg,
+            vnc: None,
+        }
+    }
+
+    #[test]
+    fn qemu_args_cloud_init_seed_is_a_read_only_virtio_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, paths) = seeded(dir.path());
+
+        let args = QemuArgs::new(&config, &paths, &resume_options()).unwrap();
+
+        let a: Vec<String> = args
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let drive = format!(
+            "file={},format=raw,if=none,id=seed0,readonly=on",
+            dir.path().join("seed,,1.img").display()
+        );
+        assert!(a.contains(&drive), "{a:?}");
+        assert!(
+            a.contains(&"virtio-blk-pci,drive=seed0".to_owned()),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn domain_launch_cloud_init_seed_keeps_its_direct_qemu_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, paths) = seeded(dir.path());
+
+        let l = DomainLaunch::new(&config, &paths, &resume_options()).unwrap();
+
+        let a: Vec<String> = l
+            .qemu_args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            a.contains(&"virtio-blk-pci,drive=seed0,bus=pcie.0,addr=0x3".to_owned()),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn qemu_args_seed_device_without_its_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut paths) = seeded(dir.path());
+        paths.cloud_init = None;
+
+        let err = QemuArgs::new(&config, &paths, &resume_options()).unwrap_err();
+
+        assert!(matches!(err, LaunchError::PathMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn qemu_args_seed_file_without_its_device_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut config, paths) = seeded(dir.path());
+        config.devices.pop();
+
+        let err = QemuArgs::new(&config, &paths, &resume_options()).unwrap_err();
+
+        assert!(
+            matches!(
+                err,
+                LaunchError::Config {
+                    field: "cloud_init",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

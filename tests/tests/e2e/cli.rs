@@ -288,3 +288,43 @@ fn cli_mount_says_why_it_cannot_mount_and_exits_with_a_meaningful_code() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn cli_base_cloud_init_user_data_without_header_is_refused_before_booting() {
+    let cli = Cli::new();
+    std::fs::write(cli.p("disk.img"), vec![0u8; 4096]).unwrap();
+    std::fs::write(cli.p("user-data.yaml"), "users:\n  - name: debian\n").unwrap();
+
+    let (code, err) = cli.fails(&[
+        "base",
+        &cli.p("disk.img"),
+        "--cloud-init",
+        &cli.p("user-data.yaml"),
+    ]);
+
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("#cloud-config"), "{err}");
+    assert!(bases_empty(&cli), "a base was registered after the refusal");
+}
+
+#[test]
+fn cli_base_cloud_init_missing_user_data_is_refused() {
+    let cli = Cli::new();
+    std::fs::write(cli.p("disk.img"), vec![0u8; 4096]).unwrap();
+
+    let (code, err) = cli.fails(&[
+        "base",
+        &cli.p("disk.img"),
+        "--cloud-init",
+        &cli.p("no-such-user-data.yaml"),
+    ]);
+
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no-such-user-data.yaml"), "{err}");
+}
+
+fn bases_empty(cli: &Cli) -> bool {
+    std::fs::read_dir(cli.home().join("bases"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true)
+}

@@ -3,7 +3,8 @@
 //! bootloader, reaches root's autologin prompt on the serial console, answers commands typed
 //! at its bash there (synth's framed `Shell`) and through qemu-guest-agent; through the real
 //! `cloudlet` binary it goes base → overlay over the serial console → overlay over the agent
-//! → synthesis, and the service installed by the customization answers from the host.
+//! → synthesis, and the service installed by the customization answers from the host; a base
+//! made with a cloud-init seed runs its user-data and resumes with the seed attached.
 //! The cached image is never written: the `synth::vm` boots run with QEMU's `-snapshot`,
 //! `cloudlet base` copies it. One QEMU at a time: every test here holds `VM_LOCK`.
 
@@ -75,6 +76,7 @@ fn boot(guest: &DebianGuest, how: Boot, agent: bool) -> Booted {
         memory: dir.path().join("memory.img"),
         kernel,
         initrd,
+        cloud_init: None,
         run_dir: dir.path().join("run"),
     };
     let options = LaunchOptions {
@@ -406,4 +408,104 @@ fn debian_cli_base_overlay_serial_and_agent_synthesis_serves_customized_page() {
         assert_eq!(s["chunks"]["pending"], 0, "{image}: {s}");
     }
     assert_eq!(stopped["fetch"]["segments_corrupt"], 0, "{stopped}");
+}
+
+/// The user-data of the cloud-init test: a file from `write_files`, a command from `runcmd`
+/// that reads it (so it ran after the file was written, in the same first boot).
+const USER_DATA: &str = "\
+#cloud-config
+write_files:
+  - path: /var/lib/cloudlet-e2e/seed.txt
+    content: |
+      written-by-cloud-init
+runcmd:
+  - [sh, -c, 'echo \"runcmd saw $(cat /var/lib/cloudlet-e2e/seed.txt)\" > /var/lib/cloudlet-e2e/runcmd.txt']
+";
+
+/// Read through the guest agent once cloud-init is done. `cloud-init status` exits 2 for
+/// \"done, with recoverable errors\" (a module with nothing to work on, such as growpart
+/// without its tool), which still means it ran from the seed; 1 (error) fails the run.
+const CLOUD_INIT_CHECK: &str = "\
+cloud-init status --wait --long || test $? -eq 2
+cat /var/lib/cloudlet-e2e/runcmd.txt
+hostname
+";
+
+#[test]
+fn debian_cli_base_with_cloud_init_seed_runs_user_data_and_resumes_with_the_seed() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let Some(guest) = debian_guest() else { return };
+    let _lock = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Scratch::new();
+    std::fs::write(h.p("user-data.yaml"), USER_DATA).unwrap();
+    let meta = format!(
+        "instance-id: e2e-{}\nlocal-hostname: seeded\n",
+        std::process::id()
+    );
+    std::fs::write(h.p("meta-data.yaml"), meta).unwrap();
+    std::fs::write(h.p("check.sh"), CLOUD_INIT_CHECK).unwrap();
+    let memory = guest.memory_mb.to_string();
+    let disk = guest.disk().display().to_string();
+    let (user_data, meta_data) = (h.p("user-data.yaml"), h.p("meta-data.yaml"));
+
+    // Arrange: a base booted with the seed attached, captured once the agent answers.
+    let (code, base, err) = timed(
+        &h,
+        "cloudlet base --cloud-init",
+        &[
+            "base",
+            &disk,
+            "--memory-mb",
+            &memory,
+            "--guest-agent",
+            "--ready-agent",
+            "--cloud-init",
+            &user_data,
+            "--cloud-init-meta-data",
+            &meta_data,
+            "--name",
+            "debian-seeded",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let base = base.trim().to_owned();
+    let listed: serde_json::Value = serde_json::from_str(&h.ok(&["list-base", "--json"])).unwrap();
+    let folder = PathBuf::from(listed[0]["path"].as_str().unwrap());
+    let record = std::fs::read_to_string(folder.join("base.json")).unwrap();
+    assert!(record.contains(r#""cloud-init-seed""#), "{record}");
+    assert!(folder.join("cloud-init-seed.img").is_file());
+
+    // Act: resume the base (the seed must be attached again for its device state to load)
+    // and ask the guest, through the agent, what cloud-init did.
+    let out = h.p("check.overlay");
+    let check = h.p("check.sh");
+    let (code, json, err) = timed(
+        &h,
+        "cloudlet overlay (cloud-init check)",
+        &[
+            "overlay",
+            &base,
+            "-o",
+            &out,
+            "--run",
+            &check,
+            "--channel",
+            "agent",
+            "--codec",
+            "zstd",
+            "--level",
+            "3",
+            "--json",
+        ],
+    );
+
+    // Assert: user-data's write_files and runcmd ran, and meta-data's host name applies.
+    eprintln!("{err}");
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["commands_run"], 3, "{report}");
+    assert!(err.contains("runcmd saw written-by-cloud-init\n"), "{err}");
+    assert!(err.contains("seeded\n"), "{err}");
 }

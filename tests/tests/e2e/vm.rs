@@ -56,6 +56,7 @@ fn guest_paths(guest: &Guest, disk: &Path, memory: &Path, run_dir: &Path) -> VmP
         memory: memory.into(),
         kernel: Some(guest.dir.join("vmlinuz")),
         initrd: Some(guest.dir.join("initrd.img")),
+        cloud_init: None,
         run_dir: run_dir.into(),
     }
 }

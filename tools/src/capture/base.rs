@@ -1,6 +1,8 @@
 //! `cloudlet base`: boot a disk image on QEMU with guest RAM in a shared file, wait until the
 //! guest is ready (a serial marker, the guest agent answering, an HTTP 200, or the user), save
 //! the device state and register disk + memory + device state + launch config as a base.
+//! With `--cloud-init`, a NoCloud seed ([`super::cloud_init`]) is attached read-only and
+//! registered with the base.
 
 use super::CaptureError;
 use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError};
@@ -71,6 +73,16 @@ pub struct BaseArgs {
     /// through the agent if the guest runs qemu-guest-agent.
     #[arg(long)]
     pub guest_agent: bool,
+    /// Attach a NoCloud cloud-init seed made from this user-data (a file starting with
+    /// #cloud-config, a #! script or MIME multipart; at most 1 MiB): a FAT image labelled
+    /// CIDATA, stored in the base and attached read-only to every VM of the base, so that a
+    /// cloud image gets its login, SSH key or guest agent on first boot.
+    #[arg(long, value_name = "USER_DATA")]
+    pub cloud_init: Option<PathBuf>,
+    /// The seed's meta-data (YAML, at most 64 KiB); default: an instance-id from the
+    /// user-data's hash and local-hostname from --name.
+    #[arg(long, value_name = "FILE", requires = "cloud_init")]
+    pub cloud_init_meta_data: Option<PathBuf>,
     /// Name of the base.
     #[arg(long)]
     pub name: Option<String>,
@@ -95,6 +107,23 @@ pub fn make_base(
             return Err(CaptureError::ReadyUrl(url.clone()));
         }
     }
+    let name = args.name.clone().or_else(|| {
+        args.disk
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+    });
+    // The inputs are checked before anything is copied or booted.
+    let cloud_init = match &args.cloud_init {
+        Some(path) => {
+            let user = super::cloud_init::read_user_data(path)?;
+            let meta = match &args.cloud_init_meta_data {
+                Some(m) => super::cloud_init::read_meta_data(m)?,
+                None => super::cloud_init::default_meta_data(&user, name.as_deref().unwrap_or("")),
+            };
+            Some((user, meta))
+        }
+        None => None,
+    };
     let stop = cloudletfs::cli::interrupt_flag().map_err(SessionError::Signals)?;
     let registry = Registry::open(home)?;
     let run = RunDir::new(home, "base")?;
@@ -114,6 +143,16 @@ pub fn make_base(
     if args.guest_agent {
         devices.push(Device::GuestAgent);
     }
+    let seed = match &cloud_init {
+        Some((user, meta)) => {
+            let seed = run.join("cloud-init-seed.img");
+            super::cloud_init::build_seed(user, meta, &seed)?;
+            reporter.note("attaching the cloud-init seed (NoCloud, label CIDATA)");
+            devices.push(Device::CloudInitSeed);
+            Some(seed)
+        }
+        None => None,
+    };
     let config = LaunchConfig {
         machine: args.machine.clone(),
         cpu: args.cpu.clone(),
@@ -123,6 +162,7 @@ pub fn make_base(
         kernel: args.kernel.as_ref().map(|p| p.display().to_string()),
         initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
         append: args.append.clone(),
+        cloud_init: seed.as_ref().map(|p| p.display().to_string()),
         extra_args: args.extra.clone(),
     };
     let paths = VmPaths {
@@ -130,6 +170,7 @@ pub fn make_base(
         memory: memory.clone(),
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
+        cloud_init: seed,
         run_dir: run.join("run"),
     };
     let options = LaunchOptions {
@@ -186,11 +227,7 @@ pub fn make_base(
         memory,
         device_state: Some(ds),
         config: Some(config),
-        name: args.name.clone().or_else(|| {
-            args.disk
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-        }),
+        name,
         link: false,
         adopt: true,
         threads,

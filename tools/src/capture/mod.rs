@@ -1,7 +1,8 @@
 //! Capture: turning running VMs into the registry's bases and into overlays.
 //!
 //! ```text
-//!  base:     disk ─► copy (raw) or convert (qcow2) into a run folder ─► QEMU (guest RAM in a shared file) ─► ready
+//!  base:     disk ─► copy (raw) or convert (qcow2) into a run folder (+ a cloud-init seed
+//!            image from --cloud-init, attached read-only) ─► QEMU (guest RAM in a shared file) ─► ready
 //!            (serial marker and/or the guest agent answering, or the user) ─► device state saved ─► Registry::add
 //!  overlay:  base ─► empty overlay ─► cloudletfs mount (copy-on-write, traced) ─► QEMU resumed
 //!            with shared RAM ─► customization (--copy files through the guest agent, then
@@ -14,6 +15,7 @@
 //! ```
 
 pub mod base;
+pub mod cloud_init;
 pub mod image;
 pub mod overlay;
 pub mod profile;
@@ -49,6 +51,9 @@ pub enum CaptureError {
         /// Why, and what to do.
         why: String,
     },
+    /// The `--cloud-init` inputs were refused, or the seed could not be written.
+    #[error(transparent)]
+    CloudInit(#[from] cloud_init::CloudInitError),
     /// `qemu-img` failed on an image.
     #[error("{what} {path} with qemu-img failed: {detail}")]
     QemuImg {
@@ -187,6 +192,16 @@ mod tests {
             source: Box::new(vm_timeout()),
         };
         assert_eq!(exit_code(&e), EXIT_GUEST_COMMAND);
+    }
+
+    #[test]
+    fn exit_code_refused_user_data_is_invalid() {
+        let e = CaptureError::CloudInit(cloud_init::CloudInitError::Invalid {
+            what: "user-data",
+            path: "u.yaml".into(),
+            why: "no header".into(),
+        });
+        assert_eq!(exit_code(&e), crate::EXIT_INVALID);
     }
 
     #[test]

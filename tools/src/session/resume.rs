@@ -285,6 +285,7 @@ pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: P
         memory,
         kernel: base.kernel_path(),
         initrd: base.initrd_path(),
+        cloud_init: base.cloud_init_path(),
         run_dir,
     }
 }
