@@ -168,6 +168,19 @@ pub enum ShellError {
         /// Whether the shell was back at a prompt after the interrupt.
         recovered: bool,
     },
+    /// The command was interrupted because the caller asked to stop ([`Shell::set_cancel`]).
+    #[error(
+        "Command {command:?} was interrupted on request; {}",
+        if *.recovered { "the shell answers again" } else { "the shell did not answer again" }
+    )]
+    Cancelled {
+        /// The command.
+        command: String,
+        /// What it printed until then.
+        output: String,
+        /// Whether the shell was back at a prompt after the interrupt.
+        recovered: bool,
+    },
     /// A NUL byte cannot be passed through a shell.
     #[error("Command contains a NUL byte, which no shell can take: {0:?}")]
     NulByte(String),
@@ -205,9 +218,13 @@ fn tail(s: &str) -> String {
 /// How a framed line ended, short of a result.
 enum FrameError {
     TimedOut { output: String },
+    Cancelled { output: String },
     Closed { output: String },
     Io(ShellError),
 }
+
+/// How often a running command checks its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(200);
 
 /// An interactive POSIX shell on a console, driven with framed commands.
 #[derive(Debug)]
@@ -219,6 +236,8 @@ pub struct Shell<T: Transport> {
     synced: bool,
     /// Bytes received and not yet looked at.
     pending: Vec<u8>,
+    /// When set (a signal handler's flag), a running command is interrupted as at a timeout.
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// The end of what the console showed outside commands, cleaned (for [`ShellError::NoShell`]).
     seen: Vec<u8>,
 }
@@ -239,7 +258,14 @@ impl<T: Transport> Shell<T> {
             synced: false,
             pending: Vec::new(),
             seen: Vec::new(),
+            cancel: None,
         }
+    }
+
+    /// Interrupts a running command (Ctrl-C, as at a timeout) once `flag` is set, e.g. by a
+    /// SIGINT/SIGTERM handler, and reports it as [`ShellError::Cancelled`].
+    pub fn set_cancel(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.cancel = Some(flag);
     }
 
     /// The options in use.
@@ -275,18 +301,20 @@ impl<T: Transport> Shell<T> {
         loop {
             self.send(&[interrupt])?;
             let attempt_deadline = deadline.min(Instant::now() + attempt);
-            match self.frame(":", attempt_deadline, &mut |_| {}) {
+            match self.frame(":", attempt_deadline, false, &mut |_| {}) {
                 Ok(_) => {
                     self.synced = true;
                     info!("Console shell answered after {:?}", start.elapsed());
                     return Ok(());
                 }
-                Err(FrameError::TimedOut { .. }) if Instant::now() < deadline => {
+                Err(FrameError::TimedOut { .. } | FrameError::Cancelled { .. })
+                    if Instant::now() < deadline =>
+                {
                     debug!("No answer from the console shell yet; interrupting and retrying");
                     interrupt = CTRL_C;
                     attempt = (attempt * 2).min(Duration::from_secs(8));
                 }
-                Err(FrameError::TimedOut { .. }) => {
+                Err(FrameError::TimedOut { .. } | FrameError::Cancelled { .. }) => {
                     return Err(ShellError::NoShell {
                         waited: start.elapsed(),
                         seen: self.seen_text(),
@@ -323,7 +351,7 @@ impl<T: Transport> Shell<T> {
         debug!("Console command: {command:?}");
         let framed = self
             .code_for(command, deadline)
-            .and_then(|code| self.frame(&code, deadline, on_output));
+            .and_then(|code| self.frame(&code, deadline, true, on_output));
         match framed {
             Ok((rc, output)) => {
                 debug!("Console command {command:?} exited with {rc}");
@@ -335,6 +363,15 @@ impl<T: Transport> Shell<T> {
                 Err(ShellError::Timeout {
                     command: command.to_owned(),
                     timeout,
+                    output,
+                    recovered,
+                })
+            }
+            Err(FrameError::Cancelled { output }) => {
+                warn!("Console command {command:?} cancelled; interrupting");
+                let recovered = self.recover()?;
+                Err(ShellError::Cancelled {
+                    command: command.to_owned(),
                     output,
                     recovered,
                 })
@@ -396,7 +433,7 @@ impl<T: Transport> Shell<T> {
             let redirect = if first { ">" } else { ">>" };
             first = false;
             let code = chunk_code(&chunk, redirect, &file);
-            let (rc, output) = self.frame(&code, deadline, &mut |_| {})?;
+            let (rc, output) = self.frame(&code, deadline, true, &mut |_| {})?;
             if rc != 0 {
                 return Err(FrameError::Io(ShellError::Transfer {
                     file: shown,
@@ -417,14 +454,17 @@ impl<T: Transport> Shell<T> {
         format!("{}:{seq}", self.nonce)
     }
 
-    /// Types one framed line running `code` and waits until `deadline` for its end marker;
-    /// returns the exit status and the (cleaned) output between the markers.
+    /// Types one framed line running `code` and waits until `deadline` (or, when
+    /// `cancellable`, until the cancel flag is set) for its end marker; returns the exit
+    /// status and the (cleaned) output between the markers.
     fn frame(
         &mut self,
         code: &str,
         deadline: Instant,
+        cancellable: bool,
         on_output: &mut dyn FnMut(&[u8]),
     ) -> Result<(i32, String), FrameError> {
+        let cancel = self.cancel.clone().filter(|_| cancellable);
         self.seq += 1;
         let tag = self.tag(self.seq);
         let begin = marker(&tag, "B");
@@ -485,7 +525,20 @@ impl<T: Transport> Shell<T> {
                     output: kept.into_string(),
                 });
             }
-            match self.transport.receive(&mut self.pending, remaining) {
+            let cancelled = cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+            if cancelled {
+                return Err(FrameError::Cancelled {
+                    output: kept.into_string(),
+                });
+            }
+            // Short waits while a cancel flag is set up, so that it is seen promptly.
+            let wait = match cancel {
+                Some(_) => remaining.min(CANCEL_POLL),
+                None => remaining,
+            };
+            match self.transport.receive(&mut self.pending, wait) {
                 Ok(Received::Bytes(_) | Received::TimedOut) => {}
                 Ok(Received::Closed) => {
                     let output = if started {
@@ -507,12 +560,12 @@ impl<T: Transport> Shell<T> {
         for interrupt in [CTRL_C, CTRL_C, CTRL_BACKSLASH] {
             self.send(&[interrupt])?;
             let deadline = Instant::now() + self.options.recover_timeout;
-            match self.frame(":", deadline, &mut |_| {}) {
+            match self.frame(":", deadline, false, &mut |_| {}) {
                 Ok(_) => {
                     self.synced = true;
                     return Ok(true);
                 }
-                Err(FrameError::TimedOut { .. }) => {}
+                Err(FrameError::TimedOut { .. } | FrameError::Cancelled { .. }) => {}
                 Err(FrameError::Closed { output }) => {
                     return Err(ShellError::Closed {
                         step: "interrupting a command that timed out".into(),

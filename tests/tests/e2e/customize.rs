@@ -63,6 +63,57 @@ fn overlay_failing_command_stops_run_with_command_status_and_output() {
 }
 
 #[test]
+fn overlay_serial_command_is_interrupted_by_sigint_not_left_to_its_timeout() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let _lock = vm_lock();
+    let h = Scratch::new();
+    let base = h.guest_base(256);
+    let s = script(&h, "hang.sh", "sleep 1000\necho after\n");
+
+    let mut child = Command::new(cloudlet_e2e::workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .args(["overlay", &base, "-o", &h.p("x.overlay"), "--run", &s])
+        .args(["--channel", "serial", "--cmd-timeout", "900"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        err.push_str(&line);
+        err.push('\n');
+        if line.contains("guest$ sleep 1000") {
+            break;
+        }
+    }
+    // The command is typed; give the shell a moment to start it, then Ctrl-C.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    for line in lines {
+        err.push_str(&line.unwrap());
+        err.push('\n');
+    }
+    let status = child.wait().unwrap();
+
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("Interrupted"), "{err}");
+    assert!(!err.contains("did not finish within"), "{err}");
+    assert!(
+        !err.contains("guest$ echo after"),
+        "the run went on:\n{err}"
+    );
+    assert!(!std::path::Path::new(&h.p("x.overlay")).exists(), "{err}");
+}
+
+#[test]
 fn overlay_hung_command_ends_at_cmd_timeout_with_error() {
     if !require_qemu() || !require_fuse() {
         return;

@@ -302,6 +302,8 @@ pub fn make_overlay(
     )?;
     let start = Instant::now();
     let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None, None)?;
+    // Ctrl-C or SIGTERM interrupts a serial command at once, not at its --cmd-timeout.
+    vm.serial_shell().set_cancel(std::sync::Arc::clone(&stop));
     vm.resume_from(&mnt.join("device-state"))?;
     let resume_seconds = start.elapsed().as_secs_f64();
     reporter.note(&format!(
@@ -612,6 +614,9 @@ fn command_error(
     source: VmError,
 ) -> CaptureError {
     match source {
+        VmError::Shell(ShellError::Cancelled { .. }) => {
+            CaptureError::Session(SessionError::Wait(WaitError::Interrupted))
+        }
         VmError::Shell(ShellError::Timeout { .. })
         | VmError::Agent(AgentError::ExecTimeout { .. }) => CaptureError::CommandTimedOut {
             line: line.to_owned(),
