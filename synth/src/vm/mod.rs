@@ -283,7 +283,9 @@ impl Vm {
 
     /// Like [`Vm::spawn`] with an explicit QEMU binary.
     pub fn spawn_with(binary: &Path, args: &QemuArgs) -> Result<Vm, VmError> {
-        Vm::spawn_command(Command::new(binary), binary, args)
+        let mut cmd = Command::new(binary);
+        cmd.args(args.args());
+        Vm::spawn_command(cmd, binary, args)
     }
 
     /// Like [`Vm::spawn`], through cloudlet's QEMU `launcher`, which first joins the cgroups
@@ -301,8 +303,8 @@ impl Vm {
         Vm::spawn_command(cmd, &launcher.program, args)
     }
 
-    /// Starts `cmd` (QEMU with `args`, or a launcher that becomes it), `binary` naming it in
-    /// errors.
+    /// Starts `cmd` (QEMU with `args` already on its command line, or a launcher that becomes
+    /// it), `binary` naming it in errors.
     fn spawn_command(mut cmd: Command, binary: &Path, args: &QemuArgs) -> Result<Vm, VmError> {
         let run_dir = args.run_dir();
         std::fs::create_dir_all(run_dir).map_err(|source| VmError::RunDir {
