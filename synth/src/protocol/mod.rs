@@ -256,11 +256,13 @@ pub fn clip_text(mut s: String) -> String {
 /// This machine's name as a DNS label (`[a-z0-9-]`, at most 63 bytes), `cloudlet` if unknown.
 pub fn local_host_label() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let label: String = raw
-        .trim()
-        .split('.')
-        .next()
-        .unwrap_or("")
+    host_label(raw.trim().split('.').next().unwrap_or(""))
+}
+
+/// `name` as a DNS label: ASCII letters and digits lowercased, anything else `-`, at most 63
+/// characters, no `-` at either end; `cloudlet` when nothing is left.
+pub fn host_label(name: &str) -> String {
+    let label: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {

@@ -166,21 +166,7 @@ pub fn read_meta_data(path: &Path) -> Result<Vec<u8>, CloudInitError> {
 pub fn default_meta_data(user_data: &[u8], name: &str) -> Vec<u8> {
     let digest = sha256(user_data);
     let id = synth::chunk::hex(&digest[..8]);
-    let mut host: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    host = host.trim_matches('-').to_owned();
-    if host.is_empty() {
-        host = "cloudlet".into();
-    }
+    let host = synth::protocol::host_label(name);
     format!("instance-id: cloudlet-{id}\nlocal-hostname: {host}\n").into_bytes()
 }
 
