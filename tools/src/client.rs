@@ -12,6 +12,7 @@
 //! The probe reports what the client had sent when the guest's service first answered: with
 //! early start, the head and the segments the VM needed (plus what the stream sent meanwhile).
 
+use crate::session::FirstAnswerProbe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -246,9 +247,6 @@ pub fn reach_host(server_addr: &str, mapping: &PortMapping) -> String {
     }
 }
 
-/// How long `--ready-http-path` polls for the first answer.
-const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
-
 /// Runs the session: sends what `args` names, then finishes (`--finish`) or holds the session
 /// until `stop` is set; `on_event` hears every event, `on_holding` once the session is held,
 /// `on_first_answer` (from the probe's thread) the first HTTP 200 of `--ready-http-path`.
@@ -262,8 +260,7 @@ pub fn run(
 ) -> Result<Outcome, ClientError> {
     let started = Instant::now();
     let latest = Arc::new(Mutex::new(TransferStats::default()));
-    let probe_stop = Arc::new(AtomicBool::new(false));
-    let mut probe: Option<std::thread::JoinHandle<()>> = None;
+    let mut probe: Option<FirstAnswerProbe> = None;
     let mut report = Some(on_first_answer);
     let server = conn.addr.clone();
     let mut on_event = |e: &ClientEvent| {
@@ -282,26 +279,20 @@ pub fn run(
                         mapping.host_port,
                         path.trim_start_matches('/')
                     );
-                    let (latest, stop) = (Arc::clone(&latest), Arc::clone(&probe_stop));
+                    let latest = Arc::clone(&latest);
                     let report = report.take();
-                    probe = Some(std::thread::spawn(
-                        move || match crate::session::wait_http_ok(
-                            &url,
-                            FIRST_ANSWER_TIMEOUT,
-                            &stop,
-                        ) {
-                            Ok(()) => {
-                                let elapsed = started.elapsed();
-                                let transfer = latest.lock().map(|l| *l).unwrap_or_default();
-                                if let Some(report) = report {
-                                    report(FirstAnswer {
-                                        url,
-                                        elapsed,
-                                        transfer,
-                                    });
-                                }
+                    probe = Some(FirstAnswerProbe::start(
+                        url,
+                        started,
+                        move |url, elapsed| {
+                            let transfer = latest.lock().map(|l| *l).unwrap_or_default();
+                            if let Some(report) = report {
+                                report(FirstAnswer {
+                                    url,
+                                    elapsed,
+                                    transfer,
+                                });
                             }
-                            Err(e) => log::warn!("no first answer: {e}"),
                         },
                     ));
                 }
@@ -351,10 +342,7 @@ pub fn run(
     })();
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
-    probe_stop.store(true, Ordering::Relaxed);
-    if let Some(p) = probe {
-        let _ = p.join();
-    }
+    drop(probe);
     result
 }
 

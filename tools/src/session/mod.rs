@@ -34,7 +34,7 @@ pub use resume::{
 };
 pub use run_dir::RunDir;
 pub use synthesis::{synthesis, SynthesisArgs, TimelineEvent};
-pub use wait::{wait_agent, wait_http_ok, wait_marker, WaitError};
+pub use wait::{wait_agent, wait_http_ok, wait_marker, FirstAnswerProbe, WaitError};
 
 use std::path::PathBuf;
 

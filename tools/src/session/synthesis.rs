@@ -8,12 +8,12 @@
 //! start had fetched by then (segments, bytes, chunks on demand and in background).
 
 use super::{
-    resume_vm_with, wait_http_ok, Backend, BackendKind, LimitArgs, ResumeOptions, SessionError,
+    resume_vm_with, Backend, BackendKind, FirstAnswerProbe, LimitArgs, ResumeOptions, SessionError,
 };
 use cloudletfs::OverlaySource;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use synth::registry::Registry;
 use synth::vm::HostFwd;
@@ -128,25 +128,12 @@ pub fn synthesis(
         })),
     );
     log::info!("serial console log: {}", running.serial_log.display());
-    let probe_stop = Arc::new(AtomicBool::new(false));
-    let first_answer = args.ready_http.as_ref().map(|url| {
-        let (tx, rx) = mpsc::channel();
-        let (url, stats, stop) = (
-            url.clone(),
-            running.mounted.stats_reader(),
-            Arc::clone(&probe_stop),
-        );
-        let probe =
-            std::thread::spawn(
-                move || match wait_http_ok(&url, FIRST_ANSWER_TIMEOUT, &stop) {
-                    Ok(()) => {
-                        let at = t0.elapsed().as_secs_f64();
-                        let _ = tx.send((at, first_answer_detail(&url, &stats())));
-                    }
-                    Err(e) => log::warn!("no first answer: {e}"),
-                },
-            );
-        (probe, rx)
+    let (answer_tx, answer_rx) = mpsc::channel();
+    let probe = args.ready_http.as_ref().map(|url| {
+        let stats = running.mounted.stats_reader();
+        FirstAnswerProbe::start(url.clone(), t0, move |url, at| {
+            let _ = answer_tx.send((at.as_secs_f64(), first_answer_detail(&url, &stats())));
+        })
     });
     let mut filled = !args.early_start;
     let deadline = args
@@ -166,18 +153,14 @@ pub fn synthesis(
         } else if filled {
             std::thread::sleep(Duration::from_millis(200));
         }
-        if let Some((at, detail)) = first_answer.as_ref().and_then(|(_, rx)| rx.try_recv().ok()) {
+        if let Ok((at, detail)) = answer_rx.try_recv() {
             emit_at("first answer", Some(at), Some(detail));
         }
         if !running.mounted.is_alive() {
-            probe_stop.store(true, Ordering::Relaxed);
             return Err(SessionError::MountGone);
         }
     }
-    probe_stop.store(true, Ordering::Relaxed);
-    if let Some((probe, _)) = first_answer {
-        let _ = probe.join();
-    }
+    drop(probe);
     let stats = running.stop()?;
     emit_at(
         "VM stopped",
@@ -186,9 +169,6 @@ pub fn synthesis(
     );
     Ok(())
 }
-
-/// How long `--ready-http` polls for the first answer.
-const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// The "first answer" event's details: what the mount had fetched when `url` first answered.
 fn first_answer_detail(url: &str, stats: &cloudletfs::Stats) -> serde_json::Value {

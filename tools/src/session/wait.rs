@@ -2,6 +2,8 @@
 //! console, for the guest agent to answer, and for an HTTP 200 from a guest's service.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use synth::vm::{Vm, VmError};
 
@@ -128,6 +130,50 @@ pub fn wait_http_ok(url: &str, timeout: Duration, stop: &AtomicBool) -> Result<(
     })
 }
 
+/// How long a [`FirstAnswerProbe`] polls before it gives up (and logs a warning).
+pub const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// A thread that polls a guest service's URL until its first HTTP 200, for the "first answer"
+/// events of `synthesis --ready-http` and `client --ready-http-path`. It reports once, from its
+/// own thread, with the time since the session started. Dropping the probe stops and joins it.
+pub struct FirstAnswerProbe {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FirstAnswerProbe {
+    /// Starts polling `url`; on its first 200, calls `on_answer(url, since.elapsed())`.
+    pub fn start(
+        url: String,
+        since: Instant,
+        on_answer: impl FnOnce(String, Duration) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread =
+            std::thread::spawn(
+                move || match wait_http_ok(&url, FIRST_ANSWER_TIMEOUT, &flag) {
+                    Ok(()) => on_answer(url, since.elapsed()),
+                    Err(WaitError::Interrupted) => {}
+                    Err(e) => log::warn!("no first answer: {e}"),
+                },
+            );
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FirstAnswerProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +210,26 @@ mod tests {
         let e =
             wait_http_ok(&url, Duration::from_millis(500), &AtomicBool::new(false)).unwrap_err();
         assert!(e.to_string().contains("HTTP 404"), "{e}");
+    }
+
+    #[test]
+    fn first_answer_probe_reports_once_and_drop_stops_a_silent_one() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let url = serve(200);
+        let probe = FirstAnswerProbe::start(url.clone(), Instant::now(), move |u, at| {
+            let _ = tx.send((u, at));
+        });
+        let (u, _) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(u, url);
+        drop(probe);
+        // Nothing listens on port 9: dropping must stop the probe, not wait 30 minutes.
+        let silent =
+            FirstAnswerProbe::start("http://127.0.0.1:9/".into(), Instant::now(), |_, _| {
+                panic!("no answer expected")
+            });
+        let t = Instant::now();
+        drop(silent);
+        assert!(t.elapsed() < FIRST_ANSWER_TIMEOUT);
     }
 
     #[test]
