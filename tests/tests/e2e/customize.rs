@@ -200,6 +200,11 @@ fn overlay_agent_channel_copies_files_runs_script_and_keeps_going() {
     );
     assert_eq!(code, 0, "{err}");
     let base = base.trim().to_owned();
+    let table = h.ok(&["list-base"]);
+    assert!(
+        table.contains(" GUEST ") && table.contains(" guest-agent "),
+        "{table}"
+    );
     let file = script(&h, "tool.sh", "#!/bin/sh\necho tool-ran-$1\n");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
     let s = script(

@@ -473,6 +473,11 @@ fn debian_cli_base_with_cloud_init_seed_runs_user_data_and_resumes_with_the_seed
     let base = base.trim().to_owned();
     let listed: serde_json::Value = serde_json::from_str(&h.ok(&["list-base", "--json"])).unwrap();
     let folder = PathBuf::from(listed[0]["path"].as_str().unwrap());
+    assert_eq!(
+        listed[0]["guest"],
+        serde_json::json!(["guest-agent", "cloud-init-seed"]),
+        "{listed}"
+    );
     let record = std::fs::read_to_string(folder.join("base.json")).unwrap();
     assert!(record.contains(r#""cloud-init-seed""#), "{record}");
     assert!(folder.join("cloud-init-seed.img").is_file());

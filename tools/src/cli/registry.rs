@@ -122,6 +122,8 @@ struct BaseRow<'a> {
     memory_size: u64,
     /// Raw QEMU arguments of its launch config (on every command line of its VMs).
     raw_qemu_args: &'a [String],
+    /// Channels into the guest its VMs get: "guest-agent", "cloud-init-seed".
+    guest: Vec<&'static str>,
     path: String,
 }
 
@@ -136,6 +138,7 @@ pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
             disk_size: b.record.disk_size,
             memory_size: b.record.memory_size,
             raw_qemu_args: b.record.raw_qemu_args(),
+            guest: guest_channels(&b.record.config),
             path: b.dir.display().to_string(),
         })
         .collect();
@@ -145,16 +148,21 @@ pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
         eprintln!("no base VMs in {}", reg.home().display());
     } else {
         println!(
-            "{:<16} {:<20} {:>12} {:>12} RAW QEMU ARGS",
-            "ID", "NAME", "DISK", "MEMORY"
+            "{:<16} {:<20} {:>12} {:>12} {:<27} RAW QEMU ARGS",
+            "ID", "NAME", "DISK", "MEMORY", "GUEST"
         );
         for r in rows {
             println!(
-                "{:<16} {:<20} {:>12} {:>12} {}",
+                "{:<16} {:<20} {:>12} {:>12} {:<27} {}",
                 &r.id[..16],
                 r.name,
                 r.disk_size,
                 r.memory_size,
+                if r.guest.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.guest.join(",")
+                },
                 if r.raw_qemu_args.is_empty() {
                     "-".to_string()
                 } else {
@@ -164,6 +172,24 @@ pub fn list_base(ctx: &Context, a: &ListBaseArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a base's VMs carry into the guest besides disk and memory: the QEMU guest agent's
+/// channel, a cloud-init NoCloud seed (attached read-only to every VM of the base).
+fn guest_channels(config: &synth::base::LaunchConfig) -> Vec<&'static str> {
+    use synth::base::Device;
+    let mut out = Vec::new();
+    if config
+        .devices
+        .iter()
+        .any(|d| matches!(d, Device::GuestAgent))
+    {
+        out.push("guest-agent");
+    }
+    if config.cloud_init.is_some() {
+        out.push("cloud-init-seed");
+    }
+    out
 }
 
 pub fn del_base(ctx: &Context, a: &DelBaseArgs) -> Result<()> {
