@@ -6,9 +6,9 @@ set -euo pipefail
 need_apt=()
 # socat and dash: the console tests run real shells on a pty behind a Unix socket; qemu-ga: the
 # guest agent tests run it on the host, and the test guest carries it. sfdisk, grub-mkimage:
-# the Debian test guest's partitioned, bootable disk.
+# the Debian test guest's partitioned, bootable disk. passt: a guest's opt-in outbound network.
 for bin in fusermount3 xdelta3 xz zstd nginx debootstrap mkfs.ext4 cpio busybox curl ip virsh libvirtd \
-  socat dash qemu-ga sfdisk grub-mkimage unshare flock; do
+  socat dash qemu-ga sfdisk grub-mkimage unshare flock passt; do
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$bin")
 done
 # The Debian test guest (tools/guest/build-debian.sh) installs GRUB into its disk image file.
@@ -38,7 +38,7 @@ SRC
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     fuse3 xdelta3 xz-utils zstd nginx-light debootstrap e2fsprogs cpio busybox-static curl \
-    iproute2 socat dash qemu-guest-agent fdisk grub-pc-bin util-linux >/dev/null
+    iproute2 socat dash qemu-guest-agent fdisk grub-pc-bin util-linux passt >/dev/null
   apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-utils >/dev/null
   # The optional libvirt backend (tests run it). Without recommends it pulls in no QEMU of

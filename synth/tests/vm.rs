@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use synth::base::{Device, LaunchConfig};
 use synth::vm::{
-    qemu_binary, Accel, Agent, AgentError, CommandOutput, HostFwd, LaunchError, LaunchOptions,
-    MemoryMode, QemuArgs, SerialPort, Shell, ShellError, ShellOptions, Transport, Vm, VmError,
-    VmPaths,
+    qemu_binary, Accel, Agent, AgentError, CommandOutput, GuestNetwork, HostFwd, LaunchError,
+    LaunchOptions, MemoryMode, QemuArgs, SerialPort, Shell, ShellError, ShellOptions, Transport,
+    Vm, VmError, VmPaths,
 };
 
 const MIB: u64 = 1 << 20;
@@ -109,6 +109,7 @@ fn plain_options(memory: MemoryMode) -> LaunchOptions {
         memory,
         incoming: false,
         hostfwd: vec![],
+        network: GuestNetwork::Isolated,
         accel: Accel::Tcg,
     }
 }

@@ -718,3 +718,34 @@ pub fn require_netns() -> Option<Netns> {
         }
     }
 }
+
+/// This host's first global IPv4 address (what a LAN machine would connect to).
+pub fn host_lan_address() -> std::net::Ipv4Addr {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+        .expect("run ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("this host has no global IPv4 address: {text}"))
+}
+
+/// Answers one HTTP request on `l` with 200 "lan-ok", on a thread; the thread returns whether
+/// a request came.
+pub fn answer_once(l: std::net::TcpListener) -> std::thread::JoinHandle<bool> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        l.set_nonblocking(false).unwrap();
+        let Ok((mut s, _)) = l.accept() else {
+            return false;
+        };
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nlan-ok");
+        true
+    })
+}

@@ -196,7 +196,7 @@ fn escape(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::base::{Device, LaunchConfig};
-    use crate::vm::{HostFwd, LaunchOptions, MemoryMode, VmPaths};
+    use crate::vm::{GuestNetwork, HostFwd, LaunchOptions, MemoryMode, VmPaths};
 
     fn launch(dir: &Path, devices: Vec<Device>) -> DomainLaunch {
         std::fs::write(dir.join("disk.img"), [0u8; 4096]).unwrap();
@@ -218,6 +218,7 @@ mod tests {
             memory: MemoryMode::Resume,
             incoming: true,
             hostfwd: vec![HostFwd::localhost(8080, 80)],
+            network: GuestNetwork::Isolated,
             accel: Accel::Tcg,
             vnc: None,
         };
@@ -326,6 +327,7 @@ mod tests {
             memory: MemoryMode::Resume,
             incoming: true,
             hostfwd: vec![],
+            network: GuestNetwork::Isolated,
             accel: Accel::Tcg,
             vnc: None,
         };

@@ -21,6 +21,7 @@
 //! absolute first, so a `:` can never be taken for a block protocol prefix. Free-form config
 //! strings (`machine`, `cpu`) are limited to characters that cannot start another option.
 
+use super::passt::GuestNetwork;
 use crate::base::{Device, LaunchConfig};
 use log::{debug, info};
 use std::ffi::{OsStr, OsString};
@@ -344,6 +345,9 @@ pub struct LaunchOptions {
     pub incoming: bool,
     /// Port forwards on the first `virtio-net` device.
     pub hostfwd: Vec<HostFwd>,
+    /// How the first `virtio-net` device reaches networks (isolated unless the operator opts
+    /// in; with passt, `hostfwd` must be passt's own, since QEMU then forwards nothing).
+    pub network: GuestNetwork,
     /// Accelerator.
     pub accel: Accel,
     /// Show the guest's display on a VNC server at this address (e.g. `127.0.0.1:1`) instead
@@ -432,6 +436,7 @@ impl QemuArgs {
             &config.devices,
             paths,
             &options.hostfwd,
+            &options.network,
             agent_socket.as_deref(),
             Placement::Implicit,
         )?;
@@ -597,6 +602,7 @@ impl DomainLaunch {
             &config.devices,
             paths,
             &options.hostfwd,
+            &options.network,
             agent_socket.as_deref(),
             Placement::Q35Slots,
         )?;
@@ -824,6 +830,7 @@ fn add_devices(
     devices: &[Device],
     paths: &VmPaths,
     hostfwd: &[HostFwd],
+    network: &GuestNetwork,
     agent_socket: Option<&Path>,
     placement: Placement,
 ) -> Result<(), LaunchError> {
@@ -865,16 +872,35 @@ fn add_devices(
                 a.push("-device").push("virtio-blk-pci,drive=disk0");
             }
             Device::VirtioNet => {
-                // restrict=on: the guest opens no connection out, so it reaches neither the
-                // host's loopback (10.0.2.2), other sessions' forwarded ports, the LAN nor
-                // beyond; it only answers the forwarded ports.
-                let mut netdev = format!("user,id=net{nets},restrict=on");
-                if nets == 0 {
-                    for fwd in hostfwd {
-                        netdev.push_str(&format!(",hostfwd={fwd}"));
+                match network {
+                    // The operator let the guest out (`--guest-outbound`): passt, which
+                    // forwards the ports itself (see `passt`).
+                    GuestNetwork::Passt(socket) if nets == 0 => {
+                        a.push("-netdev").push_opts(&[
+                            format!("stream,id=net{nets},server=off,addr.type=unix,addr.path=")
+                                .into(),
+                            escape_option_value(socket.as_os_str()),
+                        ]);
+                        // A VM captured on user networking carries slirp's state ("slirp"
+                        // section, instance 0), which QEMU refuses to load without a slirp
+                        // instance: an unattached, restricted one takes it and carries
+                        // nothing.
+                        a.push("-netdev")
+                            .push(format!("user,id=slirp-state{nets},restrict=on"));
+                    }
+                    _ => {
+                        // restrict=on: the guest opens no connection out, so it reaches
+                        // neither the host's loopback (10.0.2.2), other sessions' forwarded
+                        // ports, the LAN nor beyond; it only answers the forwarded ports.
+                        let mut netdev = format!("user,id=net{nets},restrict=on");
+                        if nets == 0 {
+                            for fwd in hostfwd {
+                                netdev.push_str(&format!(",hostfwd={fwd}"));
+                            }
+                        }
+                        a.push("-netdev").push(netdev);
                     }
                 }
-                a.push("-netdev").push(netdev);
                 a.push("-device")
                     .push(format!("virtio-net-pci,netdev=net{nets}{at}"));
                 nets += 1;
@@ -1090,6 +1116,7 @@ mod tests {
                 memory,
                 incoming,
                 hostfwd: Vec::new(),
+                network: GuestNetwork::Isolated,
                 accel: Accel::Tcg,
                 vnc: None,
             };
@@ -1143,6 +1170,7 @@ mod tests {
             memory: MemoryMode::Resume,
             incoming: true,
             hostfwd: Vec::new(),
+            network: GuestNetwork::Isolated,
             accel: Accel::Tcg,
             vnc: None,
         }
@@ -1168,6 +1196,43 @@ mod tests {
         assert!(
             a.contains(&"virtio-blk-pci,drive=seed0".to_owned()),
             "{a:?}"
+        );
+    }
+
+    #[test]
+    fn qemu_args_network_is_restricted_unless_passt_is_given_then_qemu_forwards_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, paths) = seeded(dir.path());
+        let strings = |o: &LaunchOptions| -> Vec<String> {
+            QemuArgs::new(&config, &paths, o)
+                .unwrap()
+                .args()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let mut options = resume_options();
+        options.hostfwd = vec![HostFwd::localhost(8080, 80)];
+
+        let isolated = strings(&options);
+        options.network = GuestNetwork::Passt(dir.path().join("run,x/passt.sock"));
+        let passt = strings(&options);
+
+        assert!(
+            isolated.contains(&"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80".into()),
+            "{isolated:?}"
+        );
+        let stream = format!(
+            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            dir.path().join("run,,x/passt.sock").display()
+        );
+        assert!(passt.contains(&stream), "{passt:?}");
+        assert!(!passt.iter().any(|a| a.contains("hostfwd")), "{passt:?}");
+        // slirp's saved state (of a VM captured on user networking) has a restricted,
+        // unattached instance to load into.
+        assert!(
+            passt.contains(&"user,id=slirp-state0,restrict=on".into()),
+            "{passt:?}"
         );
     }
 

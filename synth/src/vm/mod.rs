@@ -41,6 +41,7 @@ pub mod launch;
 pub mod launcher;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod passt;
 pub mod qga;
 pub mod qmp;
 pub mod serial;
@@ -50,6 +51,7 @@ pub use launch::{
     escape_option_value, qemu_binary, Accel, BadHostFwd, DomainAgent, DomainDisk, DomainLaunch,
     HostFwd, LaunchError, LaunchOptions, MemoryMode, QemuArgs, VmPaths,
 };
+pub use passt::{GuestNetwork, Passt, PasstError, PasstOptions};
 pub use qga::{Agent, AgentError, ExecOutput, AGENT_CHANNEL};
 pub use qmp::{Qmp, QmpError};
 pub use serial::{SerialPort, READY_MARKER};

@@ -200,3 +200,130 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
     }
     assert!(log.contains("memory 700 MiB, 300 tasks, CPU 150%"), "{log}");
 }
+
+/// The pids of `parent`'s children whose command name starts with `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID …": COMM may hold spaces, so split after its ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if stat[open + 1..close].starts_with(name) && ppid == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn synthesis_guest_outbound_runs_passt_as_the_session_uid_and_serves_through_it() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let h = Scratch::new();
+    let base = h.guest_base(64);
+    // A LAN service of this host (answers every request) and a loopback-only one (must never
+    // see the guest).
+    let lan = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let lan_port = lan.local_addr().unwrap().port();
+    let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lo_port = lo.local_addr().unwrap().port();
+    lo.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || loop {
+        let _ = cloudlet_e2e::answer_once(lan.try_clone().unwrap()).join();
+    });
+    // The customized guest keeps trying both, once a second: in vain while it is captured
+    // (isolated), then from the resumed VM through passt.
+    let script = h.p("customize.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo out-$((6*7)) > /srv/www/custom.txt\n\
+             (while true; do timeout 5 wget -q -O /srv/www/lan.txt http://{}:{lan_port}/; \
+             timeout 5 wget -q -O /srv/www/lo.txt http://10.0.2.2:{lo_port}/; sleep 1; done) \
+             </dev/null >/dev/null 2>&1 &\nsync\n",
+            cloudlet_e2e::host_lan_address()
+        ),
+    )
+    .unwrap();
+    let overlay = h.p("vm.overlay");
+    h.ok(&["overlay", &base, "-o", &overlay, "--run", &script, "--json"]);
+    let port = synth::vm::free_tcp_port().unwrap();
+
+    let mut child = Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .env("RUST_LOG", "info")
+        .args(["synthesis", &base, &overlay, "--early-start", "--json"])
+        .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8080")])
+        .arg("--guest-outbound")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(h.p("synthesis.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let rx = crate::server::lines(&mut child);
+    let resumed = std::panic::catch_unwind(|| {
+        crate::server::wait_event(&rx, "VM resumed", Duration::from_secs(180))
+    })
+    .unwrap_or_else(|_| {
+        let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap_or_default();
+        panic!("no VM resumed: {log}")
+    });
+    let qemu: u32 = resumed["detail"]["vm"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("QEMU pid "))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{resumed}"));
+    // The forwarded port is passt's now: the answer came through it.
+    let body = http_get(port, "/custom.txt", Duration::from_secs(180));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut from_lan = String::new();
+    while from_lan != "lan-ok" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        from_lan = http_get(port, "/lan.txt", Duration::from_secs(30));
+    }
+    let passt = children_named(child.id(), "passt");
+    let uid_of = |pid: u32| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}")).unwrap().uid()
+    };
+    let (qemu_uid, passt_uids): (u32, Vec<u32>) =
+        (uid_of(qemu), passt.iter().map(|&p| uid_of(p)).collect());
+    let cmdline = passt
+        .first()
+        .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap())
+        .unwrap_or_default();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let ended = child.wait().unwrap();
+    let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
+
+    assert!(ended.success(), "{ended}: {log}");
+    assert_eq!(body.trim(), "out-42");
+    assert_eq!(from_lan, "lan-ok", "the resumed guest did not get out");
+    let reached = lo.accept();
+    assert!(
+        matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's loopback service saw a connection from the guest: {reached:?}"
+    );
+    assert_eq!(passt_uids, vec![qemu_uid], "passt {passt:?}, QEMU {qemu}");
+    assert!(
+        cmdline.split('\0').any(|a| a == "--no-map-gw"),
+        "{cmdline:?}"
+    );
+    assert!(log.contains("--guest-outbound"), "{log}");
+    for p in passt {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists(),
+            "passt {p} outlived its session"
+        );
+    }
+}

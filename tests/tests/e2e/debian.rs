@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use synth::base::{Device, LaunchConfig};
-use synth::vm::{Accel, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
+use synth::vm::{Accel, GuestNetwork, LaunchOptions, MemoryMode, QemuArgs, Vm, VmPaths};
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
@@ -83,6 +83,7 @@ fn boot(guest: &DebianGuest, how: Boot, agent: bool) -> Booted {
         memory: MemoryMode::Capture,
         incoming: false,
         hostfwd: Vec::new(),
+        network: GuestNetwork::Isolated,
         accel: Accel::detect().unwrap(),
         vnc: None,
     };

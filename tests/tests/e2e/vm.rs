@@ -3,15 +3,18 @@
 //! building and the shell and agent protocols without a guest are tested in `synth/tests/vm.rs`.
 //! One QEMU at a time: every test here holds [`cloudlet_e2e::vm_lock`].
 
-use cloudlet_e2e::{guest, http_get, parse_counter, require_qemu, sparse_copy, vm_lock, Guest};
+use cloudlet_e2e::{
+    answer_once, guest, host_lan_address, http_get, parse_counter, require_qemu, sparse_copy,
+    vm_lock, Guest,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 use synth::base::{Device, LaunchConfig};
 use synth::vm::{
-    free_tcp_port, Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, ShellError, Vm, VmError,
-    VmPaths, READY_MARKER,
+    free_tcp_port, Accel, GuestNetwork, HostFwd, LaunchOptions, MemoryMode, QemuArgs, ShellError,
+    Vm, VmError, VmPaths, READY_MARKER,
 };
 
 const MIB: u64 = 1 << 20;
@@ -67,6 +70,7 @@ fn options(memory: MemoryMode, incoming: bool, port: u16) -> LaunchOptions {
         memory,
         incoming,
         hostfwd: vec![HostFwd::localhost(port, GUEST_HTTP_PORT)],
+        network: GuestNetwork::Isolated,
         accel: Accel::detect().unwrap(),
     }
 }
@@ -134,6 +138,82 @@ fn vm_guest_reaches_its_forwarded_port_but_not_the_host_loopback() {
     assert!(
         matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the host service saw a connection from the guest: {reached:?}"
+    );
+    assert!(forwarded.contains("count="), "{forwarded}");
+}
+
+#[test]
+fn vm_outbound_through_passt_reaches_the_lan_but_not_the_host_loopback() {
+    let Some(_lock) = qemu_lock() else { return };
+    let guest = guest(GUEST_DISK_MB);
+    let tmp = tempfile::tempdir().unwrap();
+    // passt never stays root: it binds its socket as `nobody`, in a folder of nobody's.
+    let net_dir = tmp.path().join("net");
+    std::fs::create_dir(&net_dir).unwrap();
+    std::os::unix::fs::chown(&net_dir, Some(65534), Some(65534)).unwrap();
+    let (lo, lan) = (
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        std::net::TcpListener::bind("0.0.0.0:0").unwrap(),
+    );
+    let (lo_port, lan_port) = (
+        lo.local_addr().unwrap().port(),
+        lan.local_addr().unwrap().port(),
+    );
+    lo.set_nonblocking(true).unwrap();
+    let lan_answered = answer_once(lan);
+    let lan_addr = host_lan_address();
+    let port = free_tcp_port().unwrap();
+    let fwd = [HostFwd::localhost(port, GUEST_HTTP_PORT)];
+    let passt = synth::vm::Passt::start(&synth::vm::PasstOptions {
+        socket: &net_dir.join("passt.sock"),
+        hostfwd: &fwd,
+        runas: Some((65534, 65534)),
+        log: &tmp.path().join("passt.log"),
+    })
+    .unwrap();
+    let disk = tmp.path().join("disk.img");
+    sparse_copy(&guest.dir.join("disk.img"), &disk);
+    let paths = guest_paths(
+        &guest,
+        &disk,
+        &tmp.path().join("ram.bin"),
+        &tmp.path().join("run"),
+    );
+    let options = LaunchOptions {
+        network: GuestNetwork::Passt(passt.socket().into()),
+        ..options(MemoryMode::Capture, false, port)
+    };
+    let args = QemuArgs::new(&guest_config(&guest.cmdline), &paths, &options).unwrap();
+    let mut vm = Vm::spawn(&args).unwrap();
+    vm.wait_ready_marker(READY_MARKER, BOOT_TIMEOUT).unwrap();
+
+    let to_loopback = vm
+        .run_serial_command(
+            &format!("timeout 5 wget -q -O - http://10.0.2.2:{lo_port}/"),
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    let to_lan = vm
+        .run_serial_command(
+            &format!("timeout 10 wget -q -O - http://{lan_addr}:{lan_port}/"),
+            CMD_TIMEOUT,
+        )
+        .unwrap();
+    let forwarded = http_get(port, "/cgi-bin/counter", Duration::from_secs(10));
+    vm.quit().unwrap();
+    drop(passt);
+
+    assert_eq!(to_lan.rc, 0, "the guest did not get out: {to_lan:?}");
+    assert_eq!(to_lan.output, "lan-ok");
+    assert!(lan_answered.join().unwrap());
+    assert_ne!(
+        to_loopback.rc, 0,
+        "the guest reached 10.0.2.2: {to_loopback:?}"
+    );
+    let reached = lo.accept();
+    assert!(
+        matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's loopback service saw a connection from the guest: {reached:?}"
     );
     assert!(forwarded.contains("count="), "{forwarded}");
 }

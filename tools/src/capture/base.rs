@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use synth::base::{Device, LaunchConfig};
 use synth::registry::{AddBase, Base, Registry};
-use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, VmPaths};
+use synth::vm::{Accel, GuestNetwork, HostFwd, LaunchOptions, MemoryMode, QemuArgs, VmPaths};
 
 /// Boot a disk image on QEMU, wait until it is ready, capture it and register it as a base.
 ///
@@ -177,6 +177,7 @@ pub fn make_base(
         memory: MemoryMode::Capture,
         incoming: false,
         hostfwd: args.hostfwd.clone(),
+        network: GuestNetwork::Isolated,
         accel: Accel::detect()?,
         vnc: args.vnc.clone(),
     };

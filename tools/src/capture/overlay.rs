@@ -15,8 +15,8 @@ use synth::codec::Codec;
 use synth::create::{CreateOptions, CustomImages};
 use synth::registry::Registry;
 use synth::vm::{
-    Accel, AgentError, CommandChannel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, ShellError,
-    Vm, VmError,
+    Accel, AgentError, CommandChannel, GuestNetwork, HostFwd, LaunchOptions, MemoryMode, QemuArgs,
+    ShellError, Vm, VmError,
 };
 use synth::ImageKind;
 
@@ -296,6 +296,7 @@ pub fn make_overlay(
             memory: MemoryMode::Capture,
             incoming: true,
             hostfwd: args.hostfwd.clone(),
+            network: GuestNetwork::Isolated,
             accel: Accel::detect()?,
             vnc: args.vnc.clone(),
         },

@@ -90,6 +90,9 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+    /// The guest's outbound network (`--guest-outbound`) could not start.
+    #[error(transparent)]
+    Passt(#[from] synth::vm::PasstError),
     /// Installing the SIGINT/SIGTERM handlers failed.
     #[error("Installing the signal handlers failed")]
     Signals(#[source] std::io::Error),

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use synth::registry::Base;
-use synth::vm::{Accel, HostFwd, LaunchOptions, MemoryMode, QemuArgs, Timings, Vm, VmPaths};
+use synth::vm::{
+    Accel, GuestNetwork, HostFwd, LaunchOptions, MemoryMode, Passt, PasstOptions, QemuArgs,
+    Timings, Vm, VmPaths,
+};
 use synth::ImageKind;
 
 /// Which VM manager runs a synthesized VM.
@@ -117,6 +120,8 @@ pub struct RunningVm {
     pub vm: ResumedVm,
     /// The QEMU's cgroup (removed once QEMU is gone), when it has one.
     pub cgroup: Option<SessionCgroup>,
+    /// passt, the guest's outbound network, with `--guest-outbound` (stopped after QEMU).
+    pub passt: Option<Passt>,
     /// The uid QEMU runs as (free again once QEMU is gone), when it has one of its own.
     pub user: Option<SessionUser>,
     /// The cloudletfs mount serving its disk and memory.
@@ -136,11 +141,18 @@ impl RunningVm {
             Some(u) => format!("uid {}", u.ids().0),
             None => "cloudlet's uid".into(),
         };
+        let net = if self.passt.is_some() {
+            "guest network: outbound (passt, host loopback unmapped)"
+        } else {
+            "guest network: isolated"
+        };
         match (&self.vm, &self.cgroup) {
-            (ResumedVm::Qemu(_), Some(cg)) => format!("{who}, seccomp, {}", cg.describe()),
-            (ResumedVm::Qemu(_), None) => format!("{who}, seccomp, no cgroup"),
+            (ResumedVm::Qemu(_), Some(cg)) => {
+                format!("{who}, seccomp, {}, {net}", cg.describe())
+            }
+            (ResumedVm::Qemu(_), None) => format!("{who}, seccomp, no cgroup, {net}"),
             #[cfg(feature = "libvirt")]
-            (ResumedVm::Libvirt(_), _) => "libvirt's".into(),
+            (ResumedVm::Libvirt(_), _) => format!("libvirt's, {net}"),
         }
     }
 
@@ -149,12 +161,14 @@ impl RunningVm {
         let RunningVm {
             vm,
             cgroup,
+            passt,
             user,
             mounted,
             run,
             ..
         } = self;
         drop(vm);
+        drop(passt);
         drop(cgroup);
         drop(user);
         let stats = mounted.stats();
@@ -201,6 +215,11 @@ pub struct LimitArgs {
     /// guest that takes QEMU over then holds root's file access.
     #[arg(long)]
     pub qemu_as_root: bool,
+    /// Let guests open connections out, as a machine on this host's LAN would (through passt,
+    /// which must be installed): never to this host's loopback. Off by default: a guest only
+    /// answers its forwarded ports.
+    #[arg(long)]
+    pub guest_outbound: bool,
 }
 
 /// Default of `--qemu-pids-limit`: QEMU under TCG runs a thread per vCPU, a main loop, RCU and
@@ -218,6 +237,7 @@ impl Default for LimitArgs {
             no_cgroup: false,
             qemu_uids: UidRange::default(),
             qemu_as_root: false,
+            guest_outbound: false,
         }
     }
 }
@@ -400,16 +420,28 @@ pub fn resume_vm_with(
         memory: MemoryMode::Resume,
         incoming: true,
         hostfwd: hostfwd.to_vec(),
+        network: GuestNetwork::Isolated,
         accel: Accel::detect()?,
         vnc: None,
+    };
+    if let Some(ids) = owner {
+        give_run_dir(&run, ids)?;
+    }
+    let passt = if limits.guest_outbound {
+        Some(start_passt(&run, owner, hostfwd)?)
+    } else {
+        None
+    };
+    let options = LaunchOptions {
+        network: passt.as_ref().map_or(GuestNetwork::Isolated, |p| {
+            GuestNetwork::Passt(p.socket().into())
+        }),
+        ..options
     };
     let device_state = mnt.join("device-state");
     let mut cgroup = None;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
-            if let Some(ids) = owner {
-                give_run_dir(&run, ids)?;
-            }
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
             let config = &base.record.config;
             let cg = confine(&run, limits.cgroup(config.memory_mb, config.vcpus));
@@ -435,6 +467,7 @@ pub fn resume_vm_with(
     Ok(RunningVm {
         vm,
         cgroup,
+        passt,
         user,
         mounted,
         serial_log,
@@ -460,6 +493,48 @@ fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700))
         .map_err(chown_err(&sockets))
 }
+
+/// Starts passt for a VM of `run` whose QEMU runs as `owner` (or as cloudlet's user): passt
+/// runs as the same uid and binds its socket in the VM's own `run/` folder; when cloudlet is
+/// root and QEMU has no uid of its own, passt runs as `nobody` in a folder of its own, since
+/// it never stays root.
+pub(crate) fn start_passt(
+    run: &RunDir,
+    owner: Option<(u32, u32)>,
+    hostfwd: &[HostFwd],
+) -> Result<Passt, SessionError> {
+    let log = run.join("passt.log");
+    let (dir, runas) = match owner {
+        Some(ids) => (run.join("run"), Some(ids)),
+        None if super::user::is_root() => {
+            let dir = run.join("passt");
+            let nobody = (NOBODY, NOBODY);
+            let err = |source| SessionError::Chown {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&dir).map_err(err)?;
+            std::os::unix::fs::chown(&dir, Some(nobody.0), Some(nobody.1)).map_err(err)?;
+            (dir, Some(nobody))
+        }
+        None => (run.join("run"), None),
+    };
+    let socket = dir.join("passt.sock");
+    log::warn!(
+        "the guest may open connections out (--guest-outbound), as a machine on this host's \
+         LAN would; passt's log: {}",
+        log.display()
+    );
+    Ok(Passt::start(&PasstOptions {
+        socket: &socket,
+        hostfwd,
+        runas,
+        log: &log,
+    })?)
+}
+
+/// The uid and gid of `nobody`, which passt run as root would pick itself.
+const NOBODY: u32 = 65534;
 
 /// The session's cgroup with `limits`, or `None` (with a warning) where the host has none or
 /// it cannot be made: the VM then runs unbounded rather than not at all.
