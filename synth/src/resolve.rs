@@ -187,7 +187,7 @@ impl<'a> Resolver<'a> {
                     .segments
                     .get(sidx as usize)
                     .map(|s| s.chunks.len())
-                    .ok_or(FormatError::BadSegment {
+                    .ok_or_else(|| FormatError::BadSegment {
                         segment: sidx as usize,
                         reason: "no such segment".into(),
                     })?;
