@@ -20,7 +20,8 @@
 //!   them) are rebuilt and verified into the cache by [`ChunkSink::rebuild`]:
 //!   the filler rebuilds them all at once, a demand worker hands them on as a reader does
 //!   (below).
-//! - A reader waiting for a chunk of a published segment takes the chunk from it (verified)
+//! - A reader waiting for a chunk of a published segment takes the chunk from it (verified
+//!   against the digest the decoded segment carries after its payloads, see `synth::format`)
 //!   straight into its reply, and writes nothing: the cache write, which in a cache file on
 //!   ext4 can queue behind the idle worker's writes to the same file, stays off the reply's
 //!   path.

@@ -240,6 +240,16 @@ fn zstd_decompress_exact(data: &[u8], expected: u64) -> Result<Vec<u8>, CodecErr
         expected,
         actual: 0,
     })?;
+    // A frame that declares more than `expected` bytes is the wrong size, which says more
+    // than zstd's "destination buffer is too small" would.
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(data) {
+        if declared > expected {
+            return Err(CodecError::Size {
+                expected,
+                actual: declared,
+            });
+        }
+    }
     let pooled = ZSTD_DCTX_POOL
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -397,7 +397,10 @@ struct Sequencer {
     ordered_left: usize,
     maps: [Vec<ChunkEntry>; 2],
     self_map: HashMap<Digest, (ImageKind, u64)>,
+    /// Payloads of the current segment.
     raw: Vec<u8>,
+    /// Digests of the current segment's payload chunks, in the same order.
+    digests: Vec<u8>,
     chunks: Vec<(ImageKind, u64)>,
     seq: u64,
     unchanged: u64,
@@ -420,17 +423,18 @@ impl Sequencer {
                 self.unchanged += 1;
                 return Ok(());
             }
-            Class::Zero(d) => (ChunkSource::Zero, d),
-            Class::Base(ImageKind::Disk, c, d) => (ChunkSource::BaseDisk(c), d),
-            Class::Base(ImageKind::Memory, c, d) => (ChunkSource::BaseMemory(c), d),
+            Class::Zero(d) => (ChunkSource::Zero, Some(d)),
+            Class::Base(ImageKind::Disk, c, d) => (ChunkSource::BaseDisk(c), Some(d)),
+            Class::Base(ImageKind::Memory, c, d) => (ChunkSource::BaseMemory(c), Some(d)),
             Class::Payload { digest, xor, bytes } => {
+                // A self reference's and a payload's digest go with the payload, in its segment.
                 if let Some(&(ti, tc)) = self.self_map.get(&digest) {
                     (
                         ChunkSource::SelfRef {
                             image: ti,
                             chunk: tc,
                         },
-                        digest,
+                        None,
                     )
                 } else {
                     self.self_map.insert(digest, (image, chunk));
@@ -439,6 +443,7 @@ impl Sequencer {
                     let offset = u32::try_from(self.raw.len())
                         .map_err(|_| CreateError::Options("segment too large".into()))?;
                     self.raw.extend_from_slice(&bytes);
+                    self.digests.extend_from_slice(&digest);
                     self.payload_bytes += CHUNK_SIZE_U64;
                     self.chunks.push((image, chunk));
                     if self.chunks.len() >= self.limit {
@@ -450,7 +455,7 @@ impl Sequencer {
                             offset,
                             xor,
                         },
-                        digest,
+                        None,
                     )
                 }
             }
@@ -467,6 +472,8 @@ impl Sequencer {
         if self.chunks.is_empty() {
             return Ok(());
         }
+        // The decoded segment: payloads, then their digests (see `format`'s layout).
+        self.raw.append(&mut self.digests);
         let job = SegmentJob {
             seq: self.seq,
             raw: std::mem::take(&mut self.raw),
@@ -489,11 +496,11 @@ pub fn create_overlay(
     progress: &AtomicU64,
 ) -> Result<CreateStats, CreateError> {
     if opts.segment_size < CHUNK_SIZE
-        || opts.segment_size as u64 > crate::format::MAX_SEGMENT_RAW_LEN
+        || opts.segment_size as u64 > crate::format::MAX_SEGMENT_PAYLOAD_LEN
     {
         return Err(CreateError::Options(format!(
             "segment size must be between 4 KiB and {} MiB",
-            crate::format::MAX_SEGMENT_RAW_LEN >> 20
+            crate::format::MAX_SEGMENT_PAYLOAD_LEN >> 20
         )));
     }
     if opts.level > opts.codec.max_level() {
@@ -571,6 +578,7 @@ pub fn create_overlay(
         maps: [Vec::new(), Vec::new()],
         self_map: HashMap::new(),
         raw: Vec::new(),
+        digests: Vec::new(),
         chunks: Vec::new(),
         seq: 0,
         unchanged: 0,

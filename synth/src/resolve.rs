@@ -2,7 +2,7 @@
 //! bytes. Used by `reconstruct` for whole images and by cloudletfs for one chunk at a time.
 
 use crate::chunk::{read_padded, sha256, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
-use crate::format::{ChunkEntry, ChunkSource, FormatError, Metadata};
+use crate::format::{segment_chunk, ChunkEntry, ChunkSource, FormatError, Metadata};
 use std::fs::File;
 use std::path::Path;
 
@@ -130,8 +130,11 @@ impl<'a> Resolver<'a> {
     }
 
     /// Rebuilds the chunk described by `entry` of `image` into `out` (one chunk) and checks
-    /// its SHA-256. `segment` is the decoded segment from [`needed_segment`], if any.
+    /// its SHA-256: the head's for a chunk rebuilt without a segment, else the one the payload's
+    /// segment holds for it. `segment` is the decoded segment from [`needed_segment`], if any,
+    /// as [`Overlay`] read it (its SHA-256 and length checked).
     ///
+    /// [`Overlay`]: crate::format::Overlay
     /// [`needed_segment`]: Self::needed_segment
     pub fn resolve(
         &self,
@@ -140,10 +143,19 @@ impl<'a> Resolver<'a> {
         segment: Option<&[u8]>,
         out: &mut [u8],
     ) -> Result<(), ResolveError> {
-        match entry.source {
-            ChunkSource::Zero => out.fill(0),
-            ChunkSource::BaseDisk(n) => self.base_chunk(ImageKind::Disk, n, out)?,
-            ChunkSource::BaseMemory(n) => self.base_chunk(ImageKind::Memory, n, out)?,
+        let digest = match entry.source {
+            ChunkSource::Zero => {
+                out.fill(0);
+                entry.digest
+            }
+            ChunkSource::BaseDisk(n) => {
+                self.base_chunk(ImageKind::Disk, n, out)?;
+                entry.digest
+            }
+            ChunkSource::BaseMemory(n) => {
+                self.base_chunk(ImageKind::Memory, n, out)?;
+                entry.digest
+            }
             ChunkSource::Payload { .. } | ChunkSource::SelfRef { .. } => {
                 let (pimage, pentry) =
                     self.payload_of(image, entry)
@@ -166,22 +178,32 @@ impl<'a> Resolver<'a> {
                     .into());
                 };
                 let data = segment.ok_or(ResolveError::MissingSegment(sidx))?;
-                let start = offset as usize;
-                let bytes = data
-                    .get(start..start + CHUNK_SIZE)
-                    .ok_or(FormatError::BadPayload {
-                        image: pimage,
-                        chunk: pentry.chunk,
+                let bad_payload = FormatError::BadPayload {
+                    image: pimage,
+                    chunk: pentry.chunk,
+                };
+                let chunks = self
+                    .meta
+                    .segments
+                    .get(sidx as usize)
+                    .map(|s| s.chunks.len())
+                    .ok_or_else(|| FormatError::BadSegment {
+                        segment: sidx as usize,
+                        reason: "no such segment".into(),
                     })?;
+                let (bytes, digest) =
+                    segment_chunk(data, chunks, offset as usize / CHUNK_SIZE).ok_or(bad_payload)?;
                 if xor {
                     self.base_chunk(pimage, pentry.chunk, out)?;
                     crate::chunk::xor_into(out, bytes);
                 } else {
                     out.copy_from_slice(bytes);
                 }
+                Some(digest)
             }
-        }
-        if sha256(out) != entry.digest {
+        };
+        // A validated overlay has a digest for every chunk; one without is refused all the same.
+        if digest != Some(sha256(out)) {
             return Err(FormatError::ChunkDigest {
                 image,
                 chunk: entry.chunk,

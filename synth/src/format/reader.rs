@@ -1,11 +1,11 @@
 //! Reads and validates an overlay from any [`ByteSource`].
 
 use super::{
-    bincode_config, metadata_decode_limit, segment_length_bound, ChunkSource, ImageMap, Metadata,
-    HEADER_LEN, MAGIC, MAX_DEVICE_STATE_LEN, MAX_IMAGE_SIZE, MAX_METADATA_LEN, MAX_SEGMENT_RAW_LEN,
-    VERSION,
+    bincode_config, metadata_decode_limit, segment_length_bound, segment_raw_len, ChunkSource,
+    ImageMap, Metadata, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_LEN, MAX_IMAGE_SIZE, MAX_METADATA_LEN,
+    MAX_SEGMENT_RAW_LEN, VERSION,
 };
-use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE, CHUNK_SIZE_U64};
+use crate::chunk::{chunk_count, hex, sha256, Digest, ImageKind, CHUNK_SIZE};
 use crate::codec::{self, Codec, CodecError};
 use crate::source::{ByteSource, Priority, SourceError};
 use std::sync::Arc;
@@ -37,8 +37,11 @@ pub enum FormatError {
     /// Not an overlay.
     #[error("Not a cloudlet overlay (bad magic)")]
     BadMagic,
-    /// A version this code cannot read.
-    #[error("Unsupported overlay format version {0} (this build reads version 1)")]
+    /// A version this code cannot read (version 1 kept every chunk's digest in the head).
+    #[error(
+        "Overlay format {0}, this cloudlet reads {VERSION}: re-create it with `cloudlet overlay` \
+         or `cloudlet diff`"
+    )]
     UnsupportedVersion(u32),
     /// Unknown metadata codec.
     #[error("Unknown overlay metadata codec {0}")]
@@ -115,6 +118,18 @@ pub enum FormatError {
         /// Chunk.
         chunk: u64,
     },
+    /// A chunk whose digest is not where the format keeps it: in the head for a zero chunk or a
+    /// base reference, in the payload's segment for a payload or a self reference.
+    #[error(
+        "The {image} chunk {chunk} has a digest in the head where its segment holds it, or \
+         none where the head must hold it"
+    )]
+    MisplacedDigest {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+    },
     /// Self reference that does not resolve to a payload chunk.
     #[error("The {image} chunk {chunk} refers to {target_image} chunk {target}, which is not a payload chunk of this overlay")]
     BadSelfRef {
@@ -178,6 +193,20 @@ pub enum FormatError {
     SegmentDigest {
         /// Segment index.
         segment: usize,
+    },
+    /// A segment decodes to another length than its chunks' payloads and digests.
+    #[error(
+        "Segment {segment} decodes to {actual} bytes, not the {expected} of its chunks' payloads \
+         and digests"
+    )]
+    SegmentLength {
+        /// Segment index.
+        segment: usize,
+        /// Payloads and digests of its chunk list.
+        expected: u64,
+        /// Decoded length found: a shorter length, or past the expected one, one byte more
+        /// (decoding stops there) or what a zstd frame declares.
+        actual: u64,
     },
     /// A segment does not decompress.
     #[error("Segment {segment} does not decompress")]
@@ -310,7 +339,8 @@ impl Overlay {
     }
 
     /// The overlay's identity: the SHA-256 of its metadata block, which pins every chunk's
-    /// digest and so the whole reconstructed VM.
+    /// digest (in the head, or in a segment whose SHA-256 the head holds) and so the whole
+    /// reconstructed VM.
     pub fn id(&self) -> Digest {
         self.metadata_digest
     }
@@ -442,8 +472,16 @@ impl Overlay {
                 segment,
                 reason: "no such segment".into(),
             })?;
-        codec::decompress(self.meta.codec, compressed, entry.raw_length)
-            .map_err(|source| FormatError::DecompressSegment { segment, source })
+        codec::decompress(self.meta.codec, compressed, entry.raw_length).map_err(|source| {
+            match source {
+                CodecError::Size { expected, actual } => FormatError::SegmentLength {
+                    segment,
+                    expected,
+                    actual,
+                },
+                source => FormatError::DecompressSegment { segment, source },
+            }
+        })
     }
 }
 
@@ -503,8 +541,10 @@ pub fn validate(meta: &Metadata, data_len: u64) -> Result<(), FormatError> {
         if s.raw_length > MAX_SEGMENT_RAW_LEN {
             return Err(bad("decoded size exceeds the limit"));
         }
-        if (s.chunks.len() as u64).checked_mul(CHUNK_SIZE_U64) != Some(s.raw_length) {
-            return Err(bad("decoded size does not match its chunk list"));
+        if segment_raw_len(s.chunks.len() as u64) != Some(s.raw_length) {
+            return Err(bad(
+                "decoded size does not match its chunk list's payloads and digests",
+            ));
         }
         if s.length > segment_length_bound(s.raw_length) {
             return Err(bad(
@@ -566,6 +606,16 @@ fn validate_image(meta: &Metadata, image: ImageKind) -> Result<(), FormatError> 
                 image,
                 chunk: e.chunk,
                 count,
+            });
+        }
+        let rebuilt_without_segment = matches!(
+            e.source,
+            ChunkSource::Zero | ChunkSource::BaseDisk(_) | ChunkSource::BaseMemory(_)
+        );
+        if e.digest.is_some() != rebuilt_without_segment {
+            return Err(FormatError::MisplacedDigest {
+                image,
+                chunk: e.chunk,
             });
         }
         match e.source {

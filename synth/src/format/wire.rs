@@ -3,13 +3,16 @@
 //!
 //! - chunk numbers in an image map are stored as gaps from the previous entry;
 //! - a payload entry stores its segment and XOR flag only: its offset is its position in the
-//!   segment's chunk list;
+//!   segment's chunk list, and its digest is in the segment (version 2);
+//! - a self reference stores its target only: its digest is the target payload's;
+//! - only zero entries and base references carry their chunk's digest;
 //! - a segment stores its compressed length, digest and chunk list (as signed deltas): its
-//!   offset follows from the lengths before it, its decoded length from the list's length.
+//!   offset follows from the lengths before it, its decoded length (payloads and digests) from
+//!   the list's length.
 //!
 //! Decoding rebuilds the in-memory [`Metadata`], then the reader validates it as a whole.
 
-use super::{ChunkEntry, ChunkSource, ImageMap, Metadata, SegmentEntry};
+use super::{segment_raw_len, ChunkEntry, ChunkSource, ImageMap, Metadata, SegmentEntry};
 use crate::chunk::{Digest, ImageKind, CHUNK_SIZE_U64};
 use crate::codec::Codec;
 use serde::{Deserialize, Serialize};
@@ -19,9 +22,9 @@ const NO_OFFSET: u32 = u32::MAX;
 
 #[derive(Serialize, Deserialize)]
 enum WireSource {
-    Zero,
-    BaseDisk(u64),
-    BaseMemory(u64),
+    Zero(Digest),
+    BaseDisk(u64, Digest),
+    BaseMemory(u64, Digest),
     SelfRef(ImageKind, u64),
     Payload(u32, bool),
 }
@@ -30,7 +33,14 @@ enum WireSource {
 struct WireEntry {
     gap: u64,
     source: WireSource,
-    digest: Digest,
+}
+
+/// Metadata that has no compact form: a chunk rebuilt without a segment but without a digest,
+/// or a payload or self reference with one (its digest belongs in the segment).
+#[derive(Debug)]
+pub(super) struct Misplaced {
+    pub(super) image: ImageKind,
+    pub(super) chunk: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,7 +67,7 @@ pub(super) struct WireMetadata {
     segments: Vec<WireSegment>,
 }
 
-fn encode_image(map: &ImageMap) -> WireImage {
+fn encode_image(map: &ImageMap, image: ImageKind) -> Result<WireImage, Misplaced> {
     let mut next = 0u64;
     let chunks = map
         .chunks
@@ -65,29 +75,34 @@ fn encode_image(map: &ImageMap) -> WireImage {
         .map(|e| {
             let gap = e.chunk.wrapping_sub(next);
             next = e.chunk.wrapping_add(1);
-            let source = match e.source {
-                ChunkSource::Zero => WireSource::Zero,
-                ChunkSource::BaseDisk(n) => WireSource::BaseDisk(n),
-                ChunkSource::BaseMemory(n) => WireSource::BaseMemory(n),
-                ChunkSource::SelfRef { image, chunk } => WireSource::SelfRef(image, chunk),
-                ChunkSource::Payload { segment, xor, .. } => WireSource::Payload(segment, xor),
+            let source = match (e.source, e.digest) {
+                (ChunkSource::Zero, Some(d)) => WireSource::Zero(d),
+                (ChunkSource::BaseDisk(n), Some(d)) => WireSource::BaseDisk(n, d),
+                (ChunkSource::BaseMemory(n), Some(d)) => WireSource::BaseMemory(n, d),
+                (ChunkSource::SelfRef { image, chunk }, None) => WireSource::SelfRef(image, chunk),
+                (ChunkSource::Payload { segment, xor, .. }, None) => {
+                    WireSource::Payload(segment, xor)
+                }
+                _ => {
+                    return Err(Misplaced {
+                        image,
+                        chunk: e.chunk,
+                    })
+                }
             };
-            WireEntry {
-                gap,
-                source,
-                digest: e.digest,
-            }
+            Ok(WireEntry { gap, source })
         })
-        .collect();
-    WireImage {
+        .collect::<Result<_, _>>()?;
+    Ok(WireImage {
         size: map.size,
         chunks,
-    }
+    })
 }
 
 impl WireMetadata {
-    /// The compact form of `meta` (whose payload offsets must match its segment lists).
-    pub(super) fn encode(meta: &Metadata) -> Self {
+    /// The compact form of `meta` (whose payload offsets must match its segment lists, and
+    /// whose chunks hold a digest exactly when they are rebuilt without a segment).
+    pub(super) fn encode(meta: &Metadata) -> Result<Self, Misplaced> {
         let segments = meta
             .segments
             .iter()
@@ -109,15 +124,15 @@ impl WireMetadata {
                 }
             })
             .collect();
-        WireMetadata {
+        Ok(WireMetadata {
             base_id: meta.base_id,
             chunk_size: meta.chunk_size,
             codec: meta.codec,
             device_state: meta.device_state.clone(),
-            disk: encode_image(&meta.disk),
-            memory: encode_image(&meta.memory),
+            disk: encode_image(&meta.disk, ImageKind::Disk)?,
+            memory: encode_image(&meta.memory, ImageKind::Memory)?,
             segments,
-        }
+        })
     }
 
     /// Rebuilds the in-memory metadata. Arithmetic wraps instead of failing: whatever comes
@@ -131,21 +146,26 @@ impl WireMetadata {
                 .map(|e| {
                     let chunk = next.wrapping_add(e.gap);
                     next = chunk.wrapping_add(1);
-                    let source = match e.source {
-                        WireSource::Zero => ChunkSource::Zero,
-                        WireSource::BaseDisk(n) => ChunkSource::BaseDisk(n),
-                        WireSource::BaseMemory(n) => ChunkSource::BaseMemory(n),
-                        WireSource::SelfRef(image, chunk) => ChunkSource::SelfRef { image, chunk },
-                        WireSource::Payload(segment, xor) => ChunkSource::Payload {
-                            segment,
-                            offset: NO_OFFSET,
-                            xor,
-                        },
+                    let (source, digest) = match e.source {
+                        WireSource::Zero(d) => (ChunkSource::Zero, Some(d)),
+                        WireSource::BaseDisk(n, d) => (ChunkSource::BaseDisk(n), Some(d)),
+                        WireSource::BaseMemory(n, d) => (ChunkSource::BaseMemory(n), Some(d)),
+                        WireSource::SelfRef(image, chunk) => {
+                            (ChunkSource::SelfRef { image, chunk }, None)
+                        }
+                        WireSource::Payload(segment, xor) => (
+                            ChunkSource::Payload {
+                                segment,
+                                offset: NO_OFFSET,
+                                xor,
+                            },
+                            None,
+                        ),
                     };
                     ChunkEntry {
                         chunk,
                         source,
-                        digest: e.digest,
+                        digest,
                     }
                 })
                 .collect();
@@ -194,7 +214,8 @@ impl WireMetadata {
                     }
                 }
             }
-            let raw_length = (chunks.len() as u64).wrapping_mul(CHUNK_SIZE_U64);
+            // An overflowing length is left for validation to refuse.
+            let raw_length = segment_raw_len(chunks.len() as u64).unwrap_or(u64::MAX);
             meta.segments.push(SegmentEntry {
                 offset,
                 length: s.length,

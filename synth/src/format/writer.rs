@@ -25,6 +25,18 @@ pub enum WriteError {
     /// More segments than the format can number.
     #[error("Too many segments")]
     TooManySegments,
+    /// A chunk entry whose digest is not where the format keeps it: a zero chunk or base
+    /// reference needs one in the head, a payload or self reference has its digest in the
+    /// payload's segment.
+    #[error(
+        "The {image} chunk {chunk} has a digest where the format keeps none, or lacks one it needs"
+    )]
+    MisplacedDigest {
+        /// Image.
+        image: ImageKind,
+        /// Chunk.
+        chunk: u64,
+    },
 }
 
 /// Builds an overlay file at a path; nothing appears at that path until [`finish`] succeeds.
@@ -69,7 +81,9 @@ impl OverlayWriter {
         }
     }
 
-    /// Appends a compressed segment holding `chunks` (in payload order); returns its index.
+    /// Appends a compressed segment holding `chunks` (in payload order) and decoding to
+    /// `raw_length` bytes: their payloads, then their digests (see the module doc); returns its
+    /// index.
     pub fn append_segment(
         &mut self,
         compressed: &[u8],
@@ -130,9 +144,13 @@ impl Drop for OverlayWriter {
 /// Encodes the header and metadata of an overlay whose segment area is `segments_len` bytes:
 /// the bytes that precede the segments in the file.
 pub fn encode_head(meta: &Metadata, segments_len: u64) -> Result<Vec<u8>, WriteError> {
-    let raw =
-        bincode::serde::encode_to_vec(super::wire::WireMetadata::encode(meta), bincode_config())
-            .map_err(|e| WriteError::Encode(e.to_string()))?;
+    let wire =
+        super::wire::WireMetadata::encode(meta).map_err(|m| WriteError::MisplacedDigest {
+            image: m.image,
+            chunk: m.chunk,
+        })?;
+    let raw = bincode::serde::encode_to_vec(wire, bincode_config())
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
     let codec = meta.codec;
     let bytes = crate::codec::compress(codec, codec.default_level(), &raw)
         .map_err(|e| WriteError::Encode(format!("{e:#}")))?;

@@ -79,11 +79,24 @@ fn open_bad_magic_is_refused() {
 #[test]
 fn open_unknown_version_is_refused() {
     let (fx, mut bytes) = valid();
-    bytes[8] = 2;
+    bytes[8] = 3;
     assert!(matches!(
         open_bytes(&fx, &bytes),
-        Err(FormatError::UnsupportedVersion(2))
+        Err(FormatError::UnsupportedVersion(3))
     ));
+}
+
+#[test]
+fn open_version_1_is_refused_with_how_to_recreate() {
+    let (fx, mut bytes) = valid();
+    bytes[8] = 1;
+    let err = open_bytes(&fx, &bytes).unwrap_err();
+    assert!(matches!(err, FormatError::UnsupportedVersion(1)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "Overlay format 1, this cloudlet reads 2: re-create it with `cloudlet overlay` or \
+         `cloudlet diff`"
+    );
 }
 
 #[test]
@@ -264,6 +277,7 @@ fn open_self_reference_to_non_payload_is_refused() {
             image: ImageKind::Disk,
             chunk: e.chunk,
         };
+        e.digest = None;
     });
     assert!(matches!(
         open_bytes(&fx, &b),
@@ -328,7 +342,14 @@ fn read_segment_corrupt_bytes_is_refused() {
 #[test]
 fn reconstruct_wrong_chunk_digest_is_refused() {
     let (fx, bytes) = valid();
-    let b = with_meta(&bytes, |m| m.disk.chunks[0].digest[0] ^= 1);
+    // A digest the head holds (a zero chunk's or a base reference's).
+    let b = with_meta(&bytes, |m| {
+        m.disk
+            .chunks
+            .iter_mut()
+            .find_map(|e| e.digest.as_mut())
+            .unwrap()[0] ^= 1;
+    });
     let ov = open_bytes(&fx, &b).unwrap();
     let err =
         synth::reconstruct::reconstruct(&fx.base, &ov, &fx.path("out"), 2, &Default::default())

@@ -52,6 +52,32 @@ fn reconstruct_equals_custom(
         std::fs::read(out.join("memory.img")).unwrap() == memory,
         "memory differs"
     );
+    assert_segments_carry_chunk_digests(&ov, &disk, &memory);
+}
+
+/// Every segment of `ov` decodes to its chunks' payloads and then their digests: the SHA-256
+/// of each chunk of the custom images (zero-padded), in the segment's order.
+fn assert_segments_carry_chunk_digests(ov: &synth::format::Overlay, disk: &[u8], memory: &[u8]) {
+    use synth::chunk::{sha256, ImageKind, CHUNK_SIZE};
+    for (si, seg) in ov.metadata().segments.iter().enumerate() {
+        let decoded = ov.read_segment(si).expect("segment decodes");
+        assert_eq!(
+            Some(decoded.len() as u64),
+            synth::format::segment_raw_len(seg.chunks.len() as u64)
+        );
+        for (pos, &(image, chunk)) in seg.chunks.iter().enumerate() {
+            let img = match image {
+                ImageKind::Disk => disk,
+                ImageKind::Memory => memory,
+            };
+            let start = usize::try_from(chunk).unwrap() * CHUNK_SIZE;
+            let mut want = img[start..img.len().min(start + CHUNK_SIZE)].to_vec();
+            want.resize(CHUNK_SIZE, 0);
+            let (_, digest) =
+                synth::format::segment_chunk(&decoded, seg.chunks.len(), pos).unwrap();
+            assert_eq!(digest, sha256(&want), "segment {si} position {pos}");
+        }
+    }
 }
 
 proptest! {
