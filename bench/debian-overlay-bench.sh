@@ -17,6 +17,12 @@
 #   - the MobiSys'13 baseline (xdelta3 -e -9 + xz -9, disk and memory against the base's) and
 #     the dedup lower bound (xz -9 of the unique new chunks) on the captured images
 #     (`cloudlet reconstruct` of each overlay), each against the variant's own base.
+# WORKLOAD=packages makes it the paper's kind of customization instead (MobiSys'13 installed
+# each application with its dependencies): the same service summarizes its data with pandas,
+# which the base lacks, so the customization copies the four .deb files of pandas and its
+# dependencies into apt's archive folder (downloaded on the host with `apt-get download`; the
+# guest has no network), installs them with `dpkg -i`, deletes them with `apt-get clean` and
+# starts the service. The installed files land on disk and, once read, in the page cache.
 # Prints tab-separated rows on stdout (variant, what, bytes, extra); logs go to OUT/logs.
 #
 # usage: bench/debian-overlay-bench.sh GUEST_DIR OUT
@@ -24,15 +30,18 @@
 #   OUT: a scratch folder (needs ~10 GiB, sparse).
 # Env: CLOUDLET_BIN (default target/release/cloudlet), MEMORY_MB (default 1024), NO_BASELINE=1
 #      (skip the xdelta3 baseline, about a minute per variant),
-#      VARIANTS (default "plain profile trim drop trim+drop fpr+trim+drop").
+#      VARIANTS (default "plain profile trim drop trim+drop fpr+trim+drop"),
+#      WORKLOAD (default "data"; "packages", see above).
 set -euo pipefail
-case "${1:-}" in -h|--help|"") sed -n 2,25p "$0"; exit 0 ;; esac
+case "${1:-}" in -h|--help|"") sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 0 ;; esac
 guest="$(realpath "$1")"; out="$(realpath -m "$2")"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin="${CLOUDLET_BIN:-$here/../target/release/cloudlet}"
 [[ -x "$bin" ]] || { echo "build first: cargo build --release -p cloudlet-tools" >&2; exit 2; }
 mem_mb="${MEMORY_MB:-1024}"
 variants="${VARIANTS:-plain profile trim drop trim+drop fpr+trim+drop}"
+workload="${WORKLOAD:-data}"
+case "$workload" in data|packages) ;; *) echo "unknown WORKLOAD $workload" >&2; exit 2 ;; esac
 mkdir -p "$out/logs" "$out/files"
 prompt='root@cloudlet-debian:~#'
 port=18000
@@ -60,6 +69,20 @@ for n in range(4):
             size += len(line)
             i += 1
 PY
+if [[ "$workload" == packages ]]; then
+cat >"$f/app.py" <<'PY'
+import glob
+import pandas as pd
+from flask import Flask, jsonify
+app = Flask(__name__)
+df = pd.concat(pd.read_csv(p) for p in sorted(glob.glob("/srv/*.csv")))
+mean = df.groupby("city")["temp_c"].mean().round(2).to_dict()
+@app.get("/")
+def summary():
+    return jsonify(rows=len(df), mean_temp=mean)
+app.run(host="0.0.0.0", port=8000)
+PY
+else
 cat >"$f/app.py" <<'PY'
 import csv, glob, statistics
 from flask import Flask, jsonify
@@ -76,14 +99,23 @@ def summary():
     return jsonify(rows=len(rows), mean_temp={c: round(statistics.fmean(v), 2) for c, v in sorted(by_city.items())})
 app.run(host="0.0.0.0", port=8000)
 PY
+fi
 printf '[Service]\nExecStart=/usr/bin/python3 /srv/app.py\n[Install]\nWantedBy=multi-user.target\n' \
   >"$f/web.service"
 copies=(--copy "$f/app.py:/srv/app.py" --copy "$f/web.service:/etc/systemd/system/web.service")
 for n in 0 1 2 3; do copies+=(--copy "$f/readings-$n.csv:/srv/readings-$n.csv"); done
+install=()
+if [[ "$workload" == packages ]]; then
+  mkdir -p "$f/debs"
+  (cd "$f/debs" && apt-get download python3-pandas python3-pandas-lib python3-dateutil python3-tz \
+     >"$out/logs/apt-download.log" 2>&1)
+  for d in "$f"/debs/*.deb; do copies+=(--copy "$d:/var/cache/apt/archives/$(basename "$d")"); done
+  install=('dpkg -i /var/cache/apt/archives/*.deb' 'apt-get clean')
+fi
 wait_up='timeout 300 sh -c '\''until python3 -c "import urllib.request as u; u.urlopen(\"http://127.0.0.1:8000/\")" 2>/dev/null; do sleep 1; done'\'''
 script() {  # script NAME TAIL...: the setup plus the variant's last commands
   local s="$f/$1.sh"; shift
-  printf '%s\n' 'systemctl daemon-reload' 'systemctl enable --now web.service' "$wait_up" sync "$@" >"$s"
+  printf '%s\n' ${install[@]+"${install[@]}"} 'systemctl daemon-reload' 'systemctl enable --now web.service' "$wait_up" sync "$@" >"$s"
   echo "$s"
 }
 
