@@ -181,7 +181,7 @@ pub fn make_base(
         vnc: args.vnc.clone(),
     };
     let qemu = QemuArgs::new(&config, &paths, &options)?;
-    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None, None)?;
+    let mut vm = crate::session::launch::spawn_qemu(&qemu, None, None, &[])?.vm;
     reporter.note(&format!(
         "booting (serial console log: {})",
         qemu.serial_log().display()

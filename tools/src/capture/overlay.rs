@@ -301,7 +301,7 @@ pub fn make_overlay(
         },
     )?;
     let start = Instant::now();
-    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None, None)?;
+    let mut vm = crate::session::launch::spawn_qemu(&qemu, None, None, &[])?.vm;
     // Ctrl-C or SIGTERM interrupts a serial command at once, not at its --cmd-timeout.
     vm.serial_shell().set_cancel(std::sync::Arc::clone(&stop));
     vm.resume_from(&mnt.join("device-state"))?;

@@ -119,6 +119,8 @@ pub struct RunningVm {
     pub cgroup: Option<SessionCgroup>,
     /// The uid QEMU runs as (free again once QEMU is gone), when it has one of its own.
     pub user: Option<SessionUser>,
+    /// QEMU runs in a mount namespace holding only its session's files (the launcher's jail).
+    pub jailed: bool,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -128,14 +130,11 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, seccomp,
-    /// cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%", or "cloudlet's uid, seccomp, no cgroup";
-    /// libvirt's own for its domains.
+    /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, mount
+    /// namespace, seccomp, cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%", or "cloudlet's
+    /// uid, seccomp, no cgroup"; libvirt's own for its domains.
     pub fn confinement(&self) -> String {
-        let who = match &self.user {
-            Some(u) => format!("uid {}", u.ids().0),
-            None => "cloudlet's uid".into(),
-        };
+        let who = who(self.user.as_ref().map(SessionUser::ids), self.jailed);
         match (&self.vm, &self.cgroup) {
             (ResumedVm::Qemu(_), Some(cg)) => format!("{who}, seccomp, {}", cg.describe()),
             (ResumedVm::Qemu(_), None) => format!("{who}, seccomp, no cgroup"),
@@ -405,6 +404,7 @@ pub fn resume_vm_with(
     };
     let device_state = mnt.join("device-state");
     let mut cgroup = None;
+    let mut jailed = false;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
             if let Some(ids) = owner {
@@ -413,11 +413,13 @@ pub fn resume_vm_with(
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
             let config = &base.record.config;
             let cg = confine(&run, limits.cgroup(config.memory_mb, config.vcpus));
-            let (mut vm, joined) = spawn_qemu(&args, cg.as_ref(), owner)?;
-            let who = owner.map_or("cloudlet's uid".to_string(), |(uid, _)| {
-                format!("uid {uid}")
-            });
-            if let Some(cg) = cg.filter(|_| joined) {
+            // The mounts: disk and device state under `mnt`, guest RAM under `mnt-memory`.
+            let mounts = [mnt.clone(), run.join("mnt-memory")];
+            let spawned = spawn_qemu(&args, cg.as_ref(), owner, &mounts)?;
+            let mut vm = spawned.vm;
+            jailed = spawned.jailed;
+            let who = who(owner, jailed);
+            if let Some(cg) = cg.filter(|_| spawned.in_cgroup) {
                 log::info!("QEMU pid {} confined: {who}, {}", vm.pid(), cg.describe());
                 cgroup = Some(cg);
             } else {
@@ -436,10 +438,23 @@ pub fn resume_vm_with(
         vm,
         cgroup,
         user,
+        jailed,
         mounted,
         serial_log,
         run,
     })
+}
+
+/// "uid 400000, mount namespace" or "cloudlet's uid", the start of a confinement string.
+fn who(user: Option<(u32, u32)>, jailed: bool) -> String {
+    let uid = user.map_or("cloudlet's uid".to_string(), |(uid, _)| {
+        format!("uid {uid}")
+    });
+    if jailed {
+        format!("{uid}, mount namespace")
+    } else {
+        uid
+    }
 }
 
 /// Lets the session's uid reach what its QEMU opens by path in the run folder: the folder
