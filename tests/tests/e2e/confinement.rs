@@ -272,3 +272,85 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
     }
     assert!(log.contains("memory 700 MiB, 300 tasks, CPU 150%"), "{log}");
 }
+
+#[test]
+fn base_capture_qemu_runs_as_its_own_uid_in_a_jail_and_cgroup() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: a capture's QEMU gets a uid of its own only when run as root");
+        return;
+    }
+    let h = Scratch::new();
+    let g = cloudlet_e2e::guest(64);
+    let d = |f: &str| g.dir.join(f).display().to_string();
+    let log_path = h.p("base.log");
+    // A marker the guest never prints: the capture boots and waits until SIGTERM.
+    let mut child = Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .env("RUST_LOG", "info")
+        .args(["base", &d("disk.img"), "--memory-mb", "256"])
+        .args(["--kernel", &d("vmlinuz"), "--initrd", &d("initrd.img")])
+        .args([
+            "--append",
+            &g.cmdline,
+            "--ready",
+            "NEVER-PRINTED",
+            "--timeout",
+            "120",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pid: u32 = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let found = log.lines().find_map(|l| {
+            let rest = &l[l.find("QEMU pid ")? + "QEMU pid ".len()..];
+            rest.split_once(" confined:")?.0.parse().ok()
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QEMU started: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let (qemu_ns, host_ns) = (mount_ns(&pid.to_string()), mount_ns("self"));
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let sees_home_or_etc = root.join("etc").exists() || root.join("home").exists();
+    let sees_guest_folder = root
+        .join(g.dir.strip_prefix("/").unwrap())
+        .join("disk.img")
+        .exists();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(uid >= 400_000, "{status}");
+    assert_ne!(qemu_ns, host_ns);
+    assert!(!sees_home_or_etc);
+    // The disk it boots is the run folder's copy; the guest's folder is not in the jail.
+    assert!(!sees_guest_folder);
+    assert!(cgroup.contains("cloudlet-base-"), "{cgroup}");
+    assert!(
+        log.contains(&format!("uid {uid}, mount namespace")),
+        "{log}"
+    );
+}

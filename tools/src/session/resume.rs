@@ -289,17 +289,6 @@ pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: P
     }
 }
 
-/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`, with no
-/// limits beyond the defaults (see [`mount_vm_with`]).
-pub(crate) fn mount_vm(
-    base: &Base,
-    overlay: OverlaySource,
-    run: &RunDir,
-    fill: bool,
-) -> Result<Mounted, SessionError> {
-    mount_vm_with(base, overlay, run, fill, &LimitArgs::default(), None)
-}
-
 /// Mounts `overlay` over `base` at `run/mnt` (and again at `run/mnt-memory`, where guest RAM
 /// is mapped from: see [`MountOptions::memory_mountpoint`]), with its state and cache in
 /// `run`. The mount
@@ -418,13 +407,7 @@ pub fn resume_vm_with(
             let spawned = spawn_qemu(&args, cg.as_ref(), owner, &mounts)?;
             let mut vm = spawned.vm;
             jailed = spawned.jailed;
-            let who = who(owner, jailed);
-            if let Some(cg) = cg.filter(|_| spawned.in_cgroup) {
-                log::info!("QEMU pid {} confined: {who}, {}", vm.pid(), cg.describe());
-                cgroup = Some(cg);
-            } else {
-                log::info!("QEMU pid {} confined: {who}, no cgroup", vm.pid());
-            }
+            cgroup = log_confined(vm.pid(), owner, jailed, cg, spawned.in_cgroup);
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
         }
@@ -445,6 +428,44 @@ pub fn resume_vm_with(
     })
 }
 
+/// Logs how QEMU `pid` is confined; returns its cgroup if it joined it.
+pub(crate) fn log_confined(
+    pid: u32,
+    owner: Option<(u32, u32)>,
+    jailed: bool,
+    cgroup: Option<SessionCgroup>,
+    in_cgroup: bool,
+) -> Option<SessionCgroup> {
+    let who = who(owner, jailed);
+    match cgroup.filter(|_| in_cgroup) {
+        Some(cg) => {
+            log::info!("QEMU pid {pid} confined: {who}, {}", cg.describe());
+            Some(cg)
+        }
+        None => {
+            log::info!("QEMU pid {pid} confined: {who}, no cgroup");
+            None
+        }
+    }
+}
+
+/// What confines a capture's QEMU (`cloudlet base`, `cloudlet overlay`): as a session's with
+/// the default limits, a uid of its own when cloudlet runs as root (so the jail too) and a
+/// cgroup. The uid, when there is one, is given the run folder's `run/`.
+pub(crate) fn capture_confinement(
+    run: &RunDir,
+    memory_mb: u64,
+    vcpus: u32,
+) -> Result<(Option<SessionUser>, Option<SessionCgroup>), SessionError> {
+    let limits = LimitArgs::default();
+    let user = limits.qemu_user()?;
+    if let Some(ids) = user.as_ref().map(SessionUser::ids) {
+        give_run_dir(run, ids)?;
+    }
+    let cgroup = confine(run, limits.cgroup(memory_mb, vcpus));
+    Ok((user, cgroup))
+}
+
 /// "uid 400000, mount namespace" or "cloudlet's uid", the start of a confinement string.
 fn who(user: Option<(u32, u32)>, jailed: bool) -> String {
     let uid = user.map_or("cloudlet's uid".to_string(), |(uid, _)| {
@@ -461,7 +482,7 @@ fn who(user: Option<(u32, u32)>, jailed: bool) -> String {
 /// itself becomes traversable but not listable (0711: the mount points, whose roots the
 /// session's uid owns), and `run/` (QMP, serial and agent sockets, the serial log) is its own
 /// (0700).
-fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
+pub(crate) fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
     use std::os::unix::fs::PermissionsExt;
     let sockets = run.join("run");
     let chown_err = |path: &Path| {
