@@ -478,10 +478,9 @@ fn who(user: Option<(u32, u32)>, jailed: bool) -> String {
     }
 }
 
-/// Lets the session's uid reach what its QEMU opens by path in the run folder: the folder
-/// itself becomes traversable but not listable (0711: the mount points, whose roots the
-/// session's uid owns), and `run/` (QMP, serial and agent sockets, the serial log) is its own
-/// (0700).
+/// Gives the session's uid the run folder's `run/` (QMP, serial and agent sockets, the serial
+/// log; 0700). The run folder itself stays 0700 and cloudlet's: QEMU reaches `run/` and the
+/// mounts through its jail's binds, never by walking the host's path.
 pub(crate) fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
     use std::os::unix::fs::PermissionsExt;
     let sockets = run.join("run");
@@ -489,8 +488,6 @@ pub(crate) fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), S
         let path = path.to_path_buf();
         move |source| SessionError::Chown { path, source }
     };
-    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711))
-        .map_err(chown_err(run.path()))?;
     std::fs::create_dir_all(&sockets).map_err(chown_err(&sockets))?;
     std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(chown_err(&sockets))?;
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700))
