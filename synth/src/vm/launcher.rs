@@ -29,10 +29,13 @@
 //! | `--bind-ro PATH` | read-only bind | kernel, initrd, cloud-init seed |
 //!
 //! The old root is then detached and the jail's root made read-only, so QEMU can create no
-//! file outside its binds. No `/proc`, `/sys`, `/etc`, `/tmp` or `/home`: QEMU 10 with our
-//! command lines (TCG or KVM, `-kernel`, user networking, memory-backend-file, file
-//! migration) runs without them (measured; `/proc` would show every host process's command
-//! line, `/etc` the host's configuration). The run folder is bound as a folder, not socket by
+//! file outside its binds. No `/proc`, `/sys`, `/etc`, `/tmp` or `/home`: QEMU 10.0 with our
+//! command lines (TCG, `-kernel`/`-initrd`, user networking with port forwards,
+//! memory-backend-file shared and private, virtio-blk, the guest agent's virtio-serial,
+//! migration to and from a file) runs without them (measured by the e2e tests as root; the
+//! Debian guest's synthesis once, too). `/proc` would show every host process's command line,
+//! `/etc` the host's configuration. Not measured: KVM (`/dev/kvm` is bound when present) and
+//! VNC. The run folder is bound as a folder, not socket by
 //! socket, so the sockets QEMU creates there are the host's too and cloudlet connects to them
 //! as before. A path not bound is simply absent: a QEMU a guest took over finds neither the
 //! registry, other sessions, nor any world-readable host file beyond `/usr`.
