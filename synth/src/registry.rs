@@ -344,6 +344,17 @@ impl Registry {
     pub fn open(home: &Path) -> Result<Self, RegistryError> {
         let bases = home.join("bases");
         std::fs::create_dir_all(&bases).map_err(io("Creating", &bases))?;
+        // The bases are cloudlet's alone (0700): no QEMU reads them by path, since a
+        // session's QEMU gets its kernel, initrd and seed bound into its jail. Tightened on
+        // every open, so a registry made before stops being world-readable too; a registry
+        // someone else owns is left as it is.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(&bases, std::fs::Permissions::from_mode(0o700))
+            {
+                log::debug!("{} keeps its mode: {e}", bases.display());
+            }
+        }
         Ok(Registry {
             home: home.to_path_buf(),
         })
@@ -838,6 +849,20 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with('.'))
             .collect()
+    }
+
+    #[test]
+    fn open_makes_bases_private_even_in_an_older_registry() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bases = dir.path().join("bases");
+        std::fs::create_dir(&bases).unwrap();
+        std::fs::set_permissions(&bases, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        Registry::open(dir.path()).unwrap();
+
+        let mode = std::fs::metadata(&bases).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

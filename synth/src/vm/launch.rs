@@ -366,6 +366,7 @@ pub struct QemuArgs {
     qemu_log: PathBuf,
     agent_socket: Option<PathBuf>,
     incoming: bool,
+    jail: super::launcher::Jail,
 }
 
 impl QemuArgs {
@@ -456,6 +457,7 @@ impl QemuArgs {
             a.push("-incoming").push("defer");
         }
         debug!("QEMU arguments: {:?}", a.0);
+        let jail = jail_paths(config, paths, &run_dir, options.memory)?;
         Ok(QemuArgs {
             args: a.0,
             run_dir,
@@ -465,7 +467,16 @@ impl QemuArgs {
             qemu_log,
             agent_socket,
             incoming: options.incoming,
+            jail,
         })
+    }
+
+    /// Every file QEMU opens by path for this command line, for its jail: read-write the run
+    /// folder, the disk image and the memory image (its folder in capture mode, where QEMU may
+    /// create it); read-only the kernel, initrd and cloud-init seed. A caller adds what it
+    /// hands QEMU later (the folder of a device state to load or save).
+    pub fn jail(&self) -> &super::launcher::Jail {
+        &self.jail
     }
 
     /// The arguments (without the binary).
@@ -742,6 +753,37 @@ fn push_memory_object(
         format!(",{mode}").into(),
     ]);
     Ok(())
+}
+
+/// What [`QemuArgs::jail`] returns for `config` with `paths`.
+fn jail_paths(
+    config: &LaunchConfig,
+    paths: &VmPaths,
+    run_dir: &Path,
+    memory: MemoryMode,
+) -> Result<super::launcher::Jail, LaunchError> {
+    let mut jail = super::launcher::Jail::default();
+    jail.read_write.push(run_dir.to_path_buf());
+    if config
+        .devices
+        .iter()
+        .any(|d| matches!(d, Device::VirtioBlk { .. }))
+    {
+        jail.read_write.push(absolute(&paths.disk)?);
+    }
+    let memory_image = absolute(&paths.memory)?;
+    match (memory, memory_image.parent()) {
+        (MemoryMode::Capture, Some(dir)) if !memory_image.is_file() => {
+            jail.read_write.push(dir.to_path_buf());
+        }
+        _ => jail.read_write.push(memory_image),
+    }
+    let boot = Boot::new(config, paths)?;
+    jail.read_only.extend(boot.kernel);
+    jail.read_only.extend(boot.initrd);
+    jail.read_only
+        .extend(cloud_init_seed(&config.devices, paths)?);
+    Ok(jail)
 }
 
 /// The serial console: a socket (for commands) whose output is also logged to a file.
@@ -1234,6 +1276,41 @@ mod tests {
             passt.contains(&"user,id=slirp-state0,restrict=on".into()),
             "{passt:?}"
         );
+    }
+
+    #[test]
+    fn qemu_args_jail_holds_run_folder_images_rw_and_seed_ro() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, paths) = seeded(dir.path());
+
+        let args = QemuArgs::new(&config, &paths, &resume_options()).unwrap();
+
+        let jail = args.jail();
+        assert_eq!(
+            jail.read_write,
+            [
+                dir.path().join("run"),
+                paths.disk.clone(),
+                paths.memory.clone()
+            ]
+        );
+        assert_eq!(jail.read_only, [dir.path().join("seed,1.img")]);
+    }
+
+    #[test]
+    fn qemu_args_jail_in_capture_mode_without_memory_image_holds_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut paths) = seeded(dir.path());
+        paths.memory = dir.path().join("new").join("memory.img");
+        let options = LaunchOptions {
+            memory: MemoryMode::Capture,
+            incoming: false,
+            ..resume_options()
+        };
+
+        let args = QemuArgs::new(&config, &paths, &options).unwrap();
+
+        assert_eq!(args.jail().read_write[2], dir.path().join("new"));
     }
 
     #[test]

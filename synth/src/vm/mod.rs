@@ -293,15 +293,18 @@ impl Vm {
     /// Like [`Vm::spawn`], through cloudlet's QEMU `launcher`, which first joins the cgroups
     /// whose `cgroup.procs` files are `cgroups` (so QEMU is confined from its first
     /// instruction), installs the launcher's seccomp filter and drops to `user` (uid, gid)
-    /// when given, then becomes QEMU (same pid).
+    /// when given, enters `jail` when given (a mount namespace holding only its paths and
+    /// the system part, see [`launcher`]; the launcher must run as root), then becomes QEMU
+    /// (same pid).
     pub fn spawn_via(
         launcher: &launcher::Launcher,
         args: &QemuArgs,
         cgroups: &[PathBuf],
         user: Option<(u32, u32)>,
+        jail: Option<&launcher::Jail>,
     ) -> Result<Vm, VmError> {
         let binary = qemu_binary()?;
-        let cmd = launcher.command(&binary, args.args(), cgroups, user);
+        let cmd = launcher.command(&binary, args.args(), cgroups, user, jail);
         Vm::spawn_command(cmd, &launcher.program, args)
     }
 

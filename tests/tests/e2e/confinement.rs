@@ -3,7 +3,9 @@
 //! cgroup of its own with the memory and task limits asked for, the customized service still
 //! answers, and the cgroup is gone once the synthesis ends. Run as root (as CI does), QEMU runs
 //! as a uid and gid of its own with no supplementary groups, and the session's files are that
-//! uid's alone. QEMU started through cloudlet's
+//! uid's alone; and in a mount namespace of its own (the launcher's jail) whose root holds
+//! `/usr`, a few `/dev` nodes and that session's files only: no registry, `/home`, `/etc`,
+//! `/proc`. QEMU started through cloudlet's
 //! launcher: its guest RAM mapping of `memory/image` comes from the memory mount (readahead
 //! sized for page faults) and has no huge-page advice, so faults read a few KiB around.
 
@@ -136,6 +138,33 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         .iter()
         .map(|(file, d)| std::fs::read_to_string(d.join(file)).unwrap())
         .collect();
+    // What QEMU sees as `/`, read while it runs (its root, seen from the host).
+    let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let (qemu_ns, host_ns) = (mount_ns(&pid.to_string()), mount_ns("self"));
+    let jail_root = PathBuf::from(format!("/proc/{pid}/root"));
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let in_jail = |p: &Path| jail_root.join(p.strip_prefix("/").unwrap());
+    let jail_top = listing(&jail_root);
+    let jail_dev = listing(&jail_root.join("dev"));
+    let home = h.home();
+    let registry_seen = listing(&in_jail(&home));
+    let base_dir = home.join("bases").join(&base);
+    let base_files_seen = listing(&in_jail(&base_dir));
+    let run_folder = memory_mount.parent().unwrap().to_path_buf();
+    let run_folder_seen = listing(&in_jail(&run_folder));
+    let jail_sees_ram = in_jail(&ram_path).exists();
+    let jail_sees_shadow = in_jail(Path::new("/etc/shadow")).exists();
+    let jail_sees_home = in_jail(Path::new("/home")).exists();
+    let jail_sees_proc = in_jail(Path::new("/proc/self")).exists();
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -184,7 +213,50 @@ fn synthesis_qemu_in_seccomp_and_own_cgroup_with_limits_removed_after() {
         assert!(ids("Groups:").is_empty(), "{status}");
         assert_eq!(memory_image_owner, (uid[0], uid[0], 0o600));
         let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
-        assert!(log.contains(&format!("uid {}", uid[0])), "{log}");
+        assert!(
+            log.contains(&format!("uid {}, mount namespace", uid[0])),
+            "{log}"
+        );
+        // The jail: a mount namespace of its own whose root holds the system part and the
+        // session's own paths only.
+        assert_ne!(qemu_ns, host_ns);
+        // The system part the host has, and the top folder of the session's paths.
+        let mut expected: Vec<String> = ["bin", "dev", "lib", "lib64", "sbin", "usr"]
+            .into_iter()
+            .filter(|n| Path::new("/").join(n).exists())
+            .map(String::from)
+            .collect();
+        let top = home
+            .components()
+            .nth(1)
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        expected.push(top.into_owned());
+        expected.sort();
+        expected.dedup();
+        assert_eq!(jail_top, expected);
+        for dev in &jail_dev {
+            assert!(
+                ["null", "zero", "full", "random", "urandom", "kvm"].contains(&dev.as_str()),
+                "{jail_dev:?}"
+            );
+        }
+        // The registry is there only as the paths to this session's run folder and to its
+        // base's kernel and initrd: none of its images, no other base.
+        assert_eq!(registry_seen, ["bases", "tmp"]);
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(base_dir.join("base.json")).unwrap()).unwrap();
+        let mut boot_files: Vec<String> = ["kernel", "initrd"]
+            .iter()
+            .map(|k| record["config"][k].as_str().unwrap().to_string())
+            .collect();
+        boot_files.sort();
+        assert_eq!(base_files_seen, boot_files);
+        assert_eq!(run_folder_seen, ["mnt", "mnt-memory", "run"]);
+        assert!(jail_sees_ram);
+        assert!(!jail_sees_shadow && !jail_sees_proc);
+        assert!(!jail_sees_home || home.starts_with("/home"));
     }
     assert_eq!(limits[1].trim(), "300");
     // 150% of one CPU: 150 ms per 100 ms period (v2 writes "QUOTA PERIOD").
@@ -326,4 +398,86 @@ fn synthesis_guest_outbound_runs_passt_as_the_session_uid_and_serves_through_it(
             "passt {p} outlived its session"
         );
     }
+}
+
+#[test]
+fn base_capture_qemu_runs_as_its_own_uid_in_a_jail_and_cgroup() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: a capture's QEMU gets a uid of its own only when run as root");
+        return;
+    }
+    let h = Scratch::new();
+    let g = cloudlet_e2e::guest(64);
+    let d = |f: &str| g.dir.join(f).display().to_string();
+    let log_path = h.p("base.log");
+    // A marker the guest never prints: the capture boots and waits until SIGTERM.
+    let mut child = Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .env("RUST_LOG", "info")
+        .args(["base", &d("disk.img"), "--memory-mb", "256"])
+        .args(["--kernel", &d("vmlinuz"), "--initrd", &d("initrd.img")])
+        .args([
+            "--append",
+            &g.cmdline,
+            "--ready",
+            "NEVER-PRINTED",
+            "--timeout",
+            "120",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pid: u32 = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let found = log.lines().find_map(|l| {
+            let rest = &l[l.find("QEMU pid ")? + "QEMU pid ".len()..];
+            rest.split_once(" confined:")?.0.parse().ok()
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QEMU started: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let (qemu_ns, host_ns) = (mount_ns(&pid.to_string()), mount_ns("self"));
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let sees_home_or_etc = root.join("etc").exists() || root.join("home").exists();
+    let sees_guest_folder = root
+        .join(g.dir.strip_prefix("/").unwrap())
+        .join("disk.img")
+        .exists();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(uid >= 400_000, "{status}");
+    assert_ne!(qemu_ns, host_ns);
+    assert!(!sees_home_or_etc);
+    // The disk it boots is the run folder's copy; the guest's folder is not in the jail.
+    assert!(!sees_guest_folder);
+    assert!(cgroup.contains("cloudlet-base-"), "{cgroup}");
+    assert!(
+        log.contains(&format!("uid {uid}, mount namespace")),
+        "{log}"
+    );
 }

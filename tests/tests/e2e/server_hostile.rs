@@ -248,7 +248,18 @@ fn server_hostile_clients_cut_off_closed_or_cleaned_up_others_served() {
         == Some(0)
     {
         assert_ne!(uid, "0", "{status}");
-        assert!(confinement.starts_with(&format!("uid {uid}, ")), "{s}");
+        assert!(
+            confinement.starts_with(&format!("uid {uid}, mount namespace, seccomp, ")),
+            "{s}"
+        );
+        let (ns, host_ns) = (
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+            std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        );
+        assert_ne!(
+            ns, host_ns,
+            "a server session's QEMU runs in its own mount namespace"
+        );
     }
     let id = s["id"].as_u64().unwrap();
 

@@ -5,6 +5,8 @@
 //! registered with the base.
 
 use super::CaptureError;
+use crate::session::resume::{capture_confinement, log_confined};
+use crate::session::user::SessionUser;
 use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError};
 use crate::Reporter;
 use std::path::{Path, PathBuf};
@@ -165,11 +167,43 @@ pub fn make_base(
         cloud_init: seed.as_ref().map(|p| p.display().to_string()),
         extra_args: args.extra.clone(),
     };
+    // Confined as a session is: a uid of its own, in whose jail it runs, and a cgroup, when
+    // cloudlet runs as root. QEMU writes the disk, creates the memory image and the device
+    // state in the run folder: the uid gets it (and the disk) until the capture is done. The
+    // kernel and initrd are read from copies there (the originals may be root's alone, as
+    // /boot/vmlinuz-* often is); the base records the originals.
+    let (user, cgroup) = capture_confinement(&run, config.memory_mb, config.vcpus)?;
+    let owner = user.as_ref().map(SessionUser::ids);
+    let (mut kernel, mut initrd) = (args.kernel.clone(), args.initrd.clone());
+    let ours = match owner {
+        Some(ids) => {
+            for (file, name) in [(&mut kernel, "kernel"), (&mut initrd, "initrd")] {
+                if let Some(original) = file.take() {
+                    let copy = run.join(name);
+                    std::fs::copy(&original, &copy).map_err(|source| CaptureError::Io {
+                        what: "Copying",
+                        path: original.clone(),
+                        source,
+                    })?;
+                    give(&[&copy], Some(ids))?;
+                    *file = Some(copy);
+                }
+            }
+            let ours = own_ids(run.path())?;
+            give(&[run.path(), &disk], Some(ids))?;
+            give(
+                &seed.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+                Some(ids),
+            )?;
+            Some(ours)
+        }
+        None => None,
+    };
     let paths = VmPaths {
         disk: disk.clone(),
         memory: memory.clone(),
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
+        kernel,
+        initrd,
         cloud_init: seed,
         run_dir: run.join("run"),
     };
@@ -182,7 +216,17 @@ pub fn make_base(
         vnc: args.vnc.clone(),
     };
     let qemu = QemuArgs::new(&config, &paths, &options)?;
-    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None, None)?;
+    let spawned =
+        crate::session::launch::spawn_qemu(&qemu, cgroup.as_ref(), owner, &[run.path().into()])?;
+    // Declared before the VM, so it is removed after QEMU is gone, on every path.
+    let _cgroup = log_confined(
+        spawned.vm.pid(),
+        owner,
+        spawned.jailed,
+        cgroup,
+        spawned.in_cgroup,
+    );
+    let mut vm = spawned.vm;
     reporter.note(&format!(
         "booting (serial console log: {})",
         qemu.serial_log().display()
@@ -219,6 +263,16 @@ pub fn make_base(
     let ds = run.join("device-state");
     let t = vm.save_device_state(&ds)?;
     vm.quit()?;
+    // What goes into the registry is cloudlet's again, not a uid the next session may get.
+    give(&[run.path(), &disk, &memory, &ds], ours)?;
+    give(
+        &paths
+            .cloud_init
+            .iter()
+            .map(PathBuf::as_path)
+            .collect::<Vec<_>>(),
+        ours,
+    )?;
     reporter.note(&format!(
         "captured device state in {:.0} ms",
         t.as_secs_f64() * 1e3
@@ -236,4 +290,30 @@ pub fn make_base(
     let total = std::fs::metadata(&add.disk).map(|m| m.len()).unwrap_or(0) + (args.memory_mb << 20);
     let progress = reporter.progress("indexing", total);
     Ok(registry.add(&add, progress.counter())?)
+}
+
+/// The uid and gid of `path` (the run folder, made by this process: cloudlet's own ids).
+fn own_ids(path: &Path) -> Result<(u32, u32), SessionError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| SessionError::Chown {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((m.uid(), m.gid()))
+}
+
+/// Gives each of `paths` to `ids` (uid, gid); nothing when `None`.
+fn give(paths: &[&Path], ids: Option<(u32, u32)>) -> Result<(), SessionError> {
+    let Some((uid, gid)) = ids else {
+        return Ok(());
+    };
+    for path in paths {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| {
+            SessionError::Chown {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }

@@ -2,7 +2,8 @@
 //! overlay, from the traces alone (no rescan of the disk).
 
 use super::{profile, CaptureError};
-use crate::session::resume::{base_paths, mount_vm};
+use crate::session::resume::{base_paths, capture_confinement, log_confined, mount_vm_with};
+use crate::session::user::SessionUser;
 use crate::session::{wait_agent, wait_http_ok, wait_marker, RunDir, SessionError, WaitError};
 use crate::Reporter;
 use cloudletfs::{OverlaySource, Trace};
@@ -282,7 +283,20 @@ pub fn make_overlay(
     let run = RunDir::new(home, "overlay")?;
     let empty = run.join("base.overlay");
     synth::create::empty_overlay(&base, &empty)?;
-    let mounted = mount_vm(&base, OverlaySource::Path(empty), &run, false)?;
+    // Confined as a session is: a uid of its own (owning the mount's files and `run/`, in
+    // whose jail it runs) and a cgroup, when cloudlet runs as root.
+    let config = &base.record.config;
+    let (user, cgroup) = capture_confinement(&run, config.memory_mb, config.vcpus)?;
+    let owner = user.as_ref().map(SessionUser::ids);
+    let limits = crate::session::LimitArgs::default();
+    let mounted = mount_vm_with(
+        &base,
+        OverlaySource::Path(empty),
+        &run,
+        false,
+        &limits,
+        owner,
+    )?;
     let mnt = mounted.mountpoint().to_path_buf();
     let (disk, memory) = (
         mounted.image_path(ImageKind::Disk),
@@ -302,7 +316,19 @@ pub fn make_overlay(
         },
     )?;
     let start = Instant::now();
-    let (mut vm, _) = crate::session::launch::spawn_qemu(&qemu, None, None)?;
+    // The jail holds the mounts: disk and device state under `mnt`, guest RAM under
+    // `mnt-memory`.
+    let mounts = [mnt.clone(), run.join("mnt-memory")];
+    let spawned = crate::session::launch::spawn_qemu(&qemu, cgroup.as_ref(), owner, &mounts)?;
+    // Declared before the VM, so it is removed after QEMU is gone, on every path.
+    let _cgroup = log_confined(
+        spawned.vm.pid(),
+        owner,
+        spawned.jailed,
+        cgroup,
+        spawned.in_cgroup,
+    );
+    let mut vm = spawned.vm;
     // Ctrl-C or SIGTERM interrupts a serial command at once, not at its --cmd-timeout.
     vm.serial_shell().set_cancel(std::sync::Arc::clone(&stop));
     vm.resume_from(&mnt.join("device-state"))?;
@@ -363,7 +389,8 @@ pub fn make_overlay(
         )?;
     }
     let capture_start = Instant::now();
-    let ds = run.join("device-state");
+    // In `run/`, which QEMU's uid owns and its jail holds.
+    let ds = run.join("run").join("device-state");
     vm.save_device_state(&ds)?;
     vm.quit()?;
     flush(&memory)?;

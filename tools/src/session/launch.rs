@@ -2,11 +2,17 @@
 //! ([`use_launcher`]), else directly.
 //!
 //! ```text
-//!  spawn_qemu(args, cgroup)
-//!     launcher set:  cloudlet qemu-launch --no-hugepage --cgroup-procs … -- qemu …
-//!                    (joins the cgroup, installs the MADV_HUGEPAGE filter, execs QEMU)
+//!  spawn_qemu(args, cgroup, user, jail_extra)
+//!     launcher set:  cloudlet qemu-launch --no-hugepage --cgroup-procs … [--user U:G
+//!                      --jail --bind … --bind-ro …] -- qemu …
+//!                    (joins the cgroup, enters the jail, installs the MADV_HUGEPAGE filter,
+//!                    drops to the user, execs QEMU)
 //!     no launcher:   qemu …, then moved into the cgroup by pid
 //! ```
+//!
+//! The jail (a mount namespace holding `/usr`, a few `/dev` nodes and the session's own paths,
+//! see [`synth::vm::launcher`]) comes with the uid: whenever QEMU gets a uid of its own, which
+//! takes cloudlet running as root, which is also what a mount namespace takes.
 //!
 //! The `cloudlet` binary registers itself at start ([`use_launcher`] with
 //! [`cli_launcher`]); a program that embeds this library without cloudlet's binary gets
@@ -17,7 +23,7 @@ use super::cgroup::SessionCgroup;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use synth::vm::launcher::Launcher;
+use synth::vm::launcher::{Jail, Launcher};
 use synth::vm::{QemuArgs, Vm, VmError};
 
 /// The subcommand of the `cloudlet` binary that is the launcher (hidden from `--help`).
@@ -52,22 +58,44 @@ pub fn cli_launcher() -> Option<Launcher> {
     })
 }
 
+/// A started QEMU and what of its confinement applied.
+pub(crate) struct Spawned {
+    /// The VM.
+    pub vm: Vm,
+    /// It joined the cgroup it was given.
+    pub in_cgroup: bool,
+    /// It runs in a jail (mount namespace) of its own.
+    pub jailed: bool,
+}
+
 /// Starts QEMU with `args`, in `cgroup` when given, as `user` (uid, gid) when given: through
-/// the launcher if one is set (it joins the cgroup and drops to the user before it becomes
-/// QEMU), else directly and moved into the cgroup right after start (where that fails, QEMU
-/// runs unconfined and the returned flag is false). A `user` needs the launcher.
+/// the launcher if one is set (it joins the cgroup, and with a user enters a jail holding
+/// [`QemuArgs::jail`] plus `jail_extra` (read-write: what QEMU opens later, e.g. the mount
+/// whose `device-state` it loads) and drops to the user before it becomes QEMU), else
+/// directly and moved into the cgroup right after start (where that fails, QEMU runs
+/// unconfined and `in_cgroup` is false). A `user` needs the launcher.
 pub(crate) fn spawn_qemu(
     args: &QemuArgs,
     cgroup: Option<&SessionCgroup>,
     user: Option<(u32, u32)>,
-) -> Result<(Vm, bool), VmError> {
+    jail_extra: &[PathBuf],
+) -> Result<Spawned, VmError> {
     match LAUNCHER.get() {
         Some(launcher) => {
             let procs: Vec<PathBuf> = cgroup
                 .map(|cg| cg.dirs().iter().map(|d| d.join("cgroup.procs")).collect())
                 .unwrap_or_default();
-            let vm = Vm::spawn_via(launcher, args, &procs, user)?;
-            Ok((vm, cgroup.is_some()))
+            let jail = user.map(|_| {
+                let mut jail: Jail = args.jail().clone();
+                jail.read_write.extend(jail_extra.iter().cloned());
+                jail
+            });
+            let vm = Vm::spawn_via(launcher, args, &procs, user, jail.as_ref())?;
+            Ok(Spawned {
+                vm,
+                in_cgroup: cgroup.is_some(),
+                jailed: jail.is_some(),
+            })
         }
         None => {
             if let Some((uid, _)) = user {
@@ -86,7 +114,11 @@ pub(crate) fn spawn_qemu(
                 },
                 None => false,
             };
-            Ok((vm, joined))
+            Ok(Spawned {
+                vm,
+                in_cgroup: joined,
+                jailed: false,
+            })
         }
     }
 }

@@ -124,6 +124,8 @@ pub struct RunningVm {
     pub passt: Option<Passt>,
     /// The uid QEMU runs as (free again once QEMU is gone), when it has one of its own.
     pub user: Option<SessionUser>,
+    /// QEMU runs in a mount namespace holding only its session's files (the launcher's jail).
+    pub jailed: bool,
     /// The cloudletfs mount serving its disk and memory.
     pub mounted: Mounted,
     /// The guest's serial console log.
@@ -133,14 +135,11 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, seccomp,
-    /// cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%", or "cloudlet's uid, seccomp, no cgroup";
-    /// libvirt's own for its domains.
+    /// How the VM's QEMU is confined, for logs and `list-session`: "uid 400000, mount
+    /// namespace, seccomp, cgroup v1: memory 1024 MiB, 512 tasks, CPU 200%", or "cloudlet's
+    /// uid, seccomp, no cgroup"; libvirt's own for its domains.
     pub fn confinement(&self) -> String {
-        let who = match &self.user {
-            Some(u) => format!("uid {}", u.ids().0),
-            None => "cloudlet's uid".into(),
-        };
+        let who = who(self.user.as_ref().map(SessionUser::ids), self.jailed);
         let net = if self.passt.is_some() {
             "guest network: outbound (passt, host loopback unmapped)"
         } else {
@@ -310,17 +309,6 @@ pub(crate) fn base_paths(base: &Base, disk: PathBuf, memory: PathBuf, run_dir: P
     }
 }
 
-/// Mounts `overlay` over `base` at `run/mnt`, with its state and cache in `run`, with no
-/// limits beyond the defaults (see [`mount_vm_with`]).
-pub(crate) fn mount_vm(
-    base: &Base,
-    overlay: OverlaySource,
-    run: &RunDir,
-    fill: bool,
-) -> Result<Mounted, SessionError> {
-    mount_vm_with(base, overlay, run, fill, &LimitArgs::default(), None)
-}
-
 /// Mounts `overlay` over `base` at `run/mnt` (and again at `run/mnt-memory`, where guest RAM
 /// is mapped from: see [`MountOptions::memory_mountpoint`]), with its state and cache in
 /// `run`. The mount
@@ -416,14 +404,6 @@ pub fn resume_vm_with(
         mounted.image_path(ImageKind::Memory),
         run.join("run"),
     );
-    let options = LaunchOptions {
-        memory: MemoryMode::Resume,
-        incoming: true,
-        hostfwd: hostfwd.to_vec(),
-        network: GuestNetwork::Isolated,
-        accel: Accel::detect()?,
-        vnc: None,
-    };
     if let Some(ids) = owner {
         give_run_dir(&run, ids)?;
     }
@@ -433,28 +413,29 @@ pub fn resume_vm_with(
         None
     };
     let options = LaunchOptions {
+        memory: MemoryMode::Resume,
+        incoming: true,
+        hostfwd: hostfwd.to_vec(),
         network: passt.as_ref().map_or(GuestNetwork::Isolated, |p| {
             GuestNetwork::Passt(p.socket().into())
         }),
-        ..options
+        accel: Accel::detect()?,
+        vnc: None,
     };
     let device_state = mnt.join("device-state");
     let mut cgroup = None;
+    let mut jailed = false;
     let (vm, serial_log) = match backend {
         Backend::Qemu => {
             let args = QemuArgs::new(&base.record.config, &paths, &options)?;
             let config = &base.record.config;
             let cg = confine(&run, limits.cgroup(config.memory_mb, config.vcpus));
-            let (mut vm, joined) = spawn_qemu(&args, cg.as_ref(), owner)?;
-            let who = owner.map_or("cloudlet's uid".to_string(), |(uid, _)| {
-                format!("uid {uid}")
-            });
-            if let Some(cg) = cg.filter(|_| joined) {
-                log::info!("QEMU pid {} confined: {who}, {}", vm.pid(), cg.describe());
-                cgroup = Some(cg);
-            } else {
-                log::info!("QEMU pid {} confined: {who}, no cgroup", vm.pid());
-            }
+            // The mounts: disk and device state under `mnt`, guest RAM under `mnt-memory`.
+            let mounts = [mnt.clone(), run.join("mnt-memory")];
+            let spawned = spawn_qemu(&args, cg.as_ref(), owner, &mounts)?;
+            let mut vm = spawned.vm;
+            jailed = spawned.jailed;
+            cgroup = log_confined(vm.pid(), owner, jailed, cg, spawned.in_cgroup);
             vm.resume_from(&device_state)?;
             (ResumedVm::Qemu(vm), args.serial_log().to_path_buf())
         }
@@ -469,25 +450,73 @@ pub fn resume_vm_with(
         cgroup,
         passt,
         user,
+        jailed,
         mounted,
         serial_log,
         run,
     })
 }
 
-/// Lets the session's uid reach what its QEMU opens by path in the run folder: the folder
-/// itself becomes traversable but not listable (0711: the mount points, whose roots the
-/// session's uid owns), and `run/` (QMP, serial and agent sockets, the serial log) is its own
-/// (0700).
-fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
+/// Logs how QEMU `pid` is confined; returns its cgroup if it joined it.
+pub(crate) fn log_confined(
+    pid: u32,
+    owner: Option<(u32, u32)>,
+    jailed: bool,
+    cgroup: Option<SessionCgroup>,
+    in_cgroup: bool,
+) -> Option<SessionCgroup> {
+    let who = who(owner, jailed);
+    match cgroup.filter(|_| in_cgroup) {
+        Some(cg) => {
+            log::info!("QEMU pid {pid} confined: {who}, {}", cg.describe());
+            Some(cg)
+        }
+        None => {
+            log::info!("QEMU pid {pid} confined: {who}, no cgroup");
+            None
+        }
+    }
+}
+
+/// What confines a capture's QEMU (`cloudlet base`, `cloudlet overlay`): as a session's with
+/// the default limits, a uid of its own when cloudlet runs as root (so the jail too) and a
+/// cgroup. The uid, when there is one, is given the run folder's `run/`.
+pub(crate) fn capture_confinement(
+    run: &RunDir,
+    memory_mb: u64,
+    vcpus: u32,
+) -> Result<(Option<SessionUser>, Option<SessionCgroup>), SessionError> {
+    let limits = LimitArgs::default();
+    let user = limits.qemu_user()?;
+    if let Some(ids) = user.as_ref().map(SessionUser::ids) {
+        give_run_dir(run, ids)?;
+    }
+    let cgroup = confine(run, limits.cgroup(memory_mb, vcpus));
+    Ok((user, cgroup))
+}
+
+/// "uid 400000, mount namespace" or "cloudlet's uid", the start of a confinement string.
+fn who(user: Option<(u32, u32)>, jailed: bool) -> String {
+    let uid = user.map_or("cloudlet's uid".to_string(), |(uid, _)| {
+        format!("uid {uid}")
+    });
+    if jailed {
+        format!("{uid}, mount namespace")
+    } else {
+        uid
+    }
+}
+
+/// Gives the session's uid the run folder's `run/` (QMP, serial and agent sockets, the serial
+/// log; 0700). The run folder itself stays 0700 and cloudlet's: QEMU reaches `run/` and the
+/// mounts through its jail's binds, never by walking the host's path.
+pub(crate) fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), SessionError> {
     use std::os::unix::fs::PermissionsExt;
     let sockets = run.join("run");
     let chown_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SessionError::Chown { path, source }
     };
-    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711))
-        .map_err(chown_err(run.path()))?;
     std::fs::create_dir_all(&sockets).map_err(chown_err(&sockets))?;
     std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(chown_err(&sockets))?;
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700))
@@ -519,6 +548,18 @@ pub(crate) fn start_passt(
         }
         None => (run.join("run"), None),
     };
+    if runas.is_some() {
+        // passt binds its socket by path after dropping to `runas`, so it must be able to walk
+        // there: the run folder becomes traversable, not listable (0711); what it holds stays
+        // its owners' (`run/` and the mounts are 0700).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).map_err(
+            |source| SessionError::Chown {
+                path: run.path().to_path_buf(),
+                source,
+            },
+        )?;
+    }
     let socket = dir.join("passt.sock");
     log::warn!(
         "the guest may open connections out (--guest-outbound), as a machine on this host's \
