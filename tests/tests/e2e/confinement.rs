@@ -481,3 +481,71 @@ fn base_capture_qemu_runs_as_its_own_uid_in_a_jail_and_cgroup() {
         "{log}"
     );
 }
+
+#[test]
+fn overlay_guest_outbound_lets_the_customization_fetch_from_the_lan_not_the_loopback() {
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let h = Scratch::new();
+    let base = h.guest_base(64);
+    let lan = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let lan_port = lan.local_addr().unwrap().port();
+    let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lo_port = lo.local_addr().unwrap().port();
+    lo.set_nonblocking(true).unwrap();
+    let answered = cloudlet_e2e::answer_once(lan);
+    let script = h.p("customize.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "timeout 10 wget -q -O /srv/www/fetched.txt http://{}:{lan_port}/\n\
+             cat /srv/www/fetched.txt; echo\n\
+             if timeout 5 wget -q -O - http://10.0.2.2:{lo_port}/; then echo REACHED-LOOPBACK; \
+             else echo loopback-unreachable; fi\n",
+            cloudlet_e2e::host_lan_address()
+        ),
+    )
+    .unwrap();
+    let overlay = h.p("vm.overlay");
+
+    let (code, out, err) = cloudlet_e2e::cloudlet(
+        &h.home(),
+        &[
+            "overlay",
+            &base,
+            "-o",
+            &overlay,
+            "--run",
+            &script,
+            "--guest-outbound",
+        ],
+    );
+    let isolated = cloudlet_e2e::cloudlet(
+        &h.home(),
+        &[
+            "overlay",
+            &base,
+            "-o",
+            &h.p("isolated.overlay"),
+            "--run",
+            &script,
+        ],
+    );
+
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(answered.join().unwrap(), "the LAN service saw no request");
+    let shown = format!("{out}{err}");
+    // Lines the guest printed (the echoed commands hold these words too).
+    let printed = |w: &str| shown.lines().any(|l| l.trim() == w);
+    assert!(printed("lan-ok"), "{shown}");
+    assert!(printed("loopback-unreachable"), "{shown}");
+    assert!(!printed("REACHED-LOOPBACK"), "{shown}");
+    let reached = lo.accept();
+    assert!(
+        matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the host's loopback service saw a connection from the guest: {reached:?}"
+    );
+    // Without the option the first command (the fetch) fails and stops the customization.
+    assert_eq!(isolated.0, 5, "{}\n{}", isolated.1, isolated.2);
+}

@@ -80,6 +80,12 @@ pub struct OverlayArgs {
     /// Forward a host port to the guest: tcp:[HOST]:PORT-:GUESTPORT, or PORT:GUESTPORT.
     #[arg(long)]
     pub hostfwd: Vec<HostFwd>,
+    /// Let the guest open connections out while it is customized (`apt-get install`, `pip
+    /// install`), as a machine on this host's LAN would (through passt, which must be
+    /// installed): never to this host's loopback. Off by default: the guest only answers its
+    /// forwarded ports. The overlay carries nothing of it.
+    #[arg(long)]
+    pub guest_outbound: bool,
     /// Show the guest on a VNC display (e.g. 127.0.0.1:1).
     #[arg(long, value_name = "HOST:DISPLAY")]
     pub vnc: Option<String>,
@@ -302,6 +308,16 @@ pub fn make_overlay(
         mounted.image_path(ImageKind::Disk),
         mounted.image_path(ImageKind::Memory),
     );
+    // Declared before the VM, so it stops after QEMU is gone.
+    let passt = if args.guest_outbound {
+        Some(crate::session::resume::start_passt(
+            &run,
+            owner,
+            &args.hostfwd,
+        )?)
+    } else {
+        None
+    };
     let qemu = QemuArgs::new(
         &base.record.config,
         &base_paths(&base, disk.clone(), memory.clone(), run.join("run")),
@@ -310,7 +326,9 @@ pub fn make_overlay(
             memory: MemoryMode::Capture,
             incoming: true,
             hostfwd: args.hostfwd.clone(),
-            network: GuestNetwork::Isolated,
+            network: passt.as_ref().map_or(GuestNetwork::Isolated, |p| {
+                GuestNetwork::Passt(p.socket().into())
+            }),
             accel: Accel::detect()?,
             vnc: args.vnc.clone(),
         },
