@@ -300,22 +300,25 @@ pub(crate) fn decide_accel(
 
 /// The QEMU binary: [`QEMU_ENV`] if set, else [`QEMU_DEFAULT`] found on `PATH`.
 pub fn qemu_binary() -> Result<PathBuf, LaunchError> {
-    if let Some(p) = std::env::var_os(QEMU_ENV).filter(|p| !p.is_empty()) {
+    find_binary(QEMU_ENV, QEMU_DEFAULT).map_err(LaunchError::QemuNotFound)
+}
+
+/// The program the environment variable `env` names (it must be a file), else `name` found on
+/// `PATH`; `Err` says why not, for the caller's "not found" error.
+pub(crate) fn find_binary(env: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(LaunchError::QemuNotFound(format!(
-                "{QEMU_ENV}={} is not a file",
-                p.display()
-            )))
+            Err(format!("{env}={} is not a file", p.display()))
         };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU_DEFAULT))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| LaunchError::QemuNotFound(format!("no {QEMU_DEFAULT} on PATH")))
+        .ok_or_else(|| format!("no {name} on PATH"))
 }
 
 /// Escapes a value for QEMU's `key=value,key=value` syntax: every `,` becomes `,,`.

@@ -27,7 +27,7 @@
 //! passt binds its socket after dropping to `runas`, so the socket's folder must be writable
 //! by that uid (a session's `run/` is its own). Dropping a [`Passt`] kills it.
 
-use super::launch::HostFwd;
+use super::launch::{find_binary, HostFwd};
 use super::output_tail;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -103,22 +103,7 @@ pub struct Passt {
 
 /// The passt binary: [`PASST_ENV`] if set, else `passt` on `PATH`.
 pub fn passt_binary() -> Result<PathBuf, PasstError> {
-    if let Some(p) = std::env::var_os(PASST_ENV).filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(PasstError::NotFound(format!(
-                "{PASST_ENV}={} is not a file",
-                p.display()
-            )))
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("passt"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| PasstError::NotFound("no passt on PATH".into()))
+    find_binary(PASST_ENV, "passt").map_err(PasstError::NotFound)
 }
 
 /// passt's arguments for `options` (without the binary).
