@@ -381,10 +381,20 @@ pub fn resume_vm_with(
     } = *how;
     backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
-    // Only QEMU run directly gets a uid of its own; libvirt runs its domains as its own user.
+    // Only QEMU run directly gets a uid of its own; libvirt runs its domains with cloudlet's
+    // uid as their DAC label (docs/threat-model.md).
     let user = match backend {
         Backend::Qemu => limits.qemu_user()?,
-        _ => None,
+        _ => {
+            if super::user::is_root() {
+                log::warn!(
+                    "INSECURE for strangers' overlays: the libvirt backend runs QEMU as root \
+                     (libvirt's seccomp, cgroup and mount namespace apply, no uid of its own); \
+                     use the default backend (--backend qemu) for overlays you do not trust"
+                );
+            }
+            None
+        }
     };
     let owner = user.as_ref().map(SessionUser::ids);
     let mounted = mount_vm_with(base, overlay, &run, true, limits, owner)?;
