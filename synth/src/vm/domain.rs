@@ -21,9 +21,11 @@
 //! libvirt's defaults that would add devices are turned off (USB controller, memballoon);
 //! `<features><acpi/>` keeps libvirt 9.0 from passing `-no-acpi`, which QEMU 10 rejects.
 //!
-//! QEMU runs with the caller's own uid/gid (a static DAC label, no relabelling): the same
-//! identity as the direct backend, so files on the cloudletfs mount are readable without
-//! `allow_other`, and libvirt never tries to chown files on the mount.
+//! QEMU runs with a static DAC label: the session's uid when the caller gives one
+//! ([`DomainLaunch::dac_label`]; cloudlet gives it the group of libvirt's own QEMU user, which
+//! libvirt's per-domain folder needs), with libvirt labelling its own files for it, or else
+//! the caller's own uid/gid without relabelling. The disk is never relabelled: the cloudletfs
+//! mount already shows it as that uid's.
 
 use super::launch::{Accel, DomainLaunch, LaunchError};
 use std::fmt::Write as _;
@@ -49,7 +51,13 @@ pub fn domain_xml(
             reason: format!("{name:?} must be ASCII letters, digits and -_."),
         });
     }
-    let (uid, gid) = own_ids()?;
+    // With a session's uid, libvirt labels its own files for it (monitor socket, master key,
+    // and the kernel and initrd, which are the session's copies); the disk is never
+    // relabelled. With the caller's own uid there is nothing to label.
+    let ((uid, gid), relabel) = match launch.dac_label {
+        Some(ids) => (ids, "yes"),
+        None => (own_ids()?, "no"),
+    };
     let kind = match launch.accel {
         Accel::Tcg => "qemu",
         Accel::Kvm => "kvm",
@@ -102,7 +110,18 @@ pub fn domain_xml(
             x,
             "      <driver name='qemu' type='raw' cache='writeback' discard='{discard}'/>"
         );
-        let _ = writeln!(x, "      <source file='{}'/>", path_text("disk", &d.path)?);
+        // Never relabelled: the cloudletfs mount already shows it as the label's (libvirt
+        // accepts the override only when the domain relabels at all).
+        let keep = if relabel == "yes" {
+            "<seclabel model='dac' relabel='no'/>"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            x,
+            "      <source file='{}'>{keep}</source>",
+            path_text("disk", &d.path)?
+        );
         let _ = writeln!(x, "      <target dev='vda' bus='virtio'/>");
         let _ = writeln!(
             x,
@@ -141,7 +160,7 @@ pub fn domain_xml(
     let _ = writeln!(x, "  </devices>");
     let _ = writeln!(
         x,
-        "  <seclabel type='static' model='dac' relabel='no'><label>+{uid}:+{gid}</label></seclabel>"
+        "  <seclabel type='static' model='dac' relabel='{relabel}'><label>+{uid}:+{gid}</label></seclabel>"
     );
     let _ = writeln!(x, "  <qemu:commandline>");
     for arg in &launch.qemu_args {

@@ -575,6 +575,8 @@ pub struct DomainLaunch {
     pub serial_log: PathBuf,
     /// Whether QEMU waits for device state (`-incoming defer`).
     pub incoming: bool,
+    /// The uid and gid libvirt runs QEMU as (a static DAC label); `None`: this process's own.
+    pub dac_label: Option<(u32, u32)>,
 }
 
 impl DomainLaunch {
@@ -674,6 +676,7 @@ impl DomainLaunch {
             serial_socket,
             serial_log,
             incoming: options.incoming,
+            dac_label: None,
         })
     }
 }

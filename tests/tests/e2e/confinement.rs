@@ -549,3 +549,80 @@ fn overlay_guest_outbound_lets_the_customization_fetch_from_the_lan_not_the_loop
     // Without the option the first command (the fetch) fails and stops the customization.
     assert_eq!(isolated.0, 5, "{}\n{}", isolated.1, isolated.2);
 }
+
+#[test]
+fn synthesis_libvirt_domain_qemu_runs_as_the_session_uid_without_capabilities() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_qemu() || !require_fuse() {
+        return;
+    }
+    let h = Scratch::new();
+    if !cloudlet_e2e::require_libvirt(&h.home()) {
+        return;
+    }
+    let _lock = cloudlet_e2e::vm_lock();
+    let base = h.guest_base(64);
+    let script = h.p("customize.sh");
+    std::fs::write(&script, "echo lv-$((6*7)) > /srv/www/custom.txt\nsync\n").unwrap();
+    let overlay = h.p("vm.overlay");
+    h.ok(&["overlay", &base, "-o", &overlay, "--run", &script, "--json"]);
+    let port = synth::vm::free_tcp_port().unwrap();
+
+    let mut child = Command::new(workspace_bin("cloudlet"))
+        .env("CLOUDLET_HOME", h.home())
+        .env("RUST_LOG", "info")
+        .args(["synthesis", &base, &overlay, "--early-start", "--json"])
+        .args([
+            "--backend",
+            "libvirt",
+            "--libvirt-uri",
+            cloudlet_e2e::LIBVIRT_URI,
+        ])
+        .args(["--hostfwd", &format!("tcp:127.0.0.1:{port}-:8080")])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(h.p("synthesis.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let rx = crate::server::lines(&mut child);
+    let resumed = crate::server::wait_event(&rx, "VM resumed", Duration::from_secs(240));
+    let domain = resumed["detail"]["vm"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("libvirt domain "))
+        .unwrap_or_else(|| panic!("{resumed}"))
+        .to_owned();
+    let body = http_get(port, "/custom.txt", Duration::from_secs(180));
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let ended = child.wait().unwrap();
+    let log = std::fs::read_to_string(h.p("synthesis.log")).unwrap();
+
+    assert!(ended.success(), "{ended}: {log}");
+    assert_eq!(body.trim(), "lv-42");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // libvirt's own confinement is on: its seccomp filter (QEMU's -sandbox).
+    assert_eq!(field("Seccomp:"), ["2"], "{status}");
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        // And QEMU holds no root: the session's uid as the domain's DAC label.
+        let uid = field("Uid:");
+        assert!(
+            uid.iter().all(|u| u.parse::<u32>().unwrap() >= 400_000),
+            "{status}"
+        );
+        assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+        assert!(log.contains(&format!("confined: uid {}", uid[0])), "{log}");
+    }
+}

@@ -381,21 +381,9 @@ pub fn resume_vm_with(
     } = *how;
     backend.check()?;
     let run = RunDir::new(home, "synthesis")?;
-    // Only QEMU run directly gets a uid of its own; libvirt runs its domains with cloudlet's
-    // uid as their DAC label (docs/threat-model.md).
-    let user = match backend {
-        Backend::Qemu => limits.qemu_user()?,
-        _ => {
-            if super::user::is_root() {
-                log::warn!(
-                    "INSECURE for strangers' overlays: the libvirt backend runs QEMU as root \
-                     (libvirt's seccomp, cgroup and mount namespace apply, no uid of its own); \
-                     use the default backend (--backend qemu) for overlays you do not trust"
-                );
-            }
-            None
-        }
-    };
+    // QEMU runs as a uid of its own: the direct backend's launcher drops to it, libvirt gets
+    // it as the domain's static DAC label.
+    let user = limits.qemu_user()?;
     let owner = user.as_ref().map(SessionUser::ids);
     let mounted = mount_vm_with(base, overlay, &run, true, limits, owner)?;
     on_event("overlay opened");
@@ -451,7 +439,20 @@ pub fn resume_vm_with(
         }
         Backend::Libvirt { uri } => {
             let name = format!("cloudlet-{}", run.name());
-            resume_libvirt(uri, &name, base, &paths, &options, &device_state)?
+            let label = match owner {
+                Some(ids) => Some(libvirt_label(ids)?),
+                None => None,
+            };
+            let paths = match owner {
+                Some(ids) => libvirt_paths(&run, paths, ids)?,
+                None => paths,
+            };
+            let resumed = resume_libvirt(uri, &name, base, &paths, &options, &device_state, label)?;
+            log::info!(
+                "libvirt domain {name} confined: {}, libvirt's seccomp, cgroup and mount namespace",
+                who(label, false)
+            );
+            resumed
         }
     };
     on_event("VM resumed");
@@ -533,6 +534,54 @@ pub(crate) fn give_run_dir(run: &RunDir, (uid, gid): (u32, u32)) -> Result<(), S
         .map_err(chown_err(&sockets))
 }
 
+/// The DAC label of a libvirt domain whose QEMU runs as the session's uid: that uid, with the
+/// group of libvirt's own QEMU user (`libvirt-qemu`, else `kvm`), since libvirt keeps each
+/// domain's private files (master key, monitor) under its folder of that group.
+fn libvirt_label((uid, gid): (u32, u32)) -> Result<(u32, u32), SessionError> {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let find = |name: &str| {
+        groups.lines().find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(name)).then(|| f.nth(1)?.parse::<u32>().ok())?
+        })
+    };
+    Ok((
+        uid,
+        find("libvirt-qemu").or_else(|| find("kvm")).unwrap_or(gid),
+    ))
+}
+
+/// The paths of a libvirt domain whose QEMU runs as `ids`: without a jail, QEMU walks the
+/// host's paths, so the run folder becomes traversable (0711, not listable: `run/` and the
+/// mounts inside are the uid's, 0700), and the kernel, initrd and seed are read from copies
+/// in `run/` that the uid owns (the registry's `bases/` is root's alone).
+fn libvirt_paths(
+    run: &RunDir,
+    mut paths: VmPaths,
+    ids: (u32, u32),
+) -> Result<VmPaths, SessionError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SessionError::Chown { path, source }
+    };
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711))
+        .map_err(err(run.path()))?;
+    for (file, name) in [
+        (&mut paths.kernel, "kernel"),
+        (&mut paths.initrd, "initrd"),
+        (&mut paths.cloud_init, "cloud-init-seed.img"),
+    ] {
+        if let Some(original) = file.take() {
+            let copy = run.join("run").join(name);
+            std::fs::copy(&original, &copy).map_err(err(&original))?;
+            std::os::unix::fs::chown(&copy, Some(ids.0), Some(ids.1)).map_err(err(&copy))?;
+            *file = Some(copy);
+        }
+    }
+    Ok(paths)
+}
+
 /// Starts passt for a VM of `run` whose QEMU runs as `owner` (or as cloudlet's user): passt
 /// runs as the same uid and binds its socket in the VM's own `run/` folder; when cloudlet is
 /// root and QEMU has no uid of its own, passt runs as `nobody` in a folder of its own, since
@@ -612,8 +661,10 @@ fn resume_libvirt(
     paths: &VmPaths,
     options: &LaunchOptions,
     device_state: &Path,
+    label: Option<(u32, u32)>,
 ) -> Result<(ResumedVm, PathBuf), SessionError> {
-    let launch = synth::vm::DomainLaunch::new(&base.record.config, paths, options)?;
+    let mut launch = synth::vm::DomainLaunch::new(&base.record.config, paths, options)?;
+    launch.dac_label = label;
     let mut vm = synth::vm::libvirt::LibvirtVm::start(uri, name, launch)?;
     vm.resume_from(device_state)?;
     let log = vm.serial_log().to_path_buf();
@@ -629,6 +680,7 @@ fn resume_libvirt(
     _paths: &VmPaths,
     _options: &LaunchOptions,
     _device_state: &Path,
+    _label: Option<(u32, u32)>,
 ) -> Result<(ResumedVm, PathBuf), SessionError> {
     Err(LibvirtNotBuilt.into())
 }
