@@ -551,6 +551,19 @@ fn libvirt_label((uid, gid): (u32, u32)) -> Result<(u32, u32), SessionError> {
     ))
 }
 
+/// Makes the run folder traversable but not listable (0711), for a process of the session's
+/// uid that walks the host's path into it rather than through a jail's binds (libvirt's
+/// QEMU, passt); what the folder holds stays its owners' (`run/` and the mounts are 0700).
+fn open_run_dir(run: &RunDir) -> Result<(), SessionError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).map_err(|source| {
+        SessionError::Chown {
+            path: run.path().to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// The paths of a libvirt domain whose QEMU runs as `ids`: without a jail, QEMU walks the
 /// host's paths, so the run folder becomes traversable (0711, not listable: `run/` and the
 /// mounts inside are the uid's, 0700), and the kernel, initrd and seed are read from copies
@@ -560,13 +573,11 @@ fn libvirt_paths(
     mut paths: VmPaths,
     ids: (u32, u32),
 ) -> Result<VmPaths, SessionError> {
-    use std::os::unix::fs::PermissionsExt;
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SessionError::Chown { path, source }
     };
-    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711))
-        .map_err(err(run.path()))?;
+    open_run_dir(run)?;
     for (file, name) in [
         (&mut paths.kernel, "kernel"),
         (&mut paths.initrd, "initrd"),
@@ -608,16 +619,8 @@ pub(crate) fn start_passt(
         None => (run.join("run"), None),
     };
     if runas.is_some() {
-        // passt binds its socket by path after dropping to `runas`, so it must be able to walk
-        // there: the run folder becomes traversable, not listable (0711); what it holds stays
-        // its owners' (`run/` and the mounts are 0700).
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).map_err(
-            |source| SessionError::Chown {
-                path: run.path().to_path_buf(),
-                source,
-            },
-        )?;
+        // passt binds its socket by path after dropping to `runas`.
+        open_run_dir(run)?;
     }
     let socket = dir.join("passt.sock");
     log::warn!(
